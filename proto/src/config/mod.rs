@@ -1,0 +1,39 @@
+//! The routes.toml config model, in stages:
+//! [`raw`] (serde structs, `deny_unknown_fields`) -> [`validate`] (diagnostics with
+//! file:line:column) -> [`model`] (typed, validated) -> [`wire`] (protobuf snapshot).
+//!
+//! The plane is the validation authority; dispactl runs this same code offline.
+
+mod diagnostic;
+pub mod model;
+mod raw;
+mod validate;
+pub mod wire;
+
+pub use diagnostic::{Diagnostic, Diagnostics};
+pub use model::Config;
+
+/// Parses and validates a routes.toml. `name` is the file name diagnostics report.
+pub fn parse(name: &str, content: &str) -> Result<Config, Diagnostics> {
+    validate::parse_and_validate(name, content)
+}
+
+/// A validated config compiled to its wire form: the encoded snapshot and its content hash.
+#[derive(Clone, Debug)]
+pub struct Compiled {
+    pub config: Config,
+    pub snapshot: bytes::Bytes,
+    pub hash: String,
+}
+
+/// Parses, validates and encodes a routes.toml into the snapshot agents receive.
+pub fn compile(name: &str, content: &str) -> Result<Compiled, Diagnostics> {
+    let config = parse(name, content)?;
+    let snapshot = wire::encode(&config);
+    let hash = crate::content_hash(&snapshot);
+    Ok(Compiled {
+        config,
+        snapshot,
+        hash,
+    })
+}

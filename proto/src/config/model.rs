@@ -1,0 +1,213 @@
+//! The validated config: typed, with every default filled in. Plane and agents reason about
+//! this, never about raw TOML.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use crate::{RouteName, UpstreamName};
+
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+pub const MAX_WEIGHT: u32 = 1000;
+pub const MAX_ENDPOINTS: usize = 1000;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub upstreams: BTreeMap<UpstreamName, Upstream>,
+    /// In file order; the agent computes precedence from this.
+    pub routes: Vec<Route>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Balance {
+    RoundRobin,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Upstream {
+    pub name: UpstreamName,
+    pub balance: Balance,
+    pub endpoints: Vec<Endpoint>,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub address: EndpointAddr,
+    pub weight: u32,
+}
+
+/// `host:port`, where host is an IP literal or a DNS name (resolved by the agent).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointAddr {
+    pub host: String,
+    pub port: u16,
+}
+
+impl fmt::Display for EndpointAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl EndpointAddr {
+    /// Parses `host:port` / `[v6]:port`. The host is checked for syntax only.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if let Ok(sa) = s.parse::<std::net::SocketAddr>() {
+            if sa.port() == 0 {
+                return Err(format!("endpoint {s:?} has port 0"));
+            }
+            return Ok(EndpointAddr {
+                host: sa.ip().to_string(),
+                port: sa.port(),
+            });
+        }
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| format!("endpoint {s:?} must be \"host:port\""))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("endpoint {s:?} has an invalid port {port:?} (1-65535)"))?;
+        if port == 0 {
+            return Err(format!("endpoint {s:?} has port 0"));
+        }
+        if !is_dns_name(host) {
+            return Err(format!(
+                "endpoint {s:?}: {host:?} is neither an IP address nor a DNS name"
+            ));
+        }
+        Ok(EndpointAddr {
+            host: host.to_ascii_lowercase(),
+            port,
+        })
+    }
+}
+
+/// A syntactically valid DNS host name (letters, digits, hyphens; dot-separated labels).
+pub fn is_dns_name(s: &str) -> bool {
+    let s = s.strip_suffix('.').unwrap_or(s);
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+/// A host a route serves.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum HostPattern {
+    /// `api.example.com` (stored lower-case).
+    Exact(String),
+    /// `*.example.com`, stored as the suffix `example.com`: matches one or more labels before it.
+    Wildcard(String),
+    /// `*`: any host.
+    Any,
+}
+
+impl HostPattern {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let lower = s.to_ascii_lowercase();
+        if lower == "*" {
+            return Ok(HostPattern::Any);
+        }
+        if let Some(suffix) = lower.strip_prefix("*.") {
+            if is_dns_name(suffix) {
+                return Ok(HostPattern::Wildcard(suffix.trim_end_matches('.').to_string()));
+            }
+        } else if is_dns_name(&lower) || lower.parse::<std::net::IpAddr>().is_ok() {
+            return Ok(HostPattern::Exact(lower.trim_end_matches('.').to_string()));
+        }
+        Err(format!(
+            "invalid host {s:?}: expected \"name.example.com\", \"*.example.com\" or \"*\" (no port, no scheme)"
+        ))
+    }
+}
+
+impl fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostPattern::Exact(h) => f.write_str(h),
+            HostPattern::Wildcard(s) => write!(f, "*.{s}"),
+            HostPattern::Any => f.write_str("*"),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PathMatch {
+    Exact(String),
+    Prefix(String),
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HeaderOps {
+    pub set: Vec<(String, String)>,
+    pub add: Vec<(String, String)>,
+    pub remove: Vec<String>,
+}
+
+impl HeaderOps {
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub name: RouteName,
+    pub hosts: Vec<HostPattern>,
+    pub path: PathMatch,
+    /// Upper-case; empty = any.
+    pub methods: Vec<String>,
+    pub upstream: UpstreamName,
+    pub timeout: Duration,
+    pub request_headers: HeaderOps,
+    pub response_headers: HeaderOps,
+    pub rewrite_prefix: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_addr_parses() {
+        let a = EndpointAddr::parse("127.0.0.1:9001").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(a.to_string(), "127.0.0.1:9001");
+        let a = EndpointAddr::parse("[::1]:80").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(a.to_string(), "[::1]:80");
+        let a = EndpointAddr::parse("API.internal:8080").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(a.host, "api.internal");
+        assert!(EndpointAddr::parse("127.0.0.1").is_err());
+        assert!(EndpointAddr::parse("host:0").is_err());
+        assert!(EndpointAddr::parse("host:99999").is_err());
+        assert!(EndpointAddr::parse("bad host:80").is_err());
+        assert!(EndpointAddr::parse("http://x:80").is_err());
+    }
+
+    #[test]
+    fn host_patterns_parse() {
+        assert_eq!(HostPattern::parse("*"), Ok(HostPattern::Any));
+        assert_eq!(
+            HostPattern::parse("*.Example.com"),
+            Ok(HostPattern::Wildcard("example.com".into()))
+        );
+        assert_eq!(
+            HostPattern::parse("API.example.com"),
+            Ok(HostPattern::Exact("api.example.com".into()))
+        );
+        assert!(HostPattern::parse("a.*.com").is_err());
+        assert!(HostPattern::parse("example.com:80").is_err());
+        assert!(HostPattern::parse("*.").is_err());
+    }
+}

@@ -1,0 +1,411 @@
+//! Raw TOML -> validated [`Config`], collecting every problem with its file:line:column.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::diagnostic::{Diagnostics, Positions};
+use super::model::{
+    Balance, Config, DEFAULT_CONNECT_TIMEOUT, DEFAULT_ROUTE_TIMEOUT, Endpoint, EndpointAddr,
+    HeaderOps, HostPattern, MAX_ENDPOINTS, MAX_TIMEOUT, MAX_WEIGHT, PathMatch, Route, Upstream,
+};
+use super::raw::{RawConfig, RawHeaderOps, RawRoute, RawUpstream};
+use crate::{RouteName, UpstreamName};
+
+/// Largest config file accepted, so a mistaken upload cannot exhaust memory.
+pub const MAX_CONFIG_BYTES: usize = 16 * 1024 * 1024;
+
+pub(crate) fn parse_and_validate(name: &str, content: &str) -> Result<Config, Diagnostics> {
+    let pos = Positions::new(name, content);
+    if content.len() > MAX_CONFIG_BYTES {
+        return Err(Diagnostics(vec![pos.diagnostic(
+            0,
+            "",
+            format!("file is {} bytes; the limit is {MAX_CONFIG_BYTES}", content.len()),
+        )]));
+    }
+    let raw: RawConfig = toml::from_str(content).map_err(|e| {
+        let offset = e.span().map_or(0, |s| s.start);
+        Diagnostics(vec![pos.diagnostic(offset, "", e.message().trim().to_string())])
+    })?;
+    let mut v = Validator {
+        pos: &pos,
+        problems: Vec::new(),
+    };
+    let config = v.config(raw);
+    if v.problems.is_empty() {
+        Ok(config)
+    } else {
+        v.problems.sort_by_key(|d| (d.line, d.column));
+        Err(Diagnostics(v.problems))
+    }
+}
+
+struct Validator<'a> {
+    pos: &'a Positions<'a>,
+    problems: Vec<super::Diagnostic>,
+}
+
+impl Validator<'_> {
+    fn err<T>(&mut self, at: &Spanned<T>, key: &str, message: impl Into<String>) {
+        let d = self.pos.diagnostic(at.span().start, key, message.into());
+        self.problems.push(d);
+    }
+
+    fn config(&mut self, raw: RawConfig) -> Config {
+        let mut upstreams = BTreeMap::new();
+        for (name, up) in raw.upstreams {
+            let key = format!("upstreams.{}", name.get_ref());
+            self.check_name(&name, &key, "upstream");
+            let u = self.upstream(UpstreamName::new(name.get_ref().clone()), up, &key);
+            upstreams.insert(u.name.clone(), u);
+        }
+        let mut routes = Vec::new();
+        let mut seen = HashSet::new();
+        for (i, r) in raw.routes.into_iter().enumerate() {
+            let key = format!("routes[{i}]");
+            let span_start = r.span().start;
+            if let Some(route) = self.route(r.into_inner(), span_start, &key, &upstreams) {
+                if !seen.insert(route.name.clone()) {
+                    self.problems.push(self.pos.diagnostic(
+                        span_start,
+                        &format!("{key}.name"),
+                        format!("duplicate route name {:?}", route.name.as_str()),
+                    ));
+                }
+                routes.push(route);
+            }
+        }
+        Config { upstreams, routes }
+    }
+
+    fn check_name(&mut self, name: &Spanned<String>, key: &str, what: &str) {
+        let n = name.get_ref();
+        let ok = !n.is_empty()
+            && n.len() <= 128
+            && n.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+        if !ok {
+            self.err(
+                name,
+                key,
+                format!("invalid {what} name {n:?}: use 1-128 letters, digits, '-', '_' or '.'"),
+            );
+        }
+    }
+
+    fn duration(&mut self, d: &Spanned<String>, key: &str) -> Option<Duration> {
+        match humantime::parse_duration(d.get_ref()) {
+            Ok(v) if v.is_zero() => {
+                self.err(d, key, "duration must be greater than zero");
+                None
+            }
+            Ok(v) if v > MAX_TIMEOUT => {
+                self.err(d, key, format!("duration {:?} is longer than 1h", d.get_ref()));
+                None
+            }
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.err(
+                    d,
+                    key,
+                    format!("invalid duration {:?} ({e}); write e.g. \"250ms\", \"5s\", \"1m\"", d.get_ref()),
+                );
+                None
+            }
+        }
+    }
+
+    fn upstream(&mut self, name: UpstreamName, raw: RawUpstream, key: &str) -> Upstream {
+        let balance = match &raw.balance {
+            None => Balance::RoundRobin,
+            Some(b) if b.get_ref() == "round_robin" => Balance::RoundRobin,
+            Some(b) => {
+                let known = ["weighted", "least_conn", "random", "p2c", "hash"];
+                let msg = if known.contains(&b.get_ref().as_str()) {
+                    format!("balance {:?} is not supported by this version yet (supported: round_robin)", b.get_ref())
+                } else {
+                    format!("unknown balance {:?} (supported: round_robin)", b.get_ref())
+                };
+                self.err(b, &format!("{key}.balance"), msg);
+                Balance::RoundRobin
+            }
+        };
+        let connect_timeout = match &raw.connect_timeout {
+            Some(d) => self
+                .duration(d, &format!("{key}.connect_timeout"))
+                .unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+            None => DEFAULT_CONNECT_TIMEOUT,
+        };
+        let ekey = format!("{key}.endpoints");
+        if raw.endpoints.get_ref().is_empty() {
+            self.err(&raw.endpoints, &ekey, "an upstream needs at least one endpoint");
+        }
+        if raw.endpoints.get_ref().len() > MAX_ENDPOINTS {
+            self.err(
+                &raw.endpoints,
+                &ekey,
+                format!("more than {MAX_ENDPOINTS} endpoints"),
+            );
+        }
+        let mut endpoints = Vec::new();
+        let mut seen = HashSet::new();
+        for (i, e) in raw.endpoints.get_ref().iter().enumerate() {
+            let k = format!("{ekey}[{i}]");
+            let raw_e = e.get_ref();
+            let weight = match raw_e.weight {
+                None => 1,
+                Some(w) if (1..=i64::from(MAX_WEIGHT)).contains(&w) => w as u32,
+                Some(w) => {
+                    self.err(e, &format!("{k}.weight"), format!("weight {w} is out of range 1-{MAX_WEIGHT}"));
+                    1
+                }
+            };
+            match EndpointAddr::parse(&raw_e.addr) {
+                Ok(address) => {
+                    if !seen.insert(address.clone()) {
+                        self.err(e, &k, format!("duplicate endpoint {address}"));
+                    }
+                    endpoints.push(Endpoint { address, weight });
+                }
+                Err(m) => self.err(e, &k, m),
+            }
+        }
+        Upstream {
+            name,
+            balance,
+            endpoints,
+            connect_timeout,
+        }
+    }
+
+    fn route(
+        &mut self,
+        r: RawRoute,
+        at: usize,
+        key: &str,
+        upstreams: &BTreeMap<UpstreamName, Upstream>,
+    ) -> Option<Route> {
+        let name = match &r.name {
+            Some(n) => {
+                self.check_name(n, &format!("{key}.name"), "route");
+                RouteName::new(n.get_ref().clone())
+            }
+            None => {
+                self.problems.push(self.pos.diagnostic(at, &format!("{key}.name"), "missing required key `name`".into()));
+                RouteName::new(format!("route-{key}"))
+            }
+        };
+        let hosts = match &r.hosts {
+            None => vec![HostPattern::Any],
+            Some(hs) => {
+                if hs.get_ref().is_empty() {
+                    self.err(hs, &format!("{key}.hosts"), "hosts must not be empty (use [\"*\"] for any host)");
+                }
+                let mut out = Vec::new();
+                for (i, h) in hs.get_ref().iter().enumerate() {
+                    match HostPattern::parse(h.get_ref()) {
+                        Ok(p) if !out.contains(&p) => out.push(p),
+                        Ok(p) => self.err(h, &format!("{key}.hosts[{i}]"), format!("duplicate host {p}")),
+                        Err(m) => self.err(h, &format!("{key}.hosts[{i}]"), m),
+                    }
+                }
+                out
+            }
+        };
+        let path = match (&r.path, &r.path_prefix) {
+            (Some(p), Some(_)) => {
+                self.err(p, &format!("{key}.path"), "set only one of `path` and `path_prefix`");
+                None
+            }
+            (Some(p), None) => self.path(p, &format!("{key}.path")).map(PathMatch::Exact),
+            (None, Some(p)) => self.path(p, &format!("{key}.path_prefix")).map(PathMatch::Prefix),
+            (None, None) => Some(PathMatch::Prefix("/".into())),
+        };
+        let mut methods = Vec::new();
+        for (i, m) in r.methods.iter().flatten().enumerate() {
+            let up = m.get_ref().to_ascii_uppercase();
+            if up.is_empty() || !up.bytes().all(|b| b.is_ascii_alphabetic() || b == b'-' || b == b'_') {
+                self.err(m, &format!("{key}.methods[{i}]"), format!("invalid method {:?}", m.get_ref()));
+            } else if !methods.contains(&up) {
+                methods.push(up);
+            }
+        }
+        let upstream = match &r.upstream {
+            Some(u) => {
+                if !upstreams.contains_key(&UpstreamName::new(u.get_ref().clone())) {
+                    let known: Vec<_> = upstreams.keys().map(|k| k.as_str()).collect();
+                    self.err(
+                        u,
+                        &format!("{key}.upstream"),
+                        format!("unknown upstream {:?} (defined: {})", u.get_ref(), if known.is_empty() { "none".to_string() } else { known.join(", ") }),
+                    );
+                }
+                UpstreamName::new(u.get_ref().clone())
+            }
+            None => {
+                self.problems.push(self.pos.diagnostic(at, &format!("{key}.upstream"), "missing required key `upstream`".into()));
+                UpstreamName::new("")
+            }
+        };
+        let timeout = match &r.timeout {
+            Some(d) => self.duration(d, &format!("{key}.timeout")).unwrap_or(DEFAULT_ROUTE_TIMEOUT),
+            None => DEFAULT_ROUTE_TIMEOUT,
+        };
+        let request_headers = self.header_ops(r.request_headers.as_ref(), &format!("{key}.request_headers"));
+        let response_headers = self.header_ops(r.response_headers.as_ref(), &format!("{key}.response_headers"));
+        let rewrite_prefix = match &r.rewrite_prefix {
+            Some(p) => {
+                let k = format!("{key}.rewrite_prefix");
+                if r.path_prefix.is_none() && r.path.is_none() {
+                    self.err(p, &k, "rewrite_prefix needs `path_prefix` or `path` to say what it replaces");
+                }
+                self.path(p, &k)
+            }
+            None => None,
+        };
+        Some(Route {
+            name,
+            hosts,
+            path: path?,
+            methods,
+            upstream,
+            timeout,
+            request_headers,
+            response_headers,
+            rewrite_prefix,
+        })
+    }
+
+    fn path(&mut self, p: &Spanned<String>, key: &str) -> Option<String> {
+        let s = p.get_ref();
+        if !s.starts_with('/') {
+            self.err(p, key, format!("path {s:?} must start with '/'"));
+            return None;
+        }
+        if s.bytes().any(|b| b.is_ascii_control() || b == b' ' || b == b'?' || b == b'#') {
+            self.err(p, key, format!("path {s:?} contains a space, control character, '?' or '#'"));
+            return None;
+        }
+        Some(s.clone())
+    }
+
+    fn header_ops(&mut self, ops: Option<&Spanned<RawHeaderOps>>, key: &str) -> HeaderOps {
+        let Some(ops) = ops else {
+            return HeaderOps::default();
+        };
+        let raw = ops.get_ref();
+        let mut out = HeaderOps::default();
+        for (which, map, dst) in [("set", &raw.set, &mut out.set), ("add", &raw.add, &mut out.add)] {
+            for (n, v) in map {
+                let k = format!("{key}.{which}.{}", n.get_ref());
+                let name = n.get_ref().to_ascii_lowercase();
+                if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                    self.err(n, &k, format!("invalid header name {:?}", n.get_ref()));
+                } else if http::HeaderValue::from_str(v.get_ref()).is_err() {
+                    self.err(v, &k, "header value contains characters not allowed in HTTP headers");
+                } else {
+                    dst.push((name, v.get_ref().clone()));
+                }
+            }
+        }
+        for (i, n) in raw.remove.iter().enumerate() {
+            let name = n.get_ref().to_ascii_lowercase();
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                self.err(n, &format!("{key}.remove[{i}]"), format!("invalid header name {:?}", n.get_ref()));
+            } else {
+                out.remove.push(name);
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors(src: &str) -> Vec<String> {
+        match parse_and_validate("routes.toml", src) {
+            Ok(_) => vec![],
+            Err(d) => d.0.iter().map(|d| d.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn valid_config_parses_with_defaults() {
+        let src = r#"
+[upstreams.api]
+endpoints = ["127.0.0.1:9001", { addr = "127.0.0.1:9002", weight = 3 }]
+
+[[routes]]
+name = "api"
+hosts = ["API.example.com", "*.example.org"]
+path_prefix = "/v1/"
+upstream = "api"
+rewrite_prefix = "/"
+request_headers = { set = { "X-Dispa" = "1" }, remove = ["x-internal"] }
+"#;
+        let c = parse_and_validate("routes.toml", src).expect("valid");
+        assert_eq!(c.routes.len(), 1);
+        let r = &c.routes[0];
+        assert_eq!(r.hosts[0], HostPattern::Exact("api.example.com".into()));
+        assert_eq!(r.hosts[1], HostPattern::Wildcard("example.org".into()));
+        assert_eq!(r.timeout, DEFAULT_ROUTE_TIMEOUT);
+        assert_eq!(r.request_headers.set, vec![("x-dispa".into(), "1".into())]);
+        let u = &c.upstreams[&UpstreamName::new("api")];
+        assert_eq!(u.endpoints[1].weight, 3);
+    }
+
+    #[test]
+    fn unknown_upstream_names_position_and_key() {
+        let src = "[upstreams.api]\nendpoints = [\"127.0.0.1:1\"]\n\n[[routes]]\nname = \"r\"\nupstream = \"apx\"\n";
+        let e = errors(src);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].starts_with("routes.toml:6:12: routes[0].upstream: unknown upstream \"apx\""), "{}", e[0]);
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_with_position() {
+        let e = errors("[upstreams.api]\nendpoints = [\"127.0.0.1:1\"]\nbogus = 1\n");
+        assert_eq!(e.len(), 1);
+        assert!(e[0].starts_with("routes.toml:3:1:"), "{}", e[0]);
+        assert!(e[0].contains("bogus"), "{}", e[0]);
+    }
+
+    #[test]
+    fn syntax_error_has_position() {
+        let e = errors("[[routes]]\nname = \"a\nupstream = 1\n");
+        assert_eq!(e.len(), 1);
+        assert!(e[0].starts_with("routes.toml:2:"), "{}", e[0]);
+    }
+
+    #[test]
+    fn collects_every_problem() {
+        let src = r#"
+[upstreams.a]
+endpoints = ["nope", "127.0.0.1:99999"]
+connect_timeout = "soon"
+balance = "p2c"
+
+[[routes]]
+name = "x"
+hosts = ["a.*.com"]
+path = "v1"
+upstream = "a"
+timeout = "0s"
+"#;
+        let e = errors(src);
+        assert_eq!(e.len(), 7, "{e:#?}");
+        assert!(e.iter().any(|m| m.contains("not supported by this version")));
+    }
+
+    #[test]
+    fn duplicate_route_names_rejected() {
+        let src = "[upstreams.a]\nendpoints=[\"127.0.0.1:1\"]\n[[routes]]\nname=\"r\"\nupstream=\"a\"\n[[routes]]\nname=\"r\"\nupstream=\"a\"\n";
+        let e = errors(src);
+        assert_eq!(e.len(), 1);
+        assert!(e[0].contains("duplicate route name"));
+    }
+}

@@ -1,0 +1,211 @@
+//! Validated [`Config`] <-> protobuf [`Snapshot`](crate::v1::Snapshot).
+//!
+//! Encoding is deterministic (no maps), so equal content gives an equal hash. Decoding re-checks
+//! what an agent relies on: an agent never trusts bytes it received.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use prost::Message;
+
+use super::model::{
+    Balance, Config, Endpoint, EndpointAddr, HeaderOps, HostPattern, MAX_TIMEOUT, PathMatch, Route,
+    Upstream,
+};
+use crate::v1;
+use crate::{RouteName, UpstreamName};
+
+/// Why a received snapshot cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("snapshot does not decode: {0}")]
+    Decode(#[from] prost::DecodeError),
+    #[error("{what}: {detail}")]
+    Invalid { what: String, detail: String },
+}
+
+fn invalid(what: impl Into<String>, detail: impl Into<String>) -> WireError {
+    WireError::Invalid {
+        what: what.into(),
+        detail: detail.into(),
+    }
+}
+
+pub fn to_snapshot(c: &Config) -> v1::Snapshot {
+    v1::Snapshot {
+        upstreams: c.upstreams.values().map(upstream_to_wire).collect(),
+        routes: c.routes.iter().map(route_to_wire).collect(),
+    }
+}
+
+pub fn encode(c: &Config) -> bytes::Bytes {
+    bytes::Bytes::from(to_snapshot(c).encode_to_vec())
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn upstream_to_wire(u: &Upstream) -> v1::Upstream {
+    v1::Upstream {
+        name: u.name.to_string(),
+        balance: match u.balance {
+            Balance::RoundRobin => v1::Balance::RoundRobin as i32,
+        },
+        endpoints: u
+            .endpoints
+            .iter()
+            .map(|e| v1::Endpoint {
+                address: e.address.to_string(),
+                weight: e.weight,
+            })
+            .collect(),
+        connect_timeout_ms: ms(u.connect_timeout),
+    }
+}
+
+fn ops_to_wire(o: &HeaderOps) -> Option<v1::HeaderOps> {
+    let pairs = |v: &[(String, String)]| {
+        v.iter()
+            .map(|(name, value)| v1::Header {
+                name: name.clone(),
+                value: value.clone(),
+            })
+            .collect()
+    };
+    (!o.is_empty()).then(|| v1::HeaderOps {
+        set: pairs(&o.set),
+        add: pairs(&o.add),
+        remove: o.remove.clone(),
+    })
+}
+
+fn route_to_wire(r: &Route) -> v1::Route {
+    v1::Route {
+        name: r.name.to_string(),
+        hosts: r.hosts.iter().map(|h| h.to_string()).collect(),
+        path_match: Some(match &r.path {
+            PathMatch::Exact(p) => v1::route::PathMatch::Path(p.clone()),
+            PathMatch::Prefix(p) => v1::route::PathMatch::PathPrefix(p.clone()),
+        }),
+        methods: r.methods.clone(),
+        upstream: r.upstream.to_string(),
+        timeout_ms: ms(r.timeout),
+        request_headers: ops_to_wire(&r.request_headers),
+        response_headers: ops_to_wire(&r.response_headers),
+        rewrite_prefix: r.rewrite_prefix.clone(),
+    }
+}
+
+/// Decodes and checks a received snapshot.
+pub fn decode(bytes: &[u8]) -> Result<Config, WireError> {
+    from_snapshot(v1::Snapshot::decode(bytes)?)
+}
+
+fn duration(what: &str, v: u64) -> Result<Duration, WireError> {
+    let d = Duration::from_millis(v);
+    if d.is_zero() || d > MAX_TIMEOUT {
+        return Err(invalid(what, format!("duration {v}ms out of range")));
+    }
+    Ok(d)
+}
+
+pub fn from_snapshot(s: v1::Snapshot) -> Result<Config, WireError> {
+    let mut upstreams = BTreeMap::new();
+    for u in s.upstreams {
+        let what = format!("upstream {:?}", u.name);
+        let balance = match v1::Balance::try_from(u.balance) {
+            Ok(v1::Balance::RoundRobin) => Balance::RoundRobin,
+            Err(_) => return Err(invalid(&what, format!("unknown balance {}", u.balance))),
+        };
+        let mut endpoints = Vec::new();
+        for e in u.endpoints {
+            let address = EndpointAddr::parse(&e.address).map_err(|m| invalid(&what, m))?;
+            endpoints.push(Endpoint {
+                address,
+                weight: e.weight.max(1),
+            });
+        }
+        if endpoints.is_empty() {
+            return Err(invalid(&what, "no endpoints"));
+        }
+        let name = UpstreamName::new(u.name);
+        upstreams.insert(
+            name.clone(),
+            Upstream {
+                name,
+                balance,
+                endpoints,
+                connect_timeout: duration(&what, u.connect_timeout_ms)?,
+            },
+        );
+    }
+    let mut routes = Vec::new();
+    for r in s.routes {
+        let what = format!("route {:?}", r.name);
+        let hosts = r
+            .hosts
+            .iter()
+            .map(|h| HostPattern::parse(h))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|m| invalid(&what, m))?;
+        let path = match r.path_match {
+            Some(v1::route::PathMatch::Path(p)) => PathMatch::Exact(p),
+            Some(v1::route::PathMatch::PathPrefix(p)) => PathMatch::Prefix(p),
+            None => return Err(invalid(&what, "no path match")),
+        };
+        let upstream = UpstreamName::new(r.upstream);
+        if !upstreams.contains_key(&upstream) {
+            return Err(invalid(&what, format!("unknown upstream {:?}", upstream.as_str())));
+        }
+        let ops = |o: Option<v1::HeaderOps>| {
+            let o = o.unwrap_or_default();
+            let pairs = |v: Vec<v1::Header>| v.into_iter().map(|h| (h.name, h.value)).collect();
+            HeaderOps {
+                set: pairs(o.set),
+                add: pairs(o.add),
+                remove: o.remove,
+            }
+        };
+        routes.push(Route {
+            name: RouteName::new(r.name),
+            hosts,
+            path,
+            methods: r.methods,
+            upstream,
+            timeout: duration(&what, r.timeout_ms)?,
+            request_headers: ops(r.request_headers),
+            response_headers: ops(r.response_headers),
+            rewrite_prefix: r.rewrite_prefix,
+        });
+    }
+    Ok(Config { upstreams, routes })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_hash_is_stable() {
+        let src = r#"
+[upstreams.b]
+endpoints = ["127.0.0.1:2", "backend.internal:80"]
+[upstreams.a]
+endpoints = ["127.0.0.1:1"]
+connect_timeout = "250ms"
+[[routes]]
+name = "r"
+hosts = ["*.example.com", "x.org"]
+path = "/exact"
+methods = ["get"]
+upstream = "a"
+response_headers = { add = { "x-a" = "1" }, set = { "x-b" = "2" } }
+"#;
+        let a = crate::config::compile("f", src).expect("valid");
+        let b = crate::config::compile("f", src).expect("valid");
+        assert_eq!(a.hash, b.hash);
+        let back = decode(&a.snapshot).expect("decodes");
+        assert_eq!(back, a.config);
+    }
+}
