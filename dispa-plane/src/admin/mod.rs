@@ -1,0 +1,246 @@
+//! The Admin gRPC service: decode, call the plain functions in [`crate::versions`], encode.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use dispa_proto::config::{self, Diagnostics};
+use dispa_proto::v1::admin_server::Admin;
+use dispa_proto::v1::{self, diff_request};
+use dispa_proto::{BUILD_VERSION, ErrorCode, PROTOCOL_VERSION, Version};
+use tonic::{Request, Response, Status};
+
+use crate::PlaneState;
+use crate::distribute::SyncState;
+use crate::store::{VersionMeta, VersionRecord};
+use crate::versions::{self, ApplyInput, ApplyOutcome, VersionsError};
+
+pub struct AdminService {
+    state: Arc<PlaneState>,
+}
+
+impl AdminService {
+    pub fn new(state: Arc<PlaneState>) -> Self {
+        Self { state }
+    }
+}
+
+pub(crate) fn now_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn status(e: VersionsError) -> Status {
+    let code = e.code();
+    let mut s = code.status(e.to_string());
+    if let VersionsError::Invalid(d) = &e {
+        // Structured diagnostics ride along so clients can render them precisely.
+        let resp = v1::ValidateResponse { diagnostics: diagnostics_to_wire(d) };
+        s = Status::with_details(code.grpc_code(), e.to_string(), prost::Message::encode_to_vec(&resp).into());
+    }
+    s
+}
+
+fn diagnostics_to_wire(d: &Diagnostics) -> Vec<v1::Diagnostic> {
+    d.0.iter()
+        .map(|d| v1::Diagnostic {
+            file: d.file.clone(),
+            line: d.line,
+            column: d.column,
+            key: d.key.clone(),
+            message: d.message.clone(),
+        })
+        .collect()
+}
+
+fn info(version: Version, m: &VersionMeta) -> v1::VersionInfo {
+    v1::VersionInfo {
+        version: version.0,
+        hash: m.hash.clone(),
+        author: m.author.clone(),
+        message: m.message.clone(),
+        created_at_ms: m.created_at_ms,
+        rollback_of: m.rollback_of.map_or(0, |v| v.0),
+        source_name: m.source_name.clone(),
+    }
+}
+
+fn file_of(f: Option<v1::SourceFile>) -> Result<v1::SourceFile, Status> {
+    f.ok_or_else(|| ErrorCode::InvalidArgument.status("missing `file`"))
+}
+
+impl AdminService {
+    /// Runs blocking store work (sled reads, flushes) off the async workers.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&PlaneState) -> Result<T, VersionsError> + Send + 'static,
+    ) -> Result<T, Status> {
+        let state = self.state.clone();
+        tokio::task::spawn_blocking(move || f(&state))
+            .await
+            .map_err(|e| ErrorCode::Internal.status(format!("store task failed: {e}")))?
+            .map_err(status)
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn apply(&self, request: Request<v1::ApplyRequest>) -> Result<Response<v1::ApplyResponse>, Status> {
+        let r = request.into_inner();
+        let file = file_of(r.file)?;
+        let input = ApplyInput {
+            source_name: file.name,
+            content: file.content,
+            author: r.author,
+            message: r.message,
+            expect_version: r.expect_version.map(Version),
+            dry_run: r.dry_run,
+        };
+        let outcome = self.blocking(move |s| s.apply(input)).await?;
+        Ok(Response::new(match outcome {
+            ApplyOutcome::Created { record, diff } => v1::ApplyResponse {
+                version: record.version.0,
+                created: true,
+                hash: record.meta.hash,
+                diff,
+            },
+            ApplyOutcome::Unchanged { current, hash } => v1::ApplyResponse {
+                version: current.0,
+                created: false,
+                hash,
+                diff: String::new(),
+            },
+            ApplyOutcome::DryRun { current, hash, diff } => v1::ApplyResponse {
+                version: current.0,
+                created: false,
+                hash,
+                diff,
+            },
+        }))
+    }
+
+    async fn validate(&self, request: Request<v1::ValidateRequest>) -> Result<Response<v1::ValidateResponse>, Status> {
+        let file = file_of(request.into_inner().file)?;
+        let diagnostics = match config::parse(&file.name, &file.content) {
+            Ok(_) => Vec::new(),
+            Err(d) => diagnostics_to_wire(&d),
+        };
+        Ok(Response::new(v1::ValidateResponse { diagnostics }))
+    }
+
+    async fn diff(&self, request: Request<v1::DiffRequest>) -> Result<Response<v1::DiffResponse>, Status> {
+        let r = request.into_inner();
+        let resp = self
+            .blocking(move |s| {
+                let from = versions::get(s.store.as_ref(), Version(r.from_version));
+                let (from_v, from_label, from_content) = match from {
+                    Ok(rec) => (rec.version, versions::label(rec.version), rec.content),
+                    // Diffing a file against an empty store shows the whole file as new.
+                    Err(VersionsError::NotFound(v)) if v.is_none() => (Version::NONE, versions::label(v), String::new()),
+                    Err(e) => return Err(e),
+                };
+                let (to_label, to_content) = match r.to {
+                    Some(diff_request::To::ToVersion(v)) => {
+                        let rec = versions::get(s.store.as_ref(), Version(v))?;
+                        (versions::label(rec.version), rec.content)
+                    }
+                    Some(diff_request::To::File(f)) => {
+                        // Diff only what would be accepted.
+                        config::parse(&f.name, &f.content).map_err(VersionsError::Invalid)?;
+                        (f.name, f.content)
+                    }
+                    None => return Err(VersionsError::NotFound(Version::NONE)),
+                };
+                Ok(v1::DiffResponse {
+                    diff: versions::unified_diff(&from_label, &from_content, &to_label, &to_content),
+                    from_version: from_v.0,
+                })
+            })
+            .await?;
+        Ok(Response::new(resp))
+    }
+
+    async fn get(&self, request: Request<v1::GetRequest>) -> Result<Response<v1::GetResponse>, Status> {
+        let v = Version(request.into_inner().version);
+        let rec: VersionRecord = self.blocking(move |s| versions::get(s.store.as_ref(), v)).await?;
+        Ok(Response::new(v1::GetResponse {
+            info: Some(info(rec.version, &rec.meta)),
+            content: rec.content,
+        }))
+    }
+
+    async fn history(&self, request: Request<v1::HistoryRequest>) -> Result<Response<v1::HistoryResponse>, Status> {
+        let limit = match request.into_inner().limit {
+            0 => 50,
+            n => n.min(10_000) as usize,
+        };
+        let list = self
+            .blocking(move |s| s.store.history(limit).map_err(VersionsError::from))
+            .await?;
+        Ok(Response::new(v1::HistoryResponse {
+            versions: list.iter().map(|(v, m)| info(*v, m)).collect(),
+        }))
+    }
+
+    async fn rollback(&self, request: Request<v1::RollbackRequest>) -> Result<Response<v1::ApplyResponse>, Status> {
+        let r = request.into_inner();
+        let (record, diff) = self
+            .blocking(move |s| s.rollback(Version(r.to_version), r.expect_version.map(Version), r.author, r.message))
+            .await?;
+        Ok(Response::new(v1::ApplyResponse {
+            version: record.version.0,
+            created: true,
+            hash: record.meta.hash,
+            diff,
+        }))
+    }
+
+    async fn list_agents(&self, _: Request<v1::ListAgentsRequest>) -> Result<Response<v1::ListAgentsResponse>, Status> {
+        let current = self.state.current_version();
+        let agents = self
+            .state
+            .registry
+            .list()
+            .into_iter()
+            .map(|a| v1::AgentInfo {
+                state: match a.state(current) {
+                    SyncState::Synced => v1::AgentSyncState::Synced,
+                    SyncState::Pending => v1::AgentSyncState::Pending,
+                    SyncState::Nacked => v1::AgentSyncState::Nacked,
+                    SyncState::Disconnected => v1::AgentSyncState::Disconnected,
+                } as i32,
+                id: a.id.to_string(),
+                labels: a.labels.into_iter().collect(),
+                build_version: a.build_version,
+                protocol_version: a.protocol_version,
+                acked_version: a.acked_version.0,
+                sent_version: a.sent_version.0,
+                last_error: a.last_error,
+                last_seen_ms: now_ms(a.last_seen),
+                connected_since_ms: if a.connection.is_some() { now_ms(a.connected_since) } else { 0 },
+                peer: a.peer,
+            })
+            .collect();
+        Ok(Response::new(v1::ListAgentsResponse { agents }))
+    }
+
+    async fn status(&self, _: Request<v1::StatusRequest>) -> Result<Response<v1::StatusResponse>, Status> {
+        let published = self.state.distributor.current();
+        let current = published.as_ref().map_or(Version::NONE, |p| p.version);
+        let mut r = v1::StatusResponse {
+            version: current.0,
+            hash: published.map(|p| p.hash.clone()).unwrap_or_default(),
+            build_version: BUILD_VERSION.to_string(),
+            protocol_version: PROTOCOL_VERSION.to_string(),
+            ..Default::default()
+        };
+        for a in self.state.registry.list() {
+            r.agents += 1;
+            match a.state(current) {
+                SyncState::Synced => r.agents_synced += 1,
+                SyncState::Pending => r.agents_pending += 1,
+                SyncState::Nacked => r.agents_nacked += 1,
+                SyncState::Disconnected => r.agents_disconnected += 1,
+            }
+        }
+        Ok(Response::new(r))
+    }
+}
