@@ -1,1 +1,141 @@
+//! The Dispa agent: a stateless L7 proxy serving the newest snapshot from the plane, or its
+//! last-known-good cached snapshot while the plane is away.
+//!
+//! `Agent::bind` then `Agent::run` is the whole lifecycle; the `dispa` binary only parses flags.
 
+pub mod admin;
+pub mod proxy;
+pub mod routing;
+mod server;
+pub mod snapshot;
+pub mod sync;
+pub mod telemetry;
+pub mod upstream;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dispa_proto::AgentId;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::admin::AdminApi;
+use crate::proxy::Proxy;
+use crate::snapshot::{Applier, Current, SnapshotCache};
+use crate::telemetry::Metrics;
+
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    /// The plane's gRPC URL, e.g. `http://127.0.0.1:7070`.
+    pub plane: String,
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    pub id: AgentId,
+    pub labels: BTreeMap<String, String>,
+    pub cache_dir: PathBuf,
+    /// How long SIGTERM waits for in-flight requests.
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A bound agent: listeners open, cached snapshot (if any) loaded, not yet serving.
+pub struct Agent {
+    opts: AgentOptions,
+    proxy_listener: TcpListener,
+    admin_listener: TcpListener,
+    applier: Arc<Applier>,
+    metrics: Arc<Metrics>,
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, AgentError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| AgentError::Bind { what, addr, source })
+}
+
+impl Agent {
+    pub async fn bind(opts: AgentOptions) -> Result<Agent, AgentError> {
+        let metrics = Arc::new(Metrics::new());
+        let current = Arc::new(Current::default());
+        let applier = Arc::new(Applier::new(current, SnapshotCache::new(&opts.cache_dir), metrics.clone()));
+        applier.load_cached().await;
+        let proxy_listener = bind("proxy", opts.listen).await?;
+        let admin_listener = bind("admin", opts.admin).await?;
+        Ok(Agent {
+            opts,
+            proxy_listener,
+            admin_listener,
+            applier,
+            metrics,
+        })
+    }
+
+    pub fn proxy_addr(&self) -> Option<SocketAddr> {
+        self.proxy_listener.local_addr().ok()
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_listener.local_addr().ok()
+    }
+
+    /// Serves until `shutdown` resolves, then drains in-flight requests and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let current = self.applier.current.clone();
+        let proxy = Arc::new(Proxy::new(current.clone(), self.metrics.clone()));
+        let admin = Arc::new(AdminApi {
+            current,
+            metrics: self.metrics.clone(),
+            id: self.opts.id.to_string(),
+        });
+        tracing::info!(
+            agent = %self.opts.id,
+            proxy = ?self.proxy_addr(),
+            admin = ?self.admin_addr(),
+            plane = %self.opts.plane,
+            "agent listening"
+        );
+        let sync = tokio::spawn(sync::run(
+            sync::SyncOptions {
+                plane: self.opts.plane.clone(),
+                id: self.opts.id.clone(),
+                labels: self.opts.labels.clone(),
+            },
+            self.applier.clone(),
+            self.metrics.clone(),
+            stop_rx.clone(),
+        ));
+        let drain = self.opts.drain_timeout;
+        let proxy_task = tokio::spawn(server::serve(
+            "proxy",
+            self.proxy_listener,
+            move |req, peer| proxy.clone().serve(req, peer),
+            stop_rx.clone(),
+            drain,
+        ));
+        let admin_task = tokio::spawn(server::serve(
+            "admin",
+            self.admin_listener,
+            move |req, _peer| admin.clone().serve(req),
+            stop_rx,
+            drain,
+        ));
+        shutdown.await;
+        let _ = stop_tx.send(true);
+        let _ = tokio::join!(proxy_task, admin_task, sync);
+        tracing::info!(agent = %self.opts.id, "agent stopped");
+    }
+}

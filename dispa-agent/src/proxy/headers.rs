@@ -1,0 +1,88 @@
+//! Header handling on the request path: Host, hop-by-hop stripping, X-Forwarded-*.
+
+use std::net::SocketAddr;
+
+use http::{HeaderMap, HeaderName, HeaderValue, Request, header};
+
+/// Hop-by-hop headers (RFC 9110 section 7.6.1), never forwarded.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+/// The request's host as sent: the URI authority (HTTP/2, absolute-form) or the Host header.
+pub fn request_host<B>(req: &Request<B>) -> Option<String> {
+    if let Some(a) = req.uri().authority() {
+        return Some(a.as_str().to_string());
+    }
+    let h = req.headers().get(header::HOST)?.to_str().ok()?;
+    (!h.is_empty()).then(|| h.to_string())
+}
+
+/// Removes hop-by-hop headers, including every header the Connection header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in HOP_BY_HOP {
+        headers.remove(n);
+    }
+    // The client's framing does not apply upstream; hyper re-frames the body.
+    headers.remove(header::TRANSFER_ENCODING);
+}
+
+/// Sets X-Forwarded-For/-Proto/-Host from what this agent saw, replacing client-sent values
+/// (no peer is trusted to forward client addresses yet), and keeps the client's Host.
+pub fn set_forwarded(headers: &mut HeaderMap, peer: SocketAddr, raw_host: &str, scheme: &'static str) {
+    let ip = peer.ip().to_canonical().to_string();
+    if let Ok(v) = HeaderValue::from_str(&ip) {
+        headers.insert(HeaderName::from_static("x-forwarded-for"), v);
+    }
+    headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static(scheme));
+    if let Ok(v) = HeaderValue::from_str(raw_host) {
+        headers.insert(HeaderName::from_static("x-forwarded-host"), v.clone());
+        headers.insert(header::HOST, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("keep-alive, X-Secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("upgrade", HeaderValue::from_static("h2c"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn forwarded_headers_overwrite_spoofed_values() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
+        set_forwarded(&mut h, "127.0.0.9:5555".parse().unwrap(), "api.example.com:8080", "http");
+        assert_eq!(h["x-forwarded-for"], "127.0.0.9");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "api.example.com:8080");
+        assert_eq!(h["host"], "api.example.com:8080");
+    }
+}

@@ -1,0 +1,234 @@
+//! A received snapshot compiled into an immutable runtime table, and the atomic swap.
+//!
+//! Every snapshot, the cached one at boot and each one from the plane, goes through the same
+//! path: decode -> resolve -> [`compile`] -> [`Current::swap`].
+
+mod applier;
+mod cache;
+mod resolve;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
+use dispa_proto::config::Config;
+use dispa_proto::config::model::{EndpointAddr, HeaderOps, PathMatch, Route};
+use dispa_proto::{RouteName, Version};
+use http::{HeaderName, HeaderValue};
+
+use crate::routing::RouteTable;
+use crate::upstream::{self, ResolvedEndpoint, UpstreamRuntime, Upstreams};
+
+pub use applier::Applier;
+pub use cache::{CacheError, SnapshotCache};
+pub use resolve::{ResolveError, resolve_endpoints};
+
+/// Why a snapshot cannot be served (sent to the plane as the NACK reason).
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    #[error("content hash mismatch: envelope says {expected}, content hashes to {actual}")]
+    Hash { expected: String, actual: String },
+    #[error(transparent)]
+    Wire(#[from] dispa_proto::config::wire::WireError),
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+    #[error("route {route}: {detail}")]
+    Route { route: String, detail: String },
+}
+
+/// Header changes with names and values parsed once.
+#[derive(Debug, Default)]
+pub struct CompiledHeaderOps {
+    pub set: Vec<(HeaderName, HeaderValue)>,
+    pub add: Vec<(HeaderName, HeaderValue)>,
+    pub remove: Vec<HeaderName>,
+}
+
+impl CompiledHeaderOps {
+    fn compile(ops: &HeaderOps, route: &RouteName) -> Result<Self, CompileError> {
+        let bad = |detail: String| CompileError::Route {
+            route: route.to_string(),
+            detail,
+        };
+        let pair = |(n, v): &(String, String)| -> Result<(HeaderName, HeaderValue), CompileError> {
+            Ok((
+                HeaderName::from_bytes(n.as_bytes()).map_err(|_| bad(format!("invalid header name {n:?}")))?,
+                HeaderValue::from_str(v).map_err(|_| bad(format!("invalid value for header {n:?}")))?,
+            ))
+        };
+        Ok(Self {
+            set: ops.set.iter().map(pair).collect::<Result<_, _>>()?,
+            add: ops.add.iter().map(pair).collect::<Result<_, _>>()?,
+            remove: ops
+                .remove
+                .iter()
+                .map(|n| HeaderName::from_bytes(n.as_bytes()).map_err(|_| bad(format!("invalid header name {n:?}"))))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
+    pub fn apply(&self, headers: &mut http::HeaderMap) {
+        for n in &self.remove {
+            headers.remove(n);
+        }
+        for (n, v) in &self.set {
+            headers.insert(n.clone(), v.clone());
+        }
+        for (n, v) in &self.add {
+            headers.append(n.clone(), v.clone());
+        }
+    }
+}
+
+/// A route ready to serve.
+#[derive(Debug)]
+pub struct CompiledRoute {
+    pub name: RouteName,
+    pub upstream: Arc<UpstreamRuntime>,
+    pub timeout: std::time::Duration,
+    pub request_headers: CompiledHeaderOps,
+    pub response_headers: CompiledHeaderOps,
+    /// (matched prefix, replacement)
+    pub rewrite: Option<(PathMatch, String)>,
+}
+
+impl CompiledRoute {
+    /// The path to send upstream.
+    pub fn rewrite_path<'a>(&self, path: &'a str) -> std::borrow::Cow<'a, str> {
+        match &self.rewrite {
+            None => path.into(),
+            Some((PathMatch::Exact(_), to)) => to.clone().into(),
+            Some((PathMatch::Prefix(p), to)) => {
+                let rest = path.get(p.len()..).unwrap_or("");
+                // "/v1/" -> "/" maps "/v1/users" to "/users", not "//users".
+                match rest.strip_prefix('/') {
+                    Some(r) if to.ends_with('/') => format!("{to}{r}").into(),
+                    _ => format!("{to}{rest}").into(),
+                }
+            }
+        }
+    }
+}
+
+/// One whole snapshot, immutable once built. Requests hold an `Arc` to it start to end.
+#[derive(Debug)]
+pub struct RuntimeSnapshot {
+    pub version: Version,
+    pub hash: String,
+    pub routes: RouteTable<CompiledRoute>,
+    pub upstreams: Upstreams,
+}
+
+/// Compiles a validated config with resolved endpoints. Pure: no I/O, no clock.
+/// State of upstreams whose identity is unchanged is carried over from `previous`.
+pub fn compile(
+    version: Version,
+    hash: String,
+    config: &Config,
+    resolved: &HashMap<EndpointAddr, Vec<std::net::SocketAddr>>,
+    previous: Option<&RuntimeSnapshot>,
+) -> Result<RuntimeSnapshot, CompileError> {
+    let mut upstreams: Upstreams = HashMap::new();
+    for spec in config.upstreams.values() {
+        let endpoints: Vec<ResolvedEndpoint> = spec
+            .endpoints
+            .iter()
+            .flat_map(|e| {
+                resolved
+                    .get(&e.address)
+                    .into_iter()
+                    .flatten()
+                    .map(move |addr| ResolvedEndpoint { addr: *addr, weight: e.weight })
+            })
+            .collect();
+        let prev = previous.and_then(|p| p.upstreams.get(&spec.name)).map(Arc::as_ref);
+        upstreams.insert(spec.name.clone(), Arc::new(upstream::build(spec, endpoints, prev)));
+    }
+    let mut compiled = Vec::with_capacity(config.routes.len());
+    for r in &config.routes {
+        compiled.push((r, compile_route(r, &upstreams)?));
+    }
+    Ok(RuntimeSnapshot {
+        version,
+        hash,
+        routes: RouteTable::build(compiled),
+        upstreams,
+    })
+}
+
+fn compile_route(r: &Route, upstreams: &Upstreams) -> Result<CompiledRoute, CompileError> {
+    let upstream = upstreams.get(&r.upstream).cloned().ok_or_else(|| CompileError::Route {
+        route: r.name.to_string(),
+        detail: format!("unknown upstream {}", r.upstream),
+    })?;
+    Ok(CompiledRoute {
+        name: r.name.clone(),
+        upstream,
+        timeout: r.timeout,
+        request_headers: CompiledHeaderOps::compile(&r.request_headers, &r.name)?,
+        response_headers: CompiledHeaderOps::compile(&r.response_headers, &r.name)?,
+        rewrite: r.rewrite_prefix.clone().map(|to| (r.path.clone(), to)),
+    })
+}
+
+/// The snapshot being served; swapped atomically.
+#[derive(Default)]
+pub struct Current {
+    inner: ArcSwapOption<RuntimeSnapshot>,
+}
+
+impl Current {
+    pub fn load(&self) -> Option<Arc<RuntimeSnapshot>> {
+        self.inner.load_full()
+    }
+
+    pub fn swap(&self, s: Arc<RuntimeSnapshot>) {
+        self.inner.store(Some(s));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(src: &str, prev: Option<&RuntimeSnapshot>) -> RuntimeSnapshot {
+        let c = dispa_proto::config::parse("t", src).unwrap();
+        let mut resolved = HashMap::new();
+        for u in c.upstreams.values() {
+            for e in &u.endpoints {
+                resolved.insert(e.address.clone(), vec![format!("{}", e.address).parse().unwrap()]);
+            }
+        }
+        compile(Version(1), "h".into(), &c, &resolved, prev).unwrap()
+    }
+
+    #[test]
+    fn untouched_upstreams_keep_their_pool_and_cursor() {
+        let a = "[upstreams.a]\nendpoints=[\"127.0.0.1:1\",\"127.0.0.1:2\"]\n[upstreams.b]\nendpoints=[\"127.0.0.1:3\"]\n";
+        let s1 = snapshot(a, None);
+        s1.upstreams[&dispa_proto::UpstreamName::new("a")].pick();
+        let b = a.replace("127.0.0.1:3", "127.0.0.1:4");
+        let s2 = snapshot(&b, Some(&s1));
+        let name = |n: &str| dispa_proto::UpstreamName::new(n);
+        assert!(Arc::ptr_eq(&s1.upstreams[&name("a")].pool, &s2.upstreams[&name("a")].pool));
+        // The cursor continues: the next pick is the second endpoint.
+        assert_eq!(s2.upstreams[&name("a")].pick(), Some("127.0.0.1:2".parse().unwrap()));
+        // b's endpoints changed; its pool is kept since its identity (name, timeouts) is unchanged.
+        assert!(Arc::ptr_eq(&s1.upstreams[&name("b")].pool, &s2.upstreams[&name("b")].pool));
+        let c = a.replace("[upstreams.b]\n", "[upstreams.b]\nconnect_timeout = \"9s\"\n");
+        let s3 = snapshot(&c, Some(&s2));
+        assert!(!Arc::ptr_eq(&s2.upstreams[&name("b")].pool, &s3.upstreams[&name("b")].pool));
+    }
+
+    #[test]
+    fn rewrites_prefixes() {
+        let src = "[upstreams.a]\nendpoints=[\"127.0.0.1:1\"]\n[[routes]]\nname=\"r\"\npath_prefix=\"/v1/\"\nrewrite_prefix=\"/\"\nupstream=\"a\"\n[[routes]]\nname=\"s\"\npath_prefix=\"/api\"\nrewrite_prefix=\"/x\"\nupstream=\"a\"\n";
+        let s = snapshot(src, None);
+        let r = s.routes.lookup("h", "/v1/users", "GET").unwrap();
+        assert_eq!(r.rewrite_path("/v1/users"), "/users");
+        assert_eq!(r.rewrite_path("/v1/"), "/");
+        let r = s.routes.lookup("h", "/api/a", "GET").unwrap();
+        assert_eq!(r.rewrite_path("/api/a"), "/x/a");
+        assert_eq!(r.rewrite_path("/api"), "/x");
+    }
+}

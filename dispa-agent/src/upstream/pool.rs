@@ -1,0 +1,50 @@
+//! Pooled keep-alive HTTP client per upstream, kept across snapshots while the upstream's
+//! identity (name + connect settings) is unchanged.
+
+use std::time::Duration;
+
+use dispa_proto::UpstreamName;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+/// Idle upstream connections kept per endpoint; more are closed when released.
+const MAX_IDLE_PER_ENDPOINT: usize = 256;
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolKey {
+    pub name: UpstreamName,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug)]
+pub struct Pool {
+    key: PoolKey,
+    client: Client<HttpConnector, Incoming>,
+}
+
+impl Pool {
+    pub fn new(key: PoolKey) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(key.connect_timeout));
+        connector.set_nodelay(true);
+        connector.enforce_http(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(MAX_IDLE_PER_ENDPOINT)
+            .pool_idle_timeout(IDLE_TIMEOUT)
+            // The proxy sets Host itself (the client's Host is preserved).
+            .set_host(false)
+            .build(connector);
+        Self { key, client }
+    }
+
+    pub fn key(&self) -> &PoolKey {
+        &self.key
+    }
+
+    pub fn client(&self) -> &Client<HttpConnector, Incoming> {
+        &self.client
+    }
+}
