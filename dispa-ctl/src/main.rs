@@ -1,1 +1,196 @@
-fn main(){}
+//! dispactl: the operator CLI for a Dispa plane.
+//!
+//! Exit codes: 0 success, 1 rejected request / invalid file / unreachable plane, 2 usage error.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use dispa_ctl::client::{Client, ClientError};
+use dispa_ctl::output::{self, Format};
+use dispa_proto::v1;
+
+#[derive(Parser)]
+#[command(name = "dispactl", version, about = "Operate a Dispa fleet: apply config, watch agents, roll back")]
+struct Cli {
+    /// The plane's URL.
+    #[arg(long, global = true, env = "DISPA_PLANE", default_value = "http://127.0.0.1:7070")]
+    plane: String,
+    /// Output format.
+    #[arg(short = 'o', long = "output", global = true, value_enum, default_value = "table")]
+    output: Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate, store and roll out a routes.toml as a new version.
+    Apply {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Validate and show the diff; store nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Apply only if the current version is exactly N (optimistic concurrency).
+        #[arg(long, value_name = "N")]
+        expect_version: Option<u64>,
+        /// Why: recorded with the version.
+        #[arg(short = 'm', long = "message", default_value = "")]
+        message: String,
+    },
+    /// Check a routes.toml offline, with the same code the plane runs.
+    Validate {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// Show what would change: a file against the current version, or two versions.
+    Diff {
+        #[arg(short = 'f', long = "file", conflicts_with = "to")]
+        file: Option<PathBuf>,
+        /// From this version (default: the current one).
+        #[arg(long)]
+        from: Option<u64>,
+        /// To this version.
+        #[arg(long)]
+        to: Option<u64>,
+    },
+    /// Print a version's routes.toml (default: the current one).
+    Get {
+        #[arg(long)]
+        version: Option<u64>,
+    },
+    /// List versions, newest first.
+    History {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Make a new version with the content of VERSION.
+    Rollback {
+        version: u64,
+        #[arg(short = 'm', long = "message", default_value = "")]
+        message: String,
+        #[arg(long, value_name = "N")]
+        expect_version: Option<u64>,
+    },
+    /// List agents and what they serve.
+    Agents,
+    /// The current version and the fleet's sync state.
+    Status,
+}
+
+/// A failure and its exit code.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        let message = match &e {
+            ClientError::Invalid { diagnostics, .. } => {
+                format!("invalid config, nothing was stored:\n{}", output::diagnostics(diagnostics).trim_end())
+            }
+            other => other.to_string(),
+        };
+        Failure { code: 1, message }
+    }
+}
+
+fn read_file(path: &Path) -> Result<v1::SourceFile, Failure> {
+    let content = std::fs::read_to_string(path).map_err(|e| Failure {
+        code: 1,
+        message: format!("cannot read {}: {e}", path.display()),
+    })?;
+    Ok(v1::SourceFile { name: path.display().to_string(), content })
+}
+
+fn author() -> String {
+    let user = std::env::var("DISPA_AUTHOR")
+        .or_else(|_| std::env::var("USER"))
+        .unwrap_or_else(|_| "unknown".into());
+    let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+    if host.is_empty() || user.contains('@') { user } else { format!("{user}@{host}") }
+}
+
+async fn run(cli: Cli) -> Result<String, Failure> {
+    let f = cli.output;
+    if let Command::Validate { file } = &cli.command {
+        let src = read_file(file)?;
+        return match dispa_proto::config::parse(&src.name, &src.content) {
+            Ok(c) => Ok(match f {
+                Format::Json => output::pretty(&serde_json::json!({ "valid": true, "file": src.name, "diagnostics": [] })),
+                Format::Table => format!("{}: valid ({} upstreams, {} routes)\n", src.name, c.upstreams.len(), c.routes.len()),
+            }),
+            Err(d) => Err(Failure { code: 1, message: d.to_string() }),
+        };
+    }
+    let mut client = Client::connect(&cli.plane).await?;
+    Ok(match cli.command {
+        Command::Validate { .. } => String::new(),
+        Command::Apply { file, dry_run, expect_version, message } => {
+            let r = client
+                .apply(v1::ApplyRequest {
+                    file: Some(read_file(&file)?),
+                    dry_run,
+                    expect_version,
+                    message,
+                    author: author(),
+                })
+                .await?;
+            output::applied(&r, dry_run, f)
+        }
+        Command::Diff { file, from, to } => {
+            let to = match (file, to) {
+                (Some(p), _) => v1::diff_request::To::File(read_file(&p)?),
+                (None, Some(v)) => v1::diff_request::To::ToVersion(v),
+                (None, None) => {
+                    return Err(Failure { code: 2, message: "diff needs -f FILE or --to VERSION".into() });
+                }
+            };
+            let r = client.diff(v1::DiffRequest { from_version: from.unwrap_or(0), to: Some(to) }).await?;
+            match f {
+                Format::Json => output::pretty(&serde_json::json!({ "from_version": r.from_version, "diff": r.diff })),
+                Format::Table if r.diff.is_empty() => "no changes\n".into(),
+                Format::Table => r.diff,
+            }
+        }
+        Command::Get { version } => output::get(&client.get(version.unwrap_or(0)).await?, f),
+        Command::History { limit } => output::history(&client.history(limit).await?, f),
+        Command::Rollback { version, message, expect_version } => {
+            let r = client
+                .rollback(v1::RollbackRequest { to_version: version, message, author: author(), expect_version })
+                .await?;
+            match f {
+                Format::Json => output::applied(&r, false, f),
+                Format::Table => format!(
+                    "{}rolled back: version {} has the content of version {version}\n",
+                    r.diff, r.version
+                ),
+            }
+        }
+        Command::Agents => output::agents(&client.agents().await?, f),
+        Command::Status => output::status(&client.status().await?, f),
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("dispactl: cannot start: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(f) => {
+            eprintln!("dispactl: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! A typed client for the plane's Admin API.
+
+use std::time::Duration;
+
+use dispa_proto::v1::admin_client::AdminClient;
+use dispa_proto::v1::{self, ValidateResponse};
+use prost::Message;
+use tonic::transport::Channel;
+
+/// How a call failed, mapped to dispactl's exit codes.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the plane at {url}: {detail}")]
+    Unreachable { url: String, detail: String },
+    /// The plane rejected the config; the diagnostics say where.
+    #[error("{message}")]
+    Invalid { message: String, diagnostics: Vec<v1::Diagnostic> },
+    #[error("{message}")]
+    Rejected { code: tonic::Code, message: String },
+}
+
+impl From<tonic::Status> for ClientError {
+    fn from(s: tonic::Status) -> Self {
+        if s.code() == tonic::Code::InvalidArgument {
+            if let Ok(v) = ValidateResponse::decode(s.details()) {
+                if !v.diagnostics.is_empty() {
+                    return ClientError::Invalid { message: s.message().to_string(), diagnostics: v.diagnostics };
+                }
+            }
+        }
+        ClientError::Rejected { code: s.code(), message: s.message().to_string() }
+    }
+}
+
+pub struct Client {
+    inner: AdminClient<Channel>,
+}
+
+impl Client {
+    pub async fn connect(url: &str) -> Result<Self, ClientError> {
+        let unreachable = |detail: String| ClientError::Unreachable { url: url.to_string(), detail };
+        let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+            .map_err(|e| unreachable(format!("invalid URL: {e}")))?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(60));
+        let channel = endpoint.connect().await.map_err(|e| {
+            let mut detail = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                detail = format!("{detail}: {s}");
+                src = s.source();
+            }
+            unreachable(detail)
+        })?;
+        let inner = AdminClient::new(channel)
+            .max_decoding_message_size(64 * 1024 * 1024)
+            .max_encoding_message_size(64 * 1024 * 1024);
+        Ok(Self { inner })
+    }
+
+    pub async fn apply(&mut self, r: v1::ApplyRequest) -> Result<v1::ApplyResponse, ClientError> {
+        Ok(self.inner.apply(r).await?.into_inner())
+    }
+
+    pub async fn diff(&mut self, r: v1::DiffRequest) -> Result<v1::DiffResponse, ClientError> {
+        Ok(self.inner.diff(r).await?.into_inner())
+    }
+
+    pub async fn get(&mut self, version: u64) -> Result<v1::GetResponse, ClientError> {
+        Ok(self.inner.get(v1::GetRequest { version }).await?.into_inner())
+    }
+
+    pub async fn history(&mut self, limit: u32) -> Result<Vec<v1::VersionInfo>, ClientError> {
+        Ok(self.inner.history(v1::HistoryRequest { limit }).await?.into_inner().versions)
+    }
+
+    pub async fn rollback(&mut self, r: v1::RollbackRequest) -> Result<v1::ApplyResponse, ClientError> {
+        Ok(self.inner.rollback(r).await?.into_inner())
+    }
+
+    pub async fn agents(&mut self) -> Result<Vec<v1::AgentInfo>, ClientError> {
+        Ok(self.inner.list_agents(v1::ListAgentsRequest {}).await?.into_inner().agents)
+    }
+
+    pub async fn status(&mut self) -> Result<v1::StatusResponse, ClientError> {
+        Ok(self.inner.status(v1::StatusRequest {}).await?.into_inner())
+    }
+}
