@@ -1,0 +1,65 @@
+//! A real HTTP/1.1 client (hyper) with keep-alive, for sending traffic through agents.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The JSON body a [`crate::TestUpstream`] answers with.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+#[derive(Clone)]
+pub struct HttpClient {
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Default for HttpClient {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl HttpClient {
+    pub fn new() -> Self {
+        Self { client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()) }
+    }
+
+    /// GET `url`, with an optional Host header. Times out after 30 s.
+    pub async fn get(&self, url: &str, host: Option<&str>) -> Result<Reply, String> {
+        let mut b = Request::get(url);
+        if let Some(h) = host {
+            b = b.header(http::header::HOST, h);
+        }
+        let req = b.body(Full::new(Bytes::new())).map_err(|e| e.to_string())?;
+        let fut = async {
+            let resp = self.client.request(req).await.map_err(|e| format!("{e:?}"))?;
+            let (parts, body) = resp.into_parts();
+            let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+            Ok(Reply { status: parts.status, headers: parts.headers, body })
+        };
+        tokio::time::timeout(Duration::from_secs(30), fut).await.map_err(|_| "timed out".to_string())?
+    }
+}
