@@ -12,6 +12,7 @@ use hyper_util::rt::TokioExecutor;
 #[derive(Debug, Clone)]
 pub struct Reply {
     pub status: StatusCode,
+    pub version: http::Version,
     pub headers: HeaderMap,
     pub body: Bytes,
 }
@@ -47,6 +48,7 @@ impl HttpClient {
         Self { client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()) }
     }
 
+
     /// GET `url`, with an optional Host header. Times out after 30 s.
     pub async fn get(&self, url: &str, host: Option<&str>) -> Result<Reply, String> {
         let mut b = Request::get(url);
@@ -58,8 +60,25 @@ impl HttpClient {
             let resp = self.client.request(req).await.map_err(|e| format!("{e:?}"))?;
             let (parts, body) = resp.into_parts();
             let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
-            Ok(Reply { status: parts.status, headers: parts.headers, body })
+            Ok(Reply { status: parts.status, version: parts.version, headers: parts.headers, body })
         };
         tokio::time::timeout(Duration::from_secs(30), fut).await.map_err(|_| "timed out".to_string())?
     }
+}
+
+/// One HTTP/2 request with prior knowledge (h2c) to `addr`, with `:authority` = `authority`.
+pub async fn h2c_get(addr: std::net::SocketAddr, authority: &str, path: &str) -> Result<Reply, String> {
+    let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), hyper_util::rt::TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = Request::get(format!("http://{authority}{path}"))
+        .version(http::Version::HTTP_2)
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok(Reply { status: parts.status, version: parts.version, headers: parts.headers, body })
 }
