@@ -31,14 +31,16 @@ async fn answer(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infalli
 }
 
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("demo upstream cannot listen on {addr} (choose another with --demo-listen)"))
+    TcpListener::bind(addr).await.with_context(|| {
+        format!("demo upstream cannot listen on {addr} (choose another with --demo-listen)")
+    })
 }
 
 pub async fn serve(listener: TcpListener) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         tokio::spawn(async move {
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service_fn(answer))

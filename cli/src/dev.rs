@@ -58,11 +58,18 @@ pub async fn run(a: DevArgs) -> Result<()> {
     .await?;
     let plane_addr = plane.local_addr();
     let demo_listener = demo::bind(a.demo_listen).await?;
-    let demo_addr = demo_listener.local_addr().context("demo upstream address")?;
+    let demo_addr = demo_listener
+        .local_addr()
+        .context("demo upstream address")?;
     tokio::spawn(demo::serve(demo_listener));
 
     let state = plane.state();
-    if state.store.head().context("reading the config store")?.is_none() {
+    if state
+        .store
+        .head()
+        .context("reading the config store")?
+        .is_none()
+    {
         let input = ApplyInput {
             source_name: "built-in example".into(),
             content: example(demo_addr),
@@ -91,7 +98,12 @@ pub async fn run(a: DevArgs) -> Result<()> {
     let admin = agent.admin_addr().context("admin address")?;
     ready::write(
         a.ready_file.as_deref(),
-        &[("plane", plane_addr), ("proxy", proxy), ("admin", admin), ("demo", demo_addr)],
+        &[
+            ("plane", plane_addr),
+            ("proxy", proxy),
+            ("admin", admin),
+            ("demo", demo_addr),
+        ],
     )?;
     let plane_flag = if plane_addr.to_string() == "127.0.0.1:7070" {
         String::new()

@@ -16,7 +16,11 @@ use dispa_plane::{Plane, PlaneOptions};
 use dispa_proto::AgentId;
 
 #[derive(Parser)]
-#[command(name = "dispa", version, about = "Dispa L7 proxy fleet: control plane, agent, and a one-process dev mode")]
+#[command(
+    name = "dispa",
+    version,
+    about = "Dispa L7 proxy fleet: control plane, agent, and a one-process dev mode"
+)]
 struct Cli {
     /// Log filter (e.g. "info", "debug", "dispa_agent=debug"); RUST_LOG overrides it.
     #[arg(long, global = true, default_value = "info")]
@@ -77,7 +81,9 @@ struct AgentArgs {
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
-    let (k, v) = s.split_once('=').ok_or_else(|| format!("label {s:?} must be KEY=VALUE"))?;
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("label {s:?} must be KEY=VALUE"))?;
     if k.is_empty() {
         return Err(format!("label {s:?} has an empty key"));
     }
@@ -93,7 +99,11 @@ fn init_logging(level: &str) {
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
@@ -132,7 +142,11 @@ fn main() -> Result<()> {
 }
 
 async fn run_plane(a: PlaneArgs) -> Result<()> {
-    let plane = Plane::bind(PlaneOptions { data_dir: a.data_dir, listen: a.listen }).await?;
+    let plane = Plane::bind(PlaneOptions {
+        data_dir: a.data_dir,
+        listen: a.listen,
+    })
+    .await?;
     ready::write(a.ready_file.as_deref(), &[("plane", plane.local_addr())])?;
     plane.run(shutdown_signal()).await?;
     Ok(())
@@ -153,7 +167,10 @@ async fn run_agent(a: AgentArgs) -> Result<()> {
     .await?;
     let addrs = [agent.proxy_addr(), agent.admin_addr()];
     if let [Some(proxy), Some(admin)] = addrs {
-        ready::write(a.ready_file.as_deref(), &[("proxy", proxy), ("admin", admin)])?;
+        ready::write(
+            a.ready_file.as_deref(),
+            &[("proxy", proxy), ("admin", admin)],
+        )?;
     }
     agent.run(shutdown_signal()).await;
     Ok(())

@@ -17,20 +17,36 @@ pub struct AdminApi {
     pub id: String,
 }
 
-fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+fn reply(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     r
 }
 
 impl AdminApi {
-    pub async fn serve(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    pub async fn serve(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<Full<Bytes>>, Infallible> {
         Ok(match req.uri().path() {
             "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n"),
             "/readyz" => match self.current.load() {
-                Some(s) => reply(StatusCode::OK, "text/plain", format!("ready: serving version {}\n", s.version)),
-                None => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready: no snapshot yet\n"),
+                Some(s) => reply(
+                    StatusCode::OK,
+                    "text/plain",
+                    format!("ready: serving version {}\n", s.version),
+                ),
+                None => reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "not ready: no snapshot yet\n",
+                ),
             },
             "/metrics" => reply(
                 StatusCode::OK,
@@ -44,13 +60,16 @@ impl AdminApi {
 
     fn config_json(&self) -> String {
         let body = match self.current.load() {
-            None => serde_json::json!({ "agent": self.id, "version": 0, "hash": null, "routes": [], "upstreams": {} }),
+            None => {
+                serde_json::json!({ "agent": self.id, "version": 0, "hash": null, "routes": [], "upstreams": {} })
+            }
             Some(s) => {
                 let upstreams: serde_json::Map<String, serde_json::Value> = s
                     .upstreams
                     .iter()
                     .map(|(n, u)| {
-                        let eps: Vec<String> = u.endpoints.iter().map(|e| e.addr.to_string()).collect();
+                        let eps: Vec<String> =
+                            u.endpoints.iter().map(|e| e.addr.to_string()).collect();
                         (n.to_string(), serde_json::json!(eps))
                     })
                     .collect();

@@ -70,7 +70,11 @@ impl Agent {
     pub async fn bind(opts: AgentOptions) -> Result<Agent, AgentError> {
         let metrics = Arc::new(Metrics::new());
         let current = Arc::new(Current::default());
-        let applier = Arc::new(Applier::new(current, SnapshotCache::new(&opts.cache_dir), metrics.clone()));
+        let applier = Arc::new(Applier::new(
+            current,
+            SnapshotCache::new(&opts.cache_dir),
+            metrics.clone(),
+        ));
         applier.load_cached().await;
         let proxy_listener = bind("proxy", opts.listen).await?;
         let admin_listener = bind("admin", opts.admin).await?;

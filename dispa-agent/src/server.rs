@@ -46,7 +46,9 @@ pub async fn serve<F, Fut, B>(
         let _ = stream.set_nodelay(true);
         let h = handler.clone();
         let svc = service_fn(move |req| h(req, peer));
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+            .into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
@@ -55,7 +57,10 @@ pub async fn serve<F, Fut, B>(
         });
     }
     drop(listener);
-    tracing::info!(listener = name, "stopped accepting; draining in-flight requests");
+    tracing::info!(
+        listener = name,
+        "stopped accepting; draining in-flight requests"
+    );
     tokio::select! {
         _ = graceful.shutdown() => tracing::info!(listener = name, "drained"),
         _ = tokio::time::sleep(drain) => tracing::warn!(listener = name, "drain deadline passed; closing remaining connections"),

@@ -14,21 +14,29 @@ pub enum ClientError {
     Unreachable { url: String, detail: String },
     /// The plane rejected the config; the diagnostics say where.
     #[error("{message}")]
-    Invalid { message: String, diagnostics: Vec<v1::Diagnostic> },
+    Invalid {
+        message: String,
+        diagnostics: Vec<v1::Diagnostic>,
+    },
     #[error("{message}")]
     Rejected { code: tonic::Code, message: String },
 }
 
 impl From<tonic::Status> for ClientError {
     fn from(s: tonic::Status) -> Self {
-        if s.code() == tonic::Code::InvalidArgument {
-            if let Ok(v) = ValidateResponse::decode(s.details()) {
-                if !v.diagnostics.is_empty() {
-                    return ClientError::Invalid { message: s.message().to_string(), diagnostics: v.diagnostics };
-                }
-            }
+        if s.code() == tonic::Code::InvalidArgument
+            && let Ok(v) = ValidateResponse::decode(s.details())
+            && !v.diagnostics.is_empty()
+        {
+            return ClientError::Invalid {
+                message: s.message().to_string(),
+                diagnostics: v.diagnostics,
+            };
         }
-        ClientError::Rejected { code: s.code(), message: s.message().to_string() }
+        ClientError::Rejected {
+            code: s.code(),
+            message: s.message().to_string(),
+        }
     }
 }
 
@@ -38,7 +46,10 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(url: &str) -> Result<Self, ClientError> {
-        let unreachable = |detail: String| ClientError::Unreachable { url: url.to_string(), detail };
+        let unreachable = |detail: String| ClientError::Unreachable {
+            url: url.to_string(),
+            detail,
+        };
         let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
             .map_err(|e| unreachable(format!("invalid URL: {e}")))?
             .connect_timeout(Duration::from_secs(5))
@@ -67,19 +78,36 @@ impl Client {
     }
 
     pub async fn get(&mut self, version: u64) -> Result<v1::GetResponse, ClientError> {
-        Ok(self.inner.get(v1::GetRequest { version }).await?.into_inner())
+        Ok(self
+            .inner
+            .get(v1::GetRequest { version })
+            .await?
+            .into_inner())
     }
 
     pub async fn history(&mut self, limit: u32) -> Result<Vec<v1::VersionInfo>, ClientError> {
-        Ok(self.inner.history(v1::HistoryRequest { limit }).await?.into_inner().versions)
+        Ok(self
+            .inner
+            .history(v1::HistoryRequest { limit })
+            .await?
+            .into_inner()
+            .versions)
     }
 
-    pub async fn rollback(&mut self, r: v1::RollbackRequest) -> Result<v1::ApplyResponse, ClientError> {
+    pub async fn rollback(
+        &mut self,
+        r: v1::RollbackRequest,
+    ) -> Result<v1::ApplyResponse, ClientError> {
         Ok(self.inner.rollback(r).await?.into_inner())
     }
 
     pub async fn agents(&mut self) -> Result<Vec<v1::AgentInfo>, ClientError> {
-        Ok(self.inner.list_agents(v1::ListAgentsRequest {}).await?.into_inner().agents)
+        Ok(self
+            .inner
+            .list_agents(v1::ListAgentsRequest {})
+            .await?
+            .into_inner()
+            .agents)
     }
 
     pub async fn status(&mut self) -> Result<v1::StatusResponse, ClientError> {

@@ -11,13 +11,28 @@ use dispa_ctl::output::{self, Format};
 use dispa_proto::v1;
 
 #[derive(Parser)]
-#[command(name = "dispactl", version, about = "Operate a Dispa fleet: apply config, watch agents, roll back")]
+#[command(
+    name = "dispactl",
+    version,
+    about = "Operate a Dispa fleet: apply config, watch agents, roll back"
+)]
 struct Cli {
     /// The plane's URL.
-    #[arg(long, global = true, env = "DISPA_PLANE", default_value = "http://127.0.0.1:7070")]
+    #[arg(
+        long,
+        global = true,
+        env = "DISPA_PLANE",
+        default_value = "http://127.0.0.1:7070"
+    )]
     plane: String,
     /// Output format.
-    #[arg(short = 'o', long = "output", global = true, value_enum, default_value = "table")]
+    #[arg(
+        short = 'o',
+        long = "output",
+        global = true,
+        value_enum,
+        default_value = "table"
+    )]
     output: Format,
     #[command(subcommand)]
     command: Command,
@@ -89,7 +104,10 @@ impl From<ClientError> for Failure {
     fn from(e: ClientError) -> Self {
         let message = match &e {
             ClientError::Invalid { diagnostics, .. } => {
-                format!("invalid config, nothing was stored:\n{}", output::diagnostics(diagnostics).trim_end())
+                format!(
+                    "invalid config, nothing was stored:\n{}",
+                    output::diagnostics(diagnostics).trim_end()
+                )
             }
             other => other.to_string(),
         };
@@ -102,15 +120,24 @@ fn read_file(path: &Path) -> Result<v1::SourceFile, Failure> {
         code: 1,
         message: format!("cannot read {}: {e}", path.display()),
     })?;
-    Ok(v1::SourceFile { name: path.display().to_string(), content })
+    Ok(v1::SourceFile {
+        name: path.display().to_string(),
+        content,
+    })
 }
 
 fn author() -> String {
     let user = std::env::var("DISPA_AUTHOR")
         .or_else(|_| std::env::var("USER"))
         .unwrap_or_else(|_| "unknown".into());
-    let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
-    if host.is_empty() || user.contains('@') { user } else { format!("{user}@{host}") }
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    if host.is_empty() || user.contains('@') {
+        user
+    } else {
+        format!("{user}@{host}")
+    }
 }
 
 async fn run(cli: Cli) -> Result<String, Failure> {
@@ -119,16 +146,31 @@ async fn run(cli: Cli) -> Result<String, Failure> {
         let src = read_file(file)?;
         return match dispa_proto::config::parse(&src.name, &src.content) {
             Ok(c) => Ok(match f {
-                Format::Json => output::pretty(&serde_json::json!({ "valid": true, "file": src.name, "diagnostics": [] })),
-                Format::Table => format!("{}: valid ({} upstreams, {} routes)\n", src.name, c.upstreams.len(), c.routes.len()),
+                Format::Json => output::pretty(
+                    &serde_json::json!({ "valid": true, "file": src.name, "diagnostics": [] }),
+                ),
+                Format::Table => format!(
+                    "{}: valid ({} upstreams, {} routes)\n",
+                    src.name,
+                    c.upstreams.len(),
+                    c.routes.len()
+                ),
             }),
-            Err(d) => Err(Failure { code: 1, message: d.to_string() }),
+            Err(d) => Err(Failure {
+                code: 1,
+                message: d.to_string(),
+            }),
         };
     }
     let mut client = Client::connect(&cli.plane).await?;
     Ok(match cli.command {
         Command::Validate { .. } => String::new(),
-        Command::Apply { file, dry_run, expect_version, message } => {
+        Command::Apply {
+            file,
+            dry_run,
+            expect_version,
+            message,
+        } => {
             let r = client
                 .apply(v1::ApplyRequest {
                     file: Some(read_file(&file)?),
@@ -145,21 +187,40 @@ async fn run(cli: Cli) -> Result<String, Failure> {
                 (Some(p), _) => v1::diff_request::To::File(read_file(&p)?),
                 (None, Some(v)) => v1::diff_request::To::ToVersion(v),
                 (None, None) => {
-                    return Err(Failure { code: 2, message: "diff needs -f FILE or --to VERSION".into() });
+                    return Err(Failure {
+                        code: 2,
+                        message: "diff needs -f FILE or --to VERSION".into(),
+                    });
                 }
             };
-            let r = client.diff(v1::DiffRequest { from_version: from.unwrap_or(0), to: Some(to) }).await?;
+            let r = client
+                .diff(v1::DiffRequest {
+                    from_version: from.unwrap_or(0),
+                    to: Some(to),
+                })
+                .await?;
             match f {
-                Format::Json => output::pretty(&serde_json::json!({ "from_version": r.from_version, "diff": r.diff })),
+                Format::Json => output::pretty(
+                    &serde_json::json!({ "from_version": r.from_version, "diff": r.diff }),
+                ),
                 Format::Table if r.diff.is_empty() => "no changes\n".into(),
                 Format::Table => r.diff,
             }
         }
         Command::Get { version } => output::get(&client.get(version.unwrap_or(0)).await?, f),
         Command::History { limit } => output::history(&client.history(limit).await?, f),
-        Command::Rollback { version, message, expect_version } => {
+        Command::Rollback {
+            version,
+            message,
+            expect_version,
+        } => {
             let r = client
-                .rollback(v1::RollbackRequest { to_version: version, message, author: author(), expect_version })
+                .rollback(v1::RollbackRequest {
+                    to_version: version,
+                    message,
+                    author: author(),
+                    expect_version,
+                })
                 .await?;
             match f {
                 Format::Json => output::applied(&r, false, f),
@@ -176,7 +237,10 @@ async fn run(cli: Cli) -> Result<String, Failure> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("dispactl: cannot start: {e}");

@@ -101,7 +101,8 @@ pub fn agents(list: &[v1::AgentInfo], f: Format) -> String {
             let rows: Vec<Vec<String>> = list
                 .iter()
                 .map(|a| {
-                    let mut labels: Vec<_> = a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    let mut labels: Vec<_> =
+                        a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
                     labels.sort();
                     vec![
                         a.id.clone(),
@@ -114,7 +115,18 @@ pub fn agents(list: &[v1::AgentInfo], f: Format) -> String {
                     ]
                 })
                 .collect();
-            table(&["ID", "STATE", "VERSION", "LAST SEEN", "BUILD", "LABELS", "LAST ERROR"], &rows)
+            table(
+                &[
+                    "ID",
+                    "STATE",
+                    "VERSION",
+                    "LAST SEEN",
+                    "BUILD",
+                    "LABELS",
+                    "LAST ERROR",
+                ],
+                &rows,
+            )
         }
     }
 }
@@ -134,7 +146,11 @@ pub fn status(s: &v1::StatusResponse, f: Format) -> String {
         })),
         Format::Table => format!(
             "version:  {}\nhash:     {}\nagents:   {} ({} synced, {} pending, {} nacked, {} disconnected)\nplane:    build {}, protocol {}\n",
-            if s.version == 0 { "none".to_string() } else { s.version.to_string() },
+            if s.version == 0 {
+                "none".to_string()
+            } else {
+                s.version.to_string()
+            },
             if s.hash.is_empty() { "-" } else { &s.hash },
             s.agents,
             s.agents_synced,
@@ -183,7 +199,11 @@ pub fn history(list: &[v1::VersionInfo], f: Format) -> String {
 pub fn get(g: &v1::GetResponse, f: Format) -> String {
     match f {
         Format::Json => {
-            let mut v = g.info.as_ref().map(version_json).unwrap_or_else(|| json!({}));
+            let mut v = g
+                .info
+                .as_ref()
+                .map(version_json)
+                .unwrap_or_else(|| json!({}));
             v["content"] = Value::String(g.content.clone());
             pretty(&v)
         }
@@ -210,11 +230,21 @@ pub fn applied(r: &v1::ApplyResponse, dry_run: bool, f: Format) -> String {
                 }
             }
             if dry_run {
-                s.push_str(&format!("dry run: valid; nothing stored (current version {})\n", r.version));
+                s.push_str(&format!(
+                    "dry run: valid; nothing stored (current version {})\n",
+                    r.version
+                ));
             } else if r.created {
-                s.push_str(&format!("applied: version {} (hash {})\n", r.version, short(&r.hash)));
+                s.push_str(&format!(
+                    "applied: version {} (hash {})\n",
+                    r.version,
+                    short(&r.hash)
+                ));
             } else {
-                s.push_str(&format!("unchanged: version {} already has this content\n", r.version));
+                s.push_str(&format!(
+                    "unchanged: version {} already has this content\n",
+                    r.version
+                ));
             }
             s
         }

@@ -39,9 +39,15 @@ pub enum PlaneError {
     #[error("config store: {0}")]
     Store(#[from] store::StoreError),
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("cannot create data dir {dir}: {source}")]
-    DataDir { dir: PathBuf, source: std::io::Error },
+    DataDir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
@@ -63,7 +69,9 @@ impl PlaneState {
     }
 
     pub fn current_version(&self) -> Version {
-        self.distributor.current().map_or(Version::NONE, |p| p.version)
+        self.distributor
+            .current()
+            .map_or(Version::NONE, |p| p.version)
     }
 
     /// Validates, stores (durably) and publishes a config. Blocking: call off async workers.
@@ -84,7 +92,14 @@ impl PlaneState {
         author: String,
         message: String,
     ) -> Result<(VersionRecord, String), VersionsError> {
-        let (record, diff) = versions::rollback(self.store.as_ref(), to, expect, author, message, now_ms(SystemTime::now()))?;
+        let (record, diff) = versions::rollback(
+            self.store.as_ref(),
+            to,
+            expect,
+            author,
+            message,
+            now_ms(SystemTime::now()),
+        )?;
         tracing::info!(version = record.version.0, rollback_of = to.0, author = %record.meta.author, "rolled back");
         self.publish(&record);
         Ok((record, diff))
@@ -117,9 +132,19 @@ impl Plane {
         }
         let listener = TcpListener::bind(opts.listen)
             .await
-            .map_err(|source| PlaneError::Bind { addr: opts.listen, source })?;
-        let addr = listener.local_addr().map_err(|source| PlaneError::Bind { addr: opts.listen, source })?;
-        Ok(Plane { state, listener, addr })
+            .map_err(|source| PlaneError::Bind {
+                addr: opts.listen,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| PlaneError::Bind {
+            addr: opts.listen,
+            source,
+        })?;
+        Ok(Plane {
+            state,
+            listener,
+            addr,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -133,7 +158,11 @@ impl Plane {
     /// Serves gRPC until `shutdown` resolves; then ends agent streams and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), PlaneError> {
         let (stop_tx, stop_rx) = watch::channel(false);
-        let discovery = DiscoveryService::new(self.state.distributor.clone(), self.state.registry.clone(), stop_rx);
+        let discovery = DiscoveryService::new(
+            self.state.distributor.clone(),
+            self.state.registry.clone(),
+            stop_rx,
+        );
         let admin = AdminService::new(self.state.clone());
         tracing::info!(addr = %self.addr, "plane listening");
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(self.listener);

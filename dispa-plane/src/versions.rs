@@ -9,7 +9,9 @@ use crate::store::{ConfigStore, StoreError, VersionMeta, VersionRecord};
 pub enum VersionsError {
     #[error("invalid config:\n{0}")]
     Invalid(Diagnostics),
-    #[error("stale --expect-version: expected the current version to be {expected}, it is {actual}; nothing was stored")]
+    #[error(
+        "stale --expect-version: expected the current version to be {expected}, it is {actual}; nothing was stored"
+    )]
     Stale { expected: Version, actual: Version },
     #[error("version {0} does not exist")]
     NotFound(Version),
@@ -55,7 +57,11 @@ pub enum ApplyOutcome {
     /// Same content as the current version: nothing stored.
     Unchanged { current: Version, hash: String },
     /// Valid; this is what would change.
-    DryRun { current: Version, hash: String, diff: String },
+    DryRun {
+        current: Version,
+        hash: String,
+        diff: String,
+    },
 }
 
 fn check_expected(expect: Option<Version>, actual: Version) -> Result<(), VersionsError> {
@@ -65,20 +71,33 @@ fn check_expected(expect: Option<Version>, actual: Version) -> Result<(), Versio
     }
 }
 
-pub fn apply(store: &dyn ConfigStore, input: ApplyInput, now_ms: i64) -> Result<ApplyOutcome, VersionsError> {
-    let compiled = config::compile(&input.source_name, &input.content).map_err(VersionsError::Invalid)?;
+pub fn apply(
+    store: &dyn ConfigStore,
+    input: ApplyInput,
+    now_ms: i64,
+) -> Result<ApplyOutcome, VersionsError> {
+    let compiled =
+        config::compile(&input.source_name, &input.content).map_err(VersionsError::Invalid)?;
     let head = store.head()?;
     let current = head.as_ref().map_or(Version::NONE, |h| h.version);
     check_expected(input.expect_version, current)?;
     let old = head.as_ref().map_or("", |h| h.content.as_str());
     let diff = unified_diff(&label(current), old, &input.source_name, &input.content);
-    if let Some(h) = &head {
-        if h.meta.hash == compiled.hash && h.content == input.content {
-            return Ok(ApplyOutcome::Unchanged { current, hash: compiled.hash });
-        }
+    if let Some(h) = &head
+        && h.meta.hash == compiled.hash
+        && h.content == input.content
+    {
+        return Ok(ApplyOutcome::Unchanged {
+            current,
+            hash: compiled.hash,
+        });
     }
     if input.dry_run {
-        return Ok(ApplyOutcome::DryRun { current, hash: compiled.hash, diff });
+        return Ok(ApplyOutcome::DryRun {
+            current,
+            hash: compiled.hash,
+            diff,
+        });
     }
     let meta = VersionMeta {
         hash: compiled.hash,
@@ -126,12 +145,20 @@ pub fn rollback(
 
 /// Looks up a version, or the current one for [`Version::NONE`].
 pub fn get(store: &dyn ConfigStore, version: Version) -> Result<VersionRecord, VersionsError> {
-    let rec = if version.is_none() { store.head()? } else { store.get(version)? };
+    let rec = if version.is_none() {
+        store.head()?
+    } else {
+        store.get(version)?
+    };
     rec.ok_or(VersionsError::NotFound(version))
 }
 
 pub fn label(v: Version) -> String {
-    if v.is_none() { "(empty)".into() } else { format!("version {v}") }
+    if v.is_none() {
+        "(empty)".into()
+    } else {
+        format!("version {v}")
+    }
 }
 
 /// A unified line diff; empty when the texts are equal.
@@ -169,9 +196,16 @@ mod tests {
     fn apply_rollback_and_stale_expectations() {
         let dir = tempfile::tempdir().unwrap();
         let s = SledStore::open(dir.path()).unwrap();
-        assert!(matches!(apply(&s, input(A, None), 1).unwrap(), ApplyOutcome::Created { .. }));
-        assert!(matches!(apply(&s, input(A, None), 2).unwrap(), ApplyOutcome::Unchanged { .. }));
-        let ApplyOutcome::Created { record, diff } = apply(&s, input(B, Some(1)), 3).unwrap() else {
+        assert!(matches!(
+            apply(&s, input(A, None), 1).unwrap(),
+            ApplyOutcome::Created { .. }
+        ));
+        assert!(matches!(
+            apply(&s, input(A, None), 2).unwrap(),
+            ApplyOutcome::Unchanged { .. }
+        ));
+        let ApplyOutcome::Created { record, diff } = apply(&s, input(B, Some(1)), 3).unwrap()
+        else {
             panic!("expected a new version");
         };
         assert_eq!(record.version, Version(2));
@@ -185,7 +219,10 @@ mod tests {
         assert_eq!(rb.content, A);
         assert_eq!(rb.meta.rollback_of, Some(Version(1)));
         assert_eq!(rb.meta.hash, get(&s, Version(1)).unwrap().meta.hash);
-        assert!(matches!(rollback(&s, Version(9), None, "me".into(), String::new(), 6), Err(VersionsError::NotFound(_))));
+        assert!(matches!(
+            rollback(&s, Version(9), None, "me".into(), String::new(), 6),
+            Err(VersionsError::NotFound(_))
+        ));
     }
 
     #[test]

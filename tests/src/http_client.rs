@@ -24,7 +24,8 @@ impl Reply {
 
     /// The JSON body a [`crate::TestUpstream`] answers with.
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
@@ -45,9 +46,10 @@ impl Default for HttpClient {
 
 impl HttpClient {
     pub fn new() -> Self {
-        Self { client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()) }
+        Self {
+            client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
+        }
     }
-
 
     /// GET `url`, with an optional Host header. Times out after 30 s.
     pub async fn get(&self, url: &str, host: Option<&str>) -> Result<Reply, String> {
@@ -57,21 +59,41 @@ impl HttpClient {
         }
         let req = b.body(Full::new(Bytes::new())).map_err(|e| e.to_string())?;
         let fut = async {
-            let resp = self.client.request(req).await.map_err(|e| format!("{e:?}"))?;
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| format!("{e:?}"))?;
             let (parts, body) = resp.into_parts();
             let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
-            Ok(Reply { status: parts.status, version: parts.version, headers: parts.headers, body })
+            Ok(Reply {
+                status: parts.status,
+                version: parts.version,
+                headers: parts.headers,
+                body,
+            })
         };
-        tokio::time::timeout(Duration::from_secs(30), fut).await.map_err(|_| "timed out".to_string())?
+        tokio::time::timeout(Duration::from_secs(30), fut)
+            .await
+            .map_err(|_| "timed out".to_string())?
     }
 }
 
 /// One HTTP/2 request with prior knowledge (h2c) to `addr`, with `:authority` = `authority`.
-pub async fn h2c_get(addr: std::net::SocketAddr, authority: &str, path: &str) -> Result<Reply, String> {
-    let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), hyper_util::rt::TokioIo::new(stream))
+pub async fn h2c_get(
+    addr: std::net::SocketAddr,
+    authority: &str,
+    path: &str,
+) -> Result<Reply, String> {
+    let stream = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|e| e.to_string())?;
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
     let req = Request::get(format!("http://{authority}{path}"))
         .version(http::Version::HTTP_2)
@@ -80,5 +102,10 @@ pub async fn h2c_get(addr: std::net::SocketAddr, authority: &str, path: &str) ->
     let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
     let (parts, body) = resp.into_parts();
     let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
-    Ok(Reply { status: parts.status, version: parts.version, headers: parts.headers, body })
+    Ok(Reply {
+        status: parts.status,
+        version: parts.version,
+        headers: parts.headers,
+        body,
+    })
 }

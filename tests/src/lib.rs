@@ -56,12 +56,20 @@ pub async fn agent_states(plane_url: &str) -> Vec<(String, String, u64, String)>
 
 /// Waits until every named agent is SYNCED at `version` according to the plane.
 pub async fn wait_synced(plane_url: &str, ids: &[&str], version: u64) {
-    eventually(&format!("agents {ids:?} SYNCED at version {version}"), Duration::from_secs(30), || async {
-        let states = agent_states(plane_url).await;
-        ids.iter()
-            .all(|id| states.iter().any(|(i, s, v, _)| i == id && s == "SYNCED" && *v == version))
-            .then_some(())
-    })
+    eventually(
+        &format!("agents {ids:?} SYNCED at version {version}"),
+        Duration::from_secs(30),
+        || async {
+            let states = agent_states(plane_url).await;
+            ids.iter()
+                .all(|id| {
+                    states
+                        .iter()
+                        .any(|(i, s, v, _)| i == id && s == "SYNCED" && *v == version)
+                })
+                .then_some(())
+        },
+    )
     .await
 }
 

@@ -10,11 +10,16 @@ use tokio::process::{Child, Command};
 
 /// target/debug (or DISPA_BIN_DIR), where `dispa` and `dispactl` are.
 pub fn bin(name: &str) -> PathBuf {
-    let dir = std::env::var_os("DISPA_BIN_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        // target/debug/deps/<test binary> -> target/debug
-        let exe = std::env::current_exe().expect("current exe");
-        exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
-    });
+    let dir = std::env::var_os("DISPA_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            // target/debug/deps/<test binary> -> target/debug
+            let exe = std::env::current_exe().expect("current exe");
+            exe.parent()
+                .and_then(Path::parent)
+                .expect("target dir")
+                .to_path_buf()
+        });
     let p = dir.join(name);
     assert!(
         p.exists(),
@@ -28,22 +33,39 @@ async fn read_ready(file: &Path, child: &mut Child, log: &Path) -> Value {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         if let Ok(Some(status)) = child.try_wait() {
-            panic!("process exited early ({status}); log:\n{}", std::fs::read_to_string(log).unwrap_or_default());
+            panic!(
+                "process exited early ({status}); log:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
         }
-        if let Some(v) = std::fs::read_to_string(file).ok().and_then(|t| serde_json::from_str(&t).ok()) {
+        if let Some(v) = std::fs::read_to_string(file)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+        {
             return v;
         }
-        assert!(std::time::Instant::now() < deadline, "no ready file {} after 20s", file.display());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no ready file {} after 20s",
+            file.display()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 fn addr(v: &Value, key: &str) -> SocketAddr {
-    v[key].as_str().and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no {key} in ready file: {v}"))
+    v[key]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in ready file: {v}"))
 }
 
 fn spawn(args: &[String], log: &Path) -> Child {
-    let out = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log file");
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("log file");
     let err = out.try_clone().expect("log file");
     Command::new(bin("dispa"))
         .args(args)
@@ -58,7 +80,10 @@ fn spawn(args: &[String], log: &Path) -> Child {
 
 async fn signal(child: &Child, sig: &str) {
     if let Some(pid) = child.id() {
-        let _ = Command::new("kill").args([sig, &pid.to_string()]).status().await;
+        let _ = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .await;
     }
 }
 
@@ -92,7 +117,12 @@ impl PlaneProc {
         ];
         let mut child = spawn(&args, &log);
         let v = read_ready(&ready, &mut child, &log).await;
-        PlaneProc { child, addr: addr(&v, "plane"), data_dir, log }
+        PlaneProc {
+            child,
+            addr: addr(&v, "plane"),
+            data_dir,
+            log,
+        }
     }
 
     pub fn url(&self) -> String {
@@ -147,7 +177,13 @@ impl AgentProc {
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut child = spawn(&args, &log);
         let v = read_ready(&ready, &mut child, &log).await;
-        AgentProc { child, id: id.into(), proxy: addr(&v, "proxy"), admin: addr(&v, "admin"), log }
+        AgentProc {
+            child,
+            id: id.into(),
+            proxy: addr(&v, "proxy"),
+            admin: addr(&v, "admin"),
+            log,
+        }
     }
 
     pub async fn kill(&mut self) {
@@ -164,7 +200,10 @@ impl AgentProc {
 
     /// The version the agent's admin /config says it serves.
     pub async fn served_version(&self, http: &crate::HttpClient) -> Option<u64> {
-        let r = http.get(&format!("http://{}/config", self.admin), None).await.ok()?;
+        let r = http
+            .get(&format!("http://{}/config", self.admin), None)
+            .await
+            .ok()?;
         let v: Value = serde_json::from_slice(&r.body).ok()?;
         v["version"].as_u64()
     }

@@ -29,7 +29,11 @@ impl Drop for TestUpstream {
     }
 }
 
-async fn answer(name: Arc<str>, hits: Arc<AtomicU64>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn answer(
+    name: Arc<str>,
+    hits: Arc<AtomicU64>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     hits.fetch_add(1, Ordering::Relaxed);
     if let Some(ms) = req
         .uri()
@@ -42,7 +46,12 @@ async fn answer(name: Arc<str>, hits: Arc<AtomicU64>, req: Request<Incoming>) ->
     let headers: serde_json::Map<String, serde_json::Value> = req
         .headers()
         .iter()
-        .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.to_str().unwrap_or("").to_string())))
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                serde_json::Value::String(v.to_str().unwrap_or("").to_string()),
+            )
+        })
         .collect();
     let body = serde_json::json!({
         "upstream": &*name,
@@ -56,14 +65,18 @@ async fn answer(name: Arc<str>, hits: Arc<AtomicU64>, req: Request<Incoming>) ->
 
 impl TestUpstream {
     pub async fn start(name: &str) -> TestUpstream {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind upstream");
         let addr = listener.local_addr().expect("upstream addr");
         let hits = Arc::new(AtomicU64::new(0));
         let name_arc: Arc<str> = name.into();
         let h = hits.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 let (name, hits) = (name_arc.clone(), h.clone());
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| answer(name.clone(), hits.clone(), req));
@@ -73,6 +86,11 @@ impl TestUpstream {
                 });
             }
         });
-        TestUpstream { name: name.into(), addr, hits, task }
+        TestUpstream {
+            name: name.into(),
+            addr,
+            hits,
+            task,
+        }
     }
 }

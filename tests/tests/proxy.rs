@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 //! The agent's request path and lifecycle, end to end: host matching, error statuses, h2c,
 //! admin endpoints, graceful drain on SIGTERM, protocol version skew, and `dispa dev`.
 
@@ -21,7 +22,11 @@ async fn fleet_with(dir: &std::path::Path, config: &str) -> (PlaneProc, AgentPro
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_matching_is_exact_wildcard_case_insensitive_and_ignores_port() {
     let dir = tempfile::tempdir().unwrap();
-    let (w, e, d) = (TestUpstream::start("wild").await, TestUpstream::start("exact").await, TestUpstream::start("default").await);
+    let (w, e, d) = (
+        TestUpstream::start("wild").await,
+        TestUpstream::start("exact").await,
+        TestUpstream::start("default").await,
+    );
     let cfg = format!(
         r#"
 [upstreams.wild]
@@ -74,7 +79,10 @@ upstream = "default"
         ("status.example.net", "/v1/users", Some("default")),
     ];
     for (host, path, want) in cases {
-        let r = http.get(&format!("http://{}{path}", agent.proxy), Some(host)).await.unwrap();
+        let r = http
+            .get(&format!("http://{}{path}", agent.proxy), Some(host))
+            .await
+            .unwrap();
         match want {
             Some(up) => {
                 assert_eq!(r.status, 200, "{host}{path}");
@@ -86,7 +94,13 @@ upstream = "default"
             }
         }
     }
-    let r = http.get(&format!("http://{}/v1/users", agent.proxy), Some("status.example.net")).await.unwrap();
+    let r = http
+        .get(
+            &format!("http://{}/v1/users", agent.proxy),
+            Some("status.example.net"),
+        )
+        .await
+        .unwrap();
     assert_eq!(r.json()["path"], "/users", "rewrite_prefix");
 }
 
@@ -95,7 +109,10 @@ async fn upstream_failures_map_to_502_and_504_with_short_bodies() {
     let dir = tempfile::tempdir().unwrap();
     let slow = TestUpstream::start("slow").await;
     // A port that refuses connections: bound once, then released.
-    let refused = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let refused = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let cfg = format!(
         r#"
 [upstreams.dead]
@@ -118,17 +135,39 @@ upstream = "slow"
     );
     let (_plane, agent) = fleet_with(dir.path(), &cfg).await;
     let http = HttpClient::new();
-    let r = http.get(&format!("http://{}/dead", agent.proxy), Some("h")).await.unwrap();
+    let r = http
+        .get(&format!("http://{}/dead", agent.proxy), Some("h"))
+        .await
+        .unwrap();
     assert_eq!(r.status, 502);
     assert_eq!(r.text(), "upstream refused the connection\n");
-    let r = http.get(&format!("http://{}/slow?sleep_ms=3000", agent.proxy), Some("h")).await.unwrap();
+    let r = http
+        .get(
+            &format!("http://{}/slow?sleep_ms=3000", agent.proxy),
+            Some("h"),
+        )
+        .await
+        .unwrap();
     assert_eq!(r.status, 504);
     assert_eq!(r.text(), "upstream timed out\n");
 
-    let m = http.get(&format!("http://{}/metrics", agent.admin), None).await.unwrap().text();
-    assert!(m.contains(r#"dispa_requests_total{route="dead",status="502"} 1"#), "{m}");
-    assert!(m.contains(r#"dispa_requests_total{route="slow",status="504"} 1"#), "{m}");
-    assert!(m.contains(r#"dispa_request_duration_seconds_count{route="slow"} 1"#), "{m}");
+    let m = http
+        .get(&format!("http://{}/metrics", agent.admin), None)
+        .await
+        .unwrap()
+        .text();
+    assert!(
+        m.contains(r#"dispa_requests_total{route="dead",status="502"} 1"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"dispa_requests_total{route="slow",status="504"} 1"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"dispa_request_duration_seconds_count{route="slow"} 1"#),
+        "{m}"
+    );
     assert!(m.contains("dispa_config_version 1"), "{m}");
 }
 
@@ -136,10 +175,15 @@ upstream = "slow"
 async fn h2c_clients_are_proxied() {
     let dir = tempfile::tempdir().unwrap();
     let up = TestUpstream::start("u").await;
-    let cfg = format!("[upstreams.u]\nendpoints = [\"{}\"]\n[[routes]]\nname = \"r\"\nhosts = [\"h2.example.com\"]\nupstream = \"u\"\n", up.addr);
+    let cfg = format!(
+        "[upstreams.u]\nendpoints = [\"{}\"]\n[[routes]]\nname = \"r\"\nhosts = [\"h2.example.com\"]\nupstream = \"u\"\n",
+        up.addr
+    );
     let (_plane, agent) = fleet_with(dir.path(), &cfg).await;
     // HTTP/2 carries the host in :authority.
-    let r = dispa_tests::http_client::h2c_get(agent.proxy, "h2.example.com", "/path").await.unwrap();
+    let r = dispa_tests::http_client::h2c_get(agent.proxy, "h2.example.com", "/path")
+        .await
+        .unwrap();
     assert_eq!(r.version, http::Version::HTTP_2);
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["path"], "/path");
@@ -151,23 +195,49 @@ async fn admin_endpoints_and_readiness_before_any_config() {
     let plane = PlaneProc::start(dir.path()).await;
     let agent = AgentProc::start(dir.path(), &plane.url(), "edge").await;
     let http = HttpClient::new();
-    let health = http.get(&format!("http://{}/healthz", agent.admin), None).await.unwrap();
+    let health = http
+        .get(&format!("http://{}/healthz", agent.admin), None)
+        .await
+        .unwrap();
     assert_eq!(health.status, 200);
-    let ready = http.get(&format!("http://{}/readyz", agent.admin), None).await.unwrap();
+    let ready = http
+        .get(&format!("http://{}/readyz", agent.admin), None)
+        .await
+        .unwrap();
     assert_eq!(ready.status, 503, "no snapshot yet");
-    let r = http.get(&format!("http://{}/", agent.proxy), Some("h")).await.unwrap();
+    let r = http
+        .get(&format!("http://{}/", agent.proxy), Some("h"))
+        .await
+        .unwrap();
     assert_eq!(r.status, 503);
     assert_eq!(r.text(), "no configuration loaded yet\n");
-    let status = ctl(&plane.url(), &["status", "-o", "json"]).await.ok().json();
+    let status = ctl(&plane.url(), &["status", "-o", "json"])
+        .await
+        .ok()
+        .json();
     assert_eq!(status["version"], 0);
 
     let up = TestUpstream::start("u").await;
-    let f = write_config(dir.path(), "r.toml", &format!("[upstreams.u]\nendpoints = [\"{}\"]\n[[routes]]\nname = \"r\"\nupstream = \"u\"\n", up.addr));
+    let f = write_config(
+        dir.path(),
+        "r.toml",
+        &format!(
+            "[upstreams.u]\nendpoints = [\"{}\"]\n[[routes]]\nname = \"r\"\nupstream = \"u\"\n",
+            up.addr
+        ),
+    );
     ctl(&plane.url(), &["apply", "-f", &f]).await.ok();
     wait_synced(&plane.url(), &["edge"], 1).await;
-    let ready = http.get(&format!("http://{}/readyz", agent.admin), None).await.unwrap();
+    let ready = http
+        .get(&format!("http://{}/readyz", agent.admin), None)
+        .await
+        .unwrap();
     assert_eq!(ready.status, 200);
-    let cfg = http.get(&format!("http://{}/config", agent.admin), None).await.unwrap().json();
+    let cfg = http
+        .get(&format!("http://{}/config", agent.admin), None)
+        .await
+        .unwrap()
+        .json();
     assert_eq!(cfg["version"], 1);
     assert_eq!(cfg["routes"][0], "r");
     assert_eq!(cfg["upstreams"]["u"][0], up.addr.to_string());
@@ -177,21 +247,36 @@ async fn admin_endpoints_and_readiness_before_any_config() {
 async fn sigterm_finishes_in_flight_requests_then_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
     let up = TestUpstream::start("slow").await;
-    let cfg = format!("[upstreams.u]\nendpoints = [\"{}\"]\n[[routes]]\nname = \"r\"\ntimeout = \"20s\"\nupstream = \"u\"\n", up.addr);
+    let cfg = format!(
+        "[upstreams.u]\nendpoints = [\"{}\"]\n[[routes]]\nname = \"r\"\ntimeout = \"20s\"\nupstream = \"u\"\n",
+        up.addr
+    );
     let (_plane, mut agent) = fleet_with(dir.path(), &cfg).await;
     let url = format!("http://{}/slow?sleep_ms=1500", agent.proxy);
     let in_flight = tokio::spawn(async move { HttpClient::new().get(&url, Some("h")).await });
-    eventually("the slow request reaches the upstream", Duration::from_secs(10), || async {
-        (up.hits.load(Ordering::Relaxed) > 0).then_some(())
-    })
+    eventually(
+        "the slow request reaches the upstream",
+        Duration::from_secs(10),
+        || async { (up.hits.load(Ordering::Relaxed) > 0).then_some(()) },
+    )
     .await;
     agent.sigterm().await;
-    let r = in_flight.await.unwrap().expect("in-flight request completes");
+    let r = in_flight
+        .await
+        .unwrap()
+        .expect("in-flight request completes");
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["upstream"], "slow");
-    let status = tokio::time::timeout(Duration::from_secs(20), agent.child.wait()).await.expect("agent exits").unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(20), agent.child.wait())
+        .await
+        .expect("agent exits")
+        .unwrap();
     assert_eq!(status.code(), Some(0), "log:\n{}", agent.log_text());
-    assert!(agent.log_text().contains("draining"), "{}", agent.log_text());
+    assert!(
+        agent.log_text().contains("draining"),
+        "{}",
+        agent.log_text()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -208,16 +293,31 @@ async fn agent_of_another_protocol_major_is_refused_with_both_versions() {
         }),
         response: None,
     };
-    let err = client.stream(tokio_stream::iter(vec![hello])).await.expect_err("refused");
+    let err = client
+        .stream(tokio_stream::iter(vec![hello]))
+        .await
+        .expect_err("refused");
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
     let msg = err.message();
-    assert!(msg.contains("\"2.0\"") && msg.contains("protocol 1.0"), "{msg}");
+    assert!(
+        msg.contains("\"2.0\"") && msg.contains("protocol 1.0"),
+        "{msg}"
+    );
     let log = plane.log_text();
-    assert!(log.contains("refused agent") && log.contains("\"2.0\"") && log.contains("protocol 1.0"), "{log}");
+    assert!(
+        log.contains("refused agent") && log.contains("\"2.0\"") && log.contains("protocol 1.0"),
+        "{log}"
+    );
     let states = agent_states(&plane.url()).await;
-    let (_, state, _, last_error) = states.iter().find(|s| s.0 == "future-agent").expect("listed");
+    let (_, state, _, last_error) = states
+        .iter()
+        .find(|s| s.0 == "future-agent")
+        .expect("listed");
     assert_eq!(state, "DISCONNECTED");
-    assert!(last_error.contains("major versions must match"), "{last_error}");
+    assert!(
+        last_error.contains("major versions must match"),
+        "{last_error}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -227,7 +327,18 @@ async fn dispa_dev_answers_at_once_and_prints_a_tour() {
     let log = dir.path().join("dev.log");
     let out = std::fs::File::create(&log).unwrap();
     let mut child = tokio::process::Command::new(dispa_tests::process::bin("dispa"))
-        .args(["dev", "--plane-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--demo-listen", "127.0.0.1:0", "--ready-file"])
+        .args([
+            "dev",
+            "--plane-listen",
+            "127.0.0.1:0",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--demo-listen",
+            "127.0.0.1:0",
+            "--ready-file",
+        ])
         .arg(&ready)
         .current_dir(dir.path())
         .stdin(Stdio::null())
@@ -236,26 +347,43 @@ async fn dispa_dev_answers_at_once_and_prints_a_tour() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let addrs: serde_json::Value = eventually("dev ready file", Duration::from_secs(20), || async {
-        serde_json::from_str(&std::fs::read_to_string(&ready).ok()?).ok()
-    })
-    .await;
+    let addrs: serde_json::Value =
+        eventually("dev ready file", Duration::from_secs(20), || async {
+            serde_json::from_str(&std::fs::read_to_string(&ready).ok()?).ok()
+        })
+        .await;
     let proxy = addrs["proxy"].as_str().unwrap().to_string();
     let plane = format!("http://{}", addrs["plane"].as_str().unwrap());
     let http = HttpClient::new();
     let r = eventually("dev proxy answers", Duration::from_secs(20), || async {
-        http.get(&format!("http://{proxy}/hello"), None).await.ok().filter(|r| r.status == 200)
+        http.get(&format!("http://{proxy}/hello"), None)
+            .await
+            .ok()
+            .filter(|r| r.status == 200)
     })
     .await;
-    assert!(r.text().contains("Hello from the Dispa demo upstream"), "{}", r.text());
+    assert!(
+        r.text().contains("Hello from the Dispa demo upstream"),
+        "{}",
+        r.text()
+    );
     assert_eq!(r.header("x-served-by"), Some("dispa"));
     let status = ctl(&plane, &["status", "-o", "json"]).await.ok().json();
     assert_eq!(status["version"], 1);
     assert!(dir.path().join(".dispa/plane").is_dir() && dir.path().join(".dispa/agent").is_dir());
     let text = std::fs::read_to_string(&log).unwrap();
-    assert!(text.contains("dispactl") && text.contains("apply -f routes.toml"), "{text}");
+    assert!(
+        text.contains("dispactl") && text.contains("apply -f routes.toml"),
+        "{text}"
+    );
 
-    let _ = tokio::process::Command::new("kill").args(["-TERM", &child.id().unwrap().to_string()]).status().await;
-    let code = tokio::time::timeout(Duration::from_secs(20), child.wait()).await.unwrap().unwrap();
+    let _ = tokio::process::Command::new("kill")
+        .args(["-TERM", &child.id().unwrap().to_string()])
+        .status()
+        .await;
+    let code = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(code.code(), Some(0));
 }

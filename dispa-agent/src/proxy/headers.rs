@@ -46,12 +46,20 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Sets X-Forwarded-For/-Proto/-Host from what this agent saw, replacing client-sent values
 /// (no peer is trusted to forward client addresses yet), and keeps the client's Host.
-pub fn set_forwarded(headers: &mut HeaderMap, peer: SocketAddr, raw_host: &str, scheme: &'static str) {
+pub fn set_forwarded(
+    headers: &mut HeaderMap,
+    peer: SocketAddr,
+    raw_host: &str,
+    scheme: &'static str,
+) {
     let ip = peer.ip().to_canonical().to_string();
     if let Ok(v) = HeaderValue::from_str(&ip) {
         headers.insert(HeaderName::from_static("x-forwarded-for"), v);
     }
-    headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static(scheme));
+    headers.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static(scheme),
+    );
     if let Ok(v) = HeaderValue::from_str(raw_host) {
         headers.insert(HeaderName::from_static("x-forwarded-host"), v.clone());
         headers.insert(header::HOST, v);
@@ -65,7 +73,10 @@ mod tests {
     #[test]
     fn strips_hop_by_hop_and_connection_named_headers() {
         let mut h = HeaderMap::new();
-        h.insert("connection", HeaderValue::from_static("keep-alive, X-Secret"));
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, X-Secret"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("upgrade", HeaderValue::from_static("h2c"));
@@ -79,7 +90,12 @@ mod tests {
     fn forwarded_headers_overwrite_spoofed_values() {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
-        set_forwarded(&mut h, "127.0.0.9:5555".parse().unwrap(), "api.example.com:8080", "http");
+        set_forwarded(
+            &mut h,
+            "127.0.0.9:5555".parse().unwrap(),
+            "api.example.com:8080",
+            "http",
+        );
         assert_eq!(h["x-forwarded-for"], "127.0.0.9");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "api.example.com:8080");

@@ -67,10 +67,14 @@ impl Failure {
     }
 
     fn response(self) -> Response<ProxyBody> {
-        let mut r = Response::new(Either::Right(Full::new(Bytes::from_static(self.body().as_bytes()))));
+        let mut r = Response::new(Either::Right(Full::new(Bytes::from_static(
+            self.body().as_bytes(),
+        ))));
         *r.status_mut() = self.status();
-        r.headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
         r
     }
 }
@@ -86,7 +90,11 @@ impl Proxy {
         Self { current, metrics }
     }
 
-    pub async fn serve(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Result<Response<ProxyBody>, Infallible> {
+    pub async fn serve(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<Response<ProxyBody>, Infallible> {
         let start = Instant::now();
         self.metrics.in_flight.inc();
         let (route, resp) = self.handle(req, peer).await;
@@ -94,7 +102,10 @@ impl Proxy {
         let route = route.unwrap_or_default();
         self.metrics
             .requests
-            .get_or_create(&crate::telemetry::metrics_labels::request(&route, resp.status()))
+            .get_or_create(&crate::telemetry::metrics_labels::request(
+                &route,
+                resp.status(),
+            ))
             .inc();
         self.metrics
             .request_duration
@@ -111,7 +122,11 @@ impl Proxy {
         f.response()
     }
 
-    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> (Option<String>, Response<ProxyBody>) {
+    async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> (Option<String>, Response<ProxyBody>) {
         // One snapshot for the whole request, however many swaps happen meanwhile.
         let Some(snapshot) = self.current.load() else {
             return (None, self.fail(Failure::NoSnapshot));
@@ -120,7 +135,10 @@ impl Proxy {
             return (None, self.fail(Failure::BadRequest));
         };
         let host = normalize_host(&raw_host);
-        let Some(route) = snapshot.routes.lookup(&host, req.uri().path(), req.method().as_str()) else {
+        let Some(route) = snapshot
+            .routes
+            .lookup(&host, req.uri().path(), req.method().as_str())
+        else {
             return (None, self.fail(Failure::NoRoute));
         };
         let name = route.name.to_string();
@@ -128,7 +146,13 @@ impl Proxy {
         (Some(name), resp)
     }
 
-    async fn forward(&self, route: &CompiledRoute, req: Request<Incoming>, peer: SocketAddr, raw_host: String) -> Response<ProxyBody> {
+    async fn forward(
+        &self,
+        route: &CompiledRoute,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        raw_host: String,
+    ) -> Response<ProxyBody> {
         let Some(endpoint) = route.upstream.pick() else {
             return self.fail(Failure::NoEndpoint);
         };
@@ -148,7 +172,11 @@ impl Proxy {
         route.request_headers.apply(&mut parts.headers);
         let upstream_req = Request::from_parts(parts, body);
 
-        let sent = tokio::time::timeout(route.timeout, route.upstream.pool.client().request(upstream_req)).await;
+        let sent = tokio::time::timeout(
+            route.timeout,
+            route.upstream.pool.client().request(upstream_req),
+        )
+        .await;
         let mut resp = match sent {
             Err(_) => return self.fail(Failure::UpstreamTimeout),
             Ok(Err(e)) => {

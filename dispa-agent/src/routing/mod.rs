@@ -41,7 +41,11 @@ impl Matcher {
             PathMatch::Exact(p) => (0, p.len()),
             PathMatch::Prefix(p) => (1, p.len()),
         };
-        (kind, std::cmp::Reverse(len), std::cmp::Reverse(usize::from(!self.methods.is_empty())))
+        (
+            kind,
+            std::cmp::Reverse(len),
+            std::cmp::Reverse(usize::from(!self.methods.is_empty())),
+        )
     }
 }
 
@@ -92,7 +96,11 @@ impl<R> RouteTable<R> {
 
     /// The route for a normalised host (see [`normalize_host`]), path and method.
     pub fn lookup(&self, host: &str, path: &str, method: &str) -> Option<&R> {
-        let scan = |ids: &Vec<usize>| ids.iter().copied().find(|&i| self.matchers[i].matches(path, method));
+        let scan = |ids: &Vec<usize>| {
+            ids.iter()
+                .copied()
+                .find(|&i| self.matchers[i].matches(path, method))
+        };
         if let Some(i) = self.exact.get(host).and_then(scan) {
             return Some(&self.routes[i]);
         }
@@ -116,7 +124,11 @@ pub fn normalize_host(raw: &str) -> String {
         rest.split(']').next().unwrap_or(rest)
     } else {
         raw.rsplit_once(':').map_or(raw, |(h, port)| {
-            if port.bytes().all(|b| b.is_ascii_digit()) { h } else { raw }
+            if port.bytes().all(|b| b.is_ascii_digit()) {
+                h
+            } else {
+                raw
+            }
         })
     };
     host.trim_end_matches('.').to_ascii_lowercase()
@@ -158,10 +170,26 @@ mod tests {
             route("default", r#"["*"]"#, ""),
             route("wild", r#"["*.example.com"]"#, ""),
             route("deep-wild", r#"["*.api.example.com"]"#, ""),
-            route("exact-prefix", r#"["api.example.com"]"#, "path_prefix = \"/v1/\""),
-            route("exact-longer", r#"["api.example.com"]"#, "path_prefix = \"/v1/admin/\""),
-            route("exact-path", r#"["api.example.com"]"#, "path = \"/v1/admin/\""),
-            route("exact-post", r#"["api.example.com"]"#, "path_prefix = \"/v1/\"\nmethods = [\"POST\"]"),
+            route(
+                "exact-prefix",
+                r#"["api.example.com"]"#,
+                "path_prefix = \"/v1/\""
+            ),
+            route(
+                "exact-longer",
+                r#"["api.example.com"]"#,
+                "path_prefix = \"/v1/admin/\""
+            ),
+            route(
+                "exact-path",
+                r#"["api.example.com"]"#,
+                "path = \"/v1/admin/\""
+            ),
+            route(
+                "exact-post",
+                r#"["api.example.com"]"#,
+                "path_prefix = \"/v1/\"\nmethods = [\"POST\"]"
+            ),
         );
         let t = table(&src);
         let cases = [
@@ -177,13 +205,21 @@ mod tests {
             ("other.org", "/", "GET", "default"),
         ];
         for (host, path, method, want) in cases {
-            assert_eq!(t.lookup(host, path, method).map(String::as_str), Some(want), "{host}{path} {method}");
+            assert_eq!(
+                t.lookup(host, path, method).map(String::as_str),
+                Some(want),
+                "{host}{path} {method}"
+            );
         }
     }
 
     #[test]
     fn file_order_breaks_ties() {
-        let t = table(&format!("{UP}{}{}", route("first", r#"["*"]"#, ""), route("second", r#"["*"]"#, "")));
+        let t = table(&format!(
+            "{UP}{}{}",
+            route("first", r#"["*"]"#, ""),
+            route("second", r#"["*"]"#, "")
+        ));
         assert_eq!(t.lookup("h", "/", "GET").map(String::as_str), Some("first"));
     }
 

@@ -18,28 +18,45 @@ pub struct Applier {
 
 impl Applier {
     pub fn new(current: Arc<Current>, cache: SnapshotCache, metrics: Arc<Metrics>) -> Self {
-        Self { current, cache, metrics }
+        Self {
+            current,
+            cache,
+            metrics,
+        }
     }
 
     /// (version, hash) being served, for the plane to skip what this agent already has.
     pub fn serving(&self) -> (Version, String) {
         self.current
             .load()
-            .map_or((Version::NONE, String::new()), |s| (s.version, s.hash.clone()))
+            .map_or((Version::NONE, String::new()), |s| {
+                (s.version, s.hash.clone())
+            })
     }
 
     /// Builds and swaps in the envelope's snapshot. On error nothing changes.
     pub async fn apply(&self, env: &SnapshotEnvelope) -> Result<(), CompileError> {
         let actual = dispa_proto::content_hash(&env.snapshot);
         if actual != env.hash {
-            return Err(CompileError::Hash { expected: env.hash.clone(), actual });
+            return Err(CompileError::Hash {
+                expected: env.hash.clone(),
+                actual,
+            });
         }
         let config = wire::decode(&env.snapshot)?;
         let resolved = resolve_endpoints(&config).await?;
         let previous = self.current.load();
-        let next = compile(Version(env.version), env.hash.clone(), &config, &resolved, previous.as_deref())?;
+        let next = compile(
+            Version(env.version),
+            env.hash.clone(),
+            &config,
+            &resolved,
+            previous.as_deref(),
+        )?;
         self.current.swap(Arc::new(next));
-        self.metrics.config_version.set(i64::try_from(env.version).unwrap_or(i64::MAX));
+        self.metrics
+            .config_version
+            .set(i64::try_from(env.version).unwrap_or(i64::MAX));
         self.metrics.snapshots_applied.inc();
         Ok(())
     }
@@ -67,7 +84,10 @@ impl Applier {
         let loaded = tokio::task::spawn_blocking(move || cache.load()).await;
         match loaded {
             Ok(Ok(Some(env))) => match self.apply(&env).await {
-                Ok(()) => tracing::info!(version = env.version, "serving cached snapshot until the plane answers"),
+                Ok(()) => tracing::info!(
+                    version = env.version,
+                    "serving cached snapshot until the plane answers"
+                ),
                 Err(e) => tracing::warn!(version = env.version, "cached snapshot is unusable: {e}"),
             },
             Ok(Ok(None)) => tracing::info!("no cached snapshot; waiting for the plane"),

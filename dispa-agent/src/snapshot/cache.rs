@@ -15,7 +15,10 @@ const MAX_CACHE_BYTES: u64 = 256 * 1024 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
     #[error("snapshot cache {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("snapshot cache {path} is corrupt: {detail}")]
     Corrupt { path: PathBuf, detail: String },
 }
@@ -37,7 +40,10 @@ impl SnapshotCache {
     /// The cached envelope (version, hash, snapshot bytes), if any.
     pub fn load(&self) -> Result<Option<SnapshotEnvelope>, CacheError> {
         let path = self.path();
-        let io = |source| CacheError::Io { path: path.clone(), source };
+        let io = |source| CacheError::Io {
+            path: path.clone(),
+            source,
+        };
         let meta = match std::fs::metadata(&path) {
             Ok(m) => m,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -46,24 +52,36 @@ impl SnapshotCache {
         if meta.len() > MAX_CACHE_BYTES {
             return Err(CacheError::Corrupt {
                 path,
-                detail: format!("{} bytes exceeds the {MAX_CACHE_BYTES}-byte limit", meta.len()),
+                detail: format!(
+                    "{} bytes exceeds the {MAX_CACHE_BYTES}-byte limit",
+                    meta.len()
+                ),
             });
         }
         let bytes = std::fs::read(&path).map_err(io)?;
         SnapshotEnvelope::decode(Bytes::from(bytes))
             .map(Some)
-            .map_err(|e| CacheError::Corrupt { path, detail: e.to_string() })
+            .map_err(|e| CacheError::Corrupt {
+                path,
+                detail: e.to_string(),
+            })
     }
 
     /// Replaces the cache atomically with this envelope.
     pub fn store(&self, env: &SnapshotEnvelope) -> Result<(), CacheError> {
         let path = self.path();
-        let io = |source| CacheError::Io { path: path.clone(), source };
+        let io = |source| CacheError::Io {
+            path: path.clone(),
+            source,
+        };
         std::fs::create_dir_all(&self.dir).map_err(io)?;
         let tmp = self.dir.join(format!("{FILE}.tmp"));
         {
             let mut f = std::fs::File::create(&tmp).map_err(io)?;
-            let cached = SnapshotEnvelope { nonce: String::new(), ..env.clone() };
+            let cached = SnapshotEnvelope {
+                nonce: String::new(),
+                ..env.clone()
+            };
             f.write_all(&cached.encode_to_vec()).map_err(io)?;
             f.sync_all().map_err(io)?;
         }
@@ -85,9 +103,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let c = SnapshotCache::new(dir.path().join("sub"));
         assert!(c.load().unwrap().is_none());
-        let env = SnapshotEnvelope { version: 3, hash: "h".into(), snapshot: Bytes::from_static(b"x"), ..Default::default() };
+        let env = SnapshotEnvelope {
+            version: 3,
+            hash: "h".into(),
+            snapshot: Bytes::from_static(b"x"),
+            ..Default::default()
+        };
         c.store(&env).unwrap();
-        c.store(&SnapshotEnvelope { version: 4, ..env.clone() }).unwrap();
+        c.store(&SnapshotEnvelope {
+            version: 4,
+            ..env.clone()
+        })
+        .unwrap();
         assert_eq!(c.load().unwrap().unwrap().version, 4);
         std::fs::write(dir.path().join("sub").join(FILE), b"\xff\xff\xff").unwrap();
         assert!(matches!(c.load(), Err(CacheError::Corrupt { .. })));

@@ -52,8 +52,10 @@ impl CompiledHeaderOps {
         };
         let pair = |(n, v): &(String, String)| -> Result<(HeaderName, HeaderValue), CompileError> {
             Ok((
-                HeaderName::from_bytes(n.as_bytes()).map_err(|_| bad(format!("invalid header name {n:?}")))?,
-                HeaderValue::from_str(v).map_err(|_| bad(format!("invalid value for header {n:?}")))?,
+                HeaderName::from_bytes(n.as_bytes())
+                    .map_err(|_| bad(format!("invalid header name {n:?}")))?,
+                HeaderValue::from_str(v)
+                    .map_err(|_| bad(format!("invalid value for header {n:?}")))?,
             ))
         };
         Ok(Self {
@@ -62,7 +64,10 @@ impl CompiledHeaderOps {
             remove: ops
                 .remove
                 .iter()
-                .map(|n| HeaderName::from_bytes(n.as_bytes()).map_err(|_| bad(format!("invalid header name {n:?}"))))
+                .map(|n| {
+                    HeaderName::from_bytes(n.as_bytes())
+                        .map_err(|_| bad(format!("invalid header name {n:?}")))
+                })
                 .collect::<Result<_, _>>()?,
         })
     }
@@ -138,11 +143,19 @@ pub fn compile(
                     .get(&e.address)
                     .into_iter()
                     .flatten()
-                    .map(move |addr| ResolvedEndpoint { addr: *addr, weight: e.weight })
+                    .map(move |addr| ResolvedEndpoint {
+                        addr: *addr,
+                        weight: e.weight,
+                    })
             })
             .collect();
-        let prev = previous.and_then(|p| p.upstreams.get(&spec.name)).map(Arc::as_ref);
-        upstreams.insert(spec.name.clone(), Arc::new(upstream::build(spec, endpoints, prev)));
+        let prev = previous
+            .and_then(|p| p.upstreams.get(&spec.name))
+            .map(Arc::as_ref);
+        upstreams.insert(
+            spec.name.clone(),
+            Arc::new(upstream::build(spec, endpoints, prev)),
+        );
     }
     let mut compiled = Vec::with_capacity(config.routes.len());
     for r in &config.routes {
@@ -157,10 +170,13 @@ pub fn compile(
 }
 
 fn compile_route(r: &Route, upstreams: &Upstreams) -> Result<CompiledRoute, CompileError> {
-    let upstream = upstreams.get(&r.upstream).cloned().ok_or_else(|| CompileError::Route {
-        route: r.name.to_string(),
-        detail: format!("unknown upstream {}", r.upstream),
-    })?;
+    let upstream = upstreams
+        .get(&r.upstream)
+        .cloned()
+        .ok_or_else(|| CompileError::Route {
+            route: r.name.to_string(),
+            detail: format!("unknown upstream {}", r.upstream),
+        })?;
     Ok(CompiledRoute {
         name: r.name.clone(),
         upstream,
@@ -196,7 +212,10 @@ mod tests {
         let mut resolved = HashMap::new();
         for u in c.upstreams.values() {
             for e in &u.endpoints {
-                resolved.insert(e.address.clone(), vec![format!("{}", e.address).parse().unwrap()]);
+                resolved.insert(
+                    e.address.clone(),
+                    vec![format!("{}", e.address).parse().unwrap()],
+                );
             }
         }
         compile(Version(1), "h".into(), &c, &resolved, prev).unwrap()
@@ -210,14 +229,29 @@ mod tests {
         let b = a.replace("127.0.0.1:3", "127.0.0.1:4");
         let s2 = snapshot(&b, Some(&s1));
         let name = |n: &str| dispa_proto::UpstreamName::new(n);
-        assert!(Arc::ptr_eq(&s1.upstreams[&name("a")].pool, &s2.upstreams[&name("a")].pool));
+        assert!(Arc::ptr_eq(
+            &s1.upstreams[&name("a")].pool,
+            &s2.upstreams[&name("a")].pool
+        ));
         // The cursor continues: the next pick is the second endpoint.
-        assert_eq!(s2.upstreams[&name("a")].pick(), Some("127.0.0.1:2".parse().unwrap()));
+        assert_eq!(
+            s2.upstreams[&name("a")].pick(),
+            Some("127.0.0.1:2".parse().unwrap())
+        );
         // b's endpoints changed; its pool is kept since its identity (name, timeouts) is unchanged.
-        assert!(Arc::ptr_eq(&s1.upstreams[&name("b")].pool, &s2.upstreams[&name("b")].pool));
-        let c = a.replace("[upstreams.b]\n", "[upstreams.b]\nconnect_timeout = \"9s\"\n");
+        assert!(Arc::ptr_eq(
+            &s1.upstreams[&name("b")].pool,
+            &s2.upstreams[&name("b")].pool
+        ));
+        let c = a.replace(
+            "[upstreams.b]\n",
+            "[upstreams.b]\nconnect_timeout = \"9s\"\n",
+        );
         let s3 = snapshot(&c, Some(&s2));
-        assert!(!Arc::ptr_eq(&s2.upstreams[&name("b")].pool, &s3.upstreams[&name("b")].pool));
+        assert!(!Arc::ptr_eq(
+            &s2.upstreams[&name("b")].pool,
+            &s3.upstreams[&name("b")].pool
+        ));
     }
 
     #[test]

@@ -19,7 +19,9 @@ pub struct ResolveError {
 
 /// Resolves every endpoint of every upstream. A name that does not resolve makes the
 /// snapshot unusable: serving it would send that upstream's traffic nowhere.
-pub async fn resolve_endpoints(config: &Config) -> Result<HashMap<EndpointAddr, Vec<SocketAddr>>, ResolveError> {
+pub async fn resolve_endpoints(
+    config: &Config,
+) -> Result<HashMap<EndpointAddr, Vec<SocketAddr>>, ResolveError> {
     let mut out = HashMap::new();
     for u in config.upstreams.values() {
         for e in &u.endpoints {

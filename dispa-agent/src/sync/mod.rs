@@ -27,7 +27,12 @@ pub struct SyncOptions {
 }
 
 /// Runs until `shutdown` turns true.
-pub async fn run(opts: SyncOptions, applier: Arc<Applier>, metrics: Arc<Metrics>, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(
+    opts: SyncOptions,
+    applier: Arc<Applier>,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut backoff = BACKOFF_MIN;
     loop {
         let outcome = tokio::select! {
@@ -39,7 +44,11 @@ pub async fn run(opts: SyncOptions, applier: Arc<Applier>, metrics: Arc<Metrics>
             Outcome::Ended { received } => {
                 tracing::warn!(plane = %opts.plane, "config stream to the plane ended; reconnecting");
                 // A stream that delivered something was healthy: start the backoff over.
-                if *received { (BACKOFF_MIN, BACKOFF_MIN) } else { (backoff, backoff * 2) }
+                if *received {
+                    (BACKOFF_MIN, BACKOFF_MIN)
+                } else {
+                    (backoff, backoff * 2)
+                }
             }
             Outcome::Failed(e) => {
                 tracing::warn!(plane = %opts.plane, "cannot reach the plane: {e}");
@@ -80,7 +89,8 @@ async fn session(opts: &SyncOptions, applier: &Applier, metrics: &Metrics) -> Ou
         Ok(c) => c,
         Err(e) => return Outcome::Failed(error_chain(&e)),
     };
-    let mut client = ConfigDiscoveryClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
+    let mut client =
+        ConfigDiscoveryClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
     let (tx, rx) = mpsc::channel(8);
     let (have_version, have_hash) = applier.serving();
     let hello = DiscoveryRequest {
@@ -99,7 +109,9 @@ async fn session(opts: &SyncOptions, applier: &Applier, metrics: &Metrics) -> Ou
     }
     let mut stream = match client.stream(ReceiverStream::new(rx)).await {
         Ok(r) => r.into_inner(),
-        Err(s) if s.code() == tonic::Code::FailedPrecondition => return Outcome::Refused(s.message().to_string()),
+        Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+            return Outcome::Refused(s.message().to_string());
+        }
         Err(s) => return Outcome::Failed(format!("{}: {}", s.code(), s.message())),
     };
     tracing::info!(plane = %opts.plane, have_version = have_version.0, "connected to the plane");
@@ -109,7 +121,9 @@ async fn session(opts: &SyncOptions, applier: &Applier, metrics: &Metrics) -> Ou
         let env = match stream.message().await {
             Ok(Some(env)) => env,
             Ok(None) => return Outcome::Ended { received },
-            Err(s) if s.code() == tonic::Code::FailedPrecondition => return Outcome::Refused(s.message().to_string()),
+            Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+                return Outcome::Refused(s.message().to_string());
+            }
             Err(s) => {
                 tracing::debug!("stream error: {s}");
                 return Outcome::Ended { received };
@@ -124,19 +138,35 @@ async fn session(opts: &SyncOptions, applier: &Applier, metrics: &Metrics) -> Ou
             tracing::error!("{e}");
             Err(e)
         } else {
-            applier.apply_and_cache(&env).await.map_err(|e| e.to_string())
+            applier
+                .apply_and_cache(&env)
+                .await
+                .map_err(|e| e.to_string())
         };
         let response = match reply {
             Ok(()) => {
                 tracing::info!(version = env.version, "serving new snapshot");
-                discovery_request::Response::Ack(Ack { version: env.version, nonce: env.nonce })
+                discovery_request::Response::Ack(Ack {
+                    version: env.version,
+                    nonce: env.nonce,
+                })
             }
             Err(error) => {
-                tracing::warn!(version = env.version, "rejected snapshot, still serving the previous one: {error}");
-                discovery_request::Response::Nack(Nack { version: env.version, nonce: env.nonce, error })
+                tracing::warn!(
+                    version = env.version,
+                    "rejected snapshot, still serving the previous one: {error}"
+                );
+                discovery_request::Response::Nack(Nack {
+                    version: env.version,
+                    nonce: env.nonce,
+                    error,
+                })
             }
         };
-        let req = DiscoveryRequest { node: None, response: Some(response) };
+        let req = DiscoveryRequest {
+            node: None,
+            response: Some(response),
+        };
         if tx.send(req).await.is_err() {
             return Outcome::Ended { received };
         }

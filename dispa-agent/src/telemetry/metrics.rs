@@ -63,18 +63,46 @@ impl Metrics {
             plane_connected: Gauge::default(),
             registry: Registry::default(),
         };
-        registry.register("requests", "Requests answered, by route and status code", m.requests.clone());
+        registry.register(
+            "requests",
+            "Requests answered, by route and status code",
+            m.requests.clone(),
+        );
         registry.register(
             "request_duration_seconds",
             "Time from request received to response headers sent, by route",
             m.request_duration.clone(),
         );
-        registry.register("proxy_errors", "Requests that failed in the proxy, by kind", m.proxy_errors.clone());
-        registry.register("requests_in_flight", "Requests being handled now", m.in_flight.clone());
-        registry.register("config_version", "Config version being served (0 = none)", m.config_version.clone());
-        registry.register("snapshots_applied", "Snapshots accepted and swapped in", m.snapshots_applied.clone());
-        registry.register("snapshots_rejected", "Snapshots rejected (NACKed)", m.snapshots_rejected.clone());
-        registry.register("plane_connected", "1 while the config stream to the plane is open", m.plane_connected.clone());
+        registry.register(
+            "proxy_errors",
+            "Requests that failed in the proxy, by kind",
+            m.proxy_errors.clone(),
+        );
+        registry.register(
+            "requests_in_flight",
+            "Requests being handled now",
+            m.in_flight.clone(),
+        );
+        registry.register(
+            "config_version",
+            "Config version being served (0 = none)",
+            m.config_version.clone(),
+        );
+        registry.register(
+            "snapshots_applied",
+            "Snapshots accepted and swapped in",
+            m.snapshots_applied.clone(),
+        );
+        registry.register(
+            "snapshots_rejected",
+            "Snapshots rejected (NACKed)",
+            m.snapshots_rejected.clone(),
+        );
+        registry.register(
+            "plane_connected",
+            "1 while the config stream to the plane is open",
+            m.plane_connected.clone(),
+        );
         Metrics { registry, ..m }
     }
 

@@ -16,10 +16,14 @@ pub mod metrics_labels {
     }
 
     pub fn route(route: &str) -> RouteLabels {
-        RouteLabels { route: route.to_string() }
+        RouteLabels {
+            route: route.to_string(),
+        }
     }
 
     pub fn error(kind: &str) -> ErrorLabels {
-        ErrorLabels { kind: kind.to_string() }
+        ErrorLabels {
+            kind: kind.to_string(),
+        }
     }
 }

@@ -34,7 +34,10 @@ pub struct UpstreamRuntime {
 
 impl UpstreamRuntime {
     pub fn pick(&self) -> Option<SocketAddr> {
-        self.balancer.pick().and_then(|i| self.endpoints.get(i)).map(|e| e.addr)
+        self.balancer
+            .pick()
+            .and_then(|i| self.endpoints.get(i))
+            .map(|e| e.addr)
     }
 }
 

@@ -25,7 +25,8 @@ impl AdminService {
 }
 
 pub(crate) fn now_ms(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 fn status(e: VersionsError) -> Status {
@@ -33,8 +34,14 @@ fn status(e: VersionsError) -> Status {
     let mut s = code.status(e.to_string());
     if let VersionsError::Invalid(d) = &e {
         // Structured diagnostics ride along so clients can render them precisely.
-        let resp = v1::ValidateResponse { diagnostics: diagnostics_to_wire(d) };
-        s = Status::with_details(code.grpc_code(), e.to_string(), prost::Message::encode_to_vec(&resp).into());
+        let resp = v1::ValidateResponse {
+            diagnostics: diagnostics_to_wire(d),
+        };
+        s = Status::with_details(
+            code.grpc_code(),
+            e.to_string(),
+            prost::Message::encode_to_vec(&resp).into(),
+        );
     }
     s
 }
@@ -83,7 +90,10 @@ impl AdminService {
 
 #[tonic::async_trait]
 impl Admin for AdminService {
-    async fn apply(&self, request: Request<v1::ApplyRequest>) -> Result<Response<v1::ApplyResponse>, Status> {
+    async fn apply(
+        &self,
+        request: Request<v1::ApplyRequest>,
+    ) -> Result<Response<v1::ApplyResponse>, Status> {
         let r = request.into_inner();
         let file = file_of(r.file)?;
         let input = ApplyInput {
@@ -108,7 +118,11 @@ impl Admin for AdminService {
                 hash,
                 diff: String::new(),
             },
-            ApplyOutcome::DryRun { current, hash, diff } => v1::ApplyResponse {
+            ApplyOutcome::DryRun {
+                current,
+                hash,
+                diff,
+            } => v1::ApplyResponse {
                 version: current.0,
                 created: false,
                 hash,
@@ -117,7 +131,10 @@ impl Admin for AdminService {
         }))
     }
 
-    async fn validate(&self, request: Request<v1::ValidateRequest>) -> Result<Response<v1::ValidateResponse>, Status> {
+    async fn validate(
+        &self,
+        request: Request<v1::ValidateRequest>,
+    ) -> Result<Response<v1::ValidateResponse>, Status> {
         let file = file_of(request.into_inner().file)?;
         let diagnostics = match config::parse(&file.name, &file.content) {
             Ok(_) => Vec::new(),
@@ -126,7 +143,10 @@ impl Admin for AdminService {
         Ok(Response::new(v1::ValidateResponse { diagnostics }))
     }
 
-    async fn diff(&self, request: Request<v1::DiffRequest>) -> Result<Response<v1::DiffResponse>, Status> {
+    async fn diff(
+        &self,
+        request: Request<v1::DiffRequest>,
+    ) -> Result<Response<v1::DiffResponse>, Status> {
         let r = request.into_inner();
         let resp = self
             .blocking(move |s| {
@@ -134,7 +154,9 @@ impl Admin for AdminService {
                 let (from_v, from_label, from_content) = match from {
                     Ok(rec) => (rec.version, versions::label(rec.version), rec.content),
                     // Diffing a file against an empty store shows the whole file as new.
-                    Err(VersionsError::NotFound(v)) if v.is_none() => (Version::NONE, versions::label(v), String::new()),
+                    Err(VersionsError::NotFound(v)) if v.is_none() => {
+                        (Version::NONE, versions::label(v), String::new())
+                    }
                     Err(e) => return Err(e),
                 };
                 let (to_label, to_content) = match r.to {
@@ -150,7 +172,12 @@ impl Admin for AdminService {
                     None => return Err(VersionsError::NotFound(Version::NONE)),
                 };
                 Ok(v1::DiffResponse {
-                    diff: versions::unified_diff(&from_label, &from_content, &to_label, &to_content),
+                    diff: versions::unified_diff(
+                        &from_label,
+                        &from_content,
+                        &to_label,
+                        &to_content,
+                    ),
                     from_version: from_v.0,
                 })
             })
@@ -158,16 +185,24 @@ impl Admin for AdminService {
         Ok(Response::new(resp))
     }
 
-    async fn get(&self, request: Request<v1::GetRequest>) -> Result<Response<v1::GetResponse>, Status> {
+    async fn get(
+        &self,
+        request: Request<v1::GetRequest>,
+    ) -> Result<Response<v1::GetResponse>, Status> {
         let v = Version(request.into_inner().version);
-        let rec: VersionRecord = self.blocking(move |s| versions::get(s.store.as_ref(), v)).await?;
+        let rec: VersionRecord = self
+            .blocking(move |s| versions::get(s.store.as_ref(), v))
+            .await?;
         Ok(Response::new(v1::GetResponse {
             info: Some(info(rec.version, &rec.meta)),
             content: rec.content,
         }))
     }
 
-    async fn history(&self, request: Request<v1::HistoryRequest>) -> Result<Response<v1::HistoryResponse>, Status> {
+    async fn history(
+        &self,
+        request: Request<v1::HistoryRequest>,
+    ) -> Result<Response<v1::HistoryResponse>, Status> {
         let limit = match request.into_inner().limit {
             0 => 50,
             n => n.min(10_000) as usize,
@@ -180,10 +215,20 @@ impl Admin for AdminService {
         }))
     }
 
-    async fn rollback(&self, request: Request<v1::RollbackRequest>) -> Result<Response<v1::ApplyResponse>, Status> {
+    async fn rollback(
+        &self,
+        request: Request<v1::RollbackRequest>,
+    ) -> Result<Response<v1::ApplyResponse>, Status> {
         let r = request.into_inner();
         let (record, diff) = self
-            .blocking(move |s| s.rollback(Version(r.to_version), r.expect_version.map(Version), r.author, r.message))
+            .blocking(move |s| {
+                s.rollback(
+                    Version(r.to_version),
+                    r.expect_version.map(Version),
+                    r.author,
+                    r.message,
+                )
+            })
             .await?;
         Ok(Response::new(v1::ApplyResponse {
             version: record.version.0,
@@ -193,7 +238,10 @@ impl Admin for AdminService {
         }))
     }
 
-    async fn list_agents(&self, _: Request<v1::ListAgentsRequest>) -> Result<Response<v1::ListAgentsResponse>, Status> {
+    async fn list_agents(
+        &self,
+        _: Request<v1::ListAgentsRequest>,
+    ) -> Result<Response<v1::ListAgentsResponse>, Status> {
         let current = self.state.current_version();
         let agents = self
             .state
@@ -215,14 +263,21 @@ impl Admin for AdminService {
                 sent_version: a.sent_version.0,
                 last_error: a.last_error,
                 last_seen_ms: now_ms(a.last_seen),
-                connected_since_ms: if a.connection.is_some() { now_ms(a.connected_since) } else { 0 },
+                connected_since_ms: if a.connection.is_some() {
+                    now_ms(a.connected_since)
+                } else {
+                    0
+                },
                 peer: a.peer,
             })
             .collect();
         Ok(Response::new(v1::ListAgentsResponse { agents }))
     }
 
-    async fn status(&self, _: Request<v1::StatusRequest>) -> Result<Response<v1::StatusResponse>, Status> {
+    async fn status(
+        &self,
+        _: Request<v1::StatusRequest>,
+    ) -> Result<Response<v1::StatusResponse>, Status> {
         let published = self.state.distributor.current();
         let current = published.as_ref().map_or(Version::NONE, |p| p.version);
         let mut r = v1::StatusResponse {

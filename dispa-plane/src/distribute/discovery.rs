@@ -24,15 +24,25 @@ pub struct DiscoveryService {
 }
 
 impl DiscoveryService {
-    pub fn new(distributor: Distributor, registry: Arc<AgentRegistry>, shutdown: watch::Receiver<bool>) -> Self {
-        Self { distributor, registry, shutdown }
+    pub fn new(
+        distributor: Distributor,
+        registry: Arc<AgentRegistry>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            distributor,
+            registry,
+            shutdown,
+        }
     }
 }
 
 fn valid_agent_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 128
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
 }
 
 type EnvelopeStream = Pin<Box<dyn Stream<Item = Result<SnapshotEnvelope, Status>> + Send>>;
@@ -56,11 +66,15 @@ impl Outbound {
             }
             let newest = self.rx.borrow_and_update().clone();
             if let Some(p) = newest {
-                let already = self.last.as_ref().is_some_and(|(v, h)| *v == p.version && *h == p.hash);
+                let already = self
+                    .last
+                    .as_ref()
+                    .is_some_and(|(v, h)| *v == p.version && *h == p.hash);
                 if !already {
                     self.seq += 1;
                     let nonce = format!("{}-{}", self.conn, self.seq);
-                    self.registry.sent(&self.id, self.conn, p.version, &nonce, SystemTime::now());
+                    self.registry
+                        .sent(&self.id, self.conn, p.version, &nonce, SystemTime::now());
                     self.last = Some((p.version, p.hash.clone()));
                     let env = SnapshotEnvelope {
                         version: p.version.0,
@@ -90,15 +104,17 @@ impl ConfigDiscovery for DiscoveryService {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamStream>, Status> {
-        let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let peer = request
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
         let mut inbound = request.into_inner();
-        let first = inbound
-            .message()
-            .await?
-            .ok_or_else(|| ErrorCode::InvalidArgument.status("stream closed before the agent said who it is"))?;
-        let node = first
-            .node
-            .ok_or_else(|| ErrorCode::InvalidArgument.status("the first DiscoveryRequest must carry `node`"))?;
+        let first = inbound.message().await?.ok_or_else(|| {
+            ErrorCode::InvalidArgument.status("stream closed before the agent said who it is")
+        })?;
+        let node = first.node.ok_or_else(|| {
+            ErrorCode::InvalidArgument.status("the first DiscoveryRequest must carry `node`")
+        })?;
         if !valid_agent_id(&node.id) {
             return Err(ErrorCode::InvalidArgument.status(format!(
                 "invalid agent id {:?}: use 1-128 letters, digits, '-', '_', '.' or ':'",
@@ -133,7 +149,9 @@ impl ConfigDiscovery for DiscoveryService {
             Some(p) if p.version == have.0 && p.hash == have.1 => have.0,
             _ => Version::NONE,
         };
-        let (conn, replaced) = self.registry.connect(Hello { serving, ..hello }, SystemTime::now());
+        let (conn, replaced) = self
+            .registry
+            .connect(Hello { serving, ..hello }, SystemTime::now());
         if replaced {
             tracing::warn!(agent = %id, %peer, "agent id connected again; the newer stream replaces the older one");
         }

@@ -132,11 +132,11 @@ impl AgentRegistry {
 
     fn update(&self, id: &AgentId, conn: u64, now: SystemTime, f: impl FnOnce(&mut AgentRecord)) {
         self.with(|inner| {
-            if let Some(a) = inner.agents.get_mut(id) {
-                if a.connection == Some(conn) {
-                    a.last_seen = now;
-                    f(a);
-                }
+            if let Some(a) = inner.agents.get_mut(id)
+                && a.connection == Some(conn)
+            {
+                a.last_seen = now;
+                f(a);
             }
         });
     }
@@ -174,21 +174,24 @@ impl AgentRegistry {
             if inner.agents.len() >= MAX_AGENTS && !inner.agents.contains_key(&hello.id) {
                 evict_oldest_disconnected(&mut inner.agents);
             }
-            let e = inner.agents.entry(hello.id.clone()).or_insert_with(|| AgentRecord {
-                id: hello.id.clone(),
-                labels: BTreeMap::new(),
-                build_version: String::new(),
-                protocol_version: String::new(),
-                peer: String::new(),
-                connection: None,
-                sent_version: Version::NONE,
-                sent_nonce: String::new(),
-                acked_version: Version::NONE,
-                nacked_version: Version::NONE,
-                last_error: String::new(),
-                last_seen: now,
-                connected_since: now,
-            });
+            let e = inner
+                .agents
+                .entry(hello.id.clone())
+                .or_insert_with(|| AgentRecord {
+                    id: hello.id.clone(),
+                    labels: BTreeMap::new(),
+                    build_version: String::new(),
+                    protocol_version: String::new(),
+                    peer: String::new(),
+                    connection: None,
+                    sent_version: Version::NONE,
+                    sent_nonce: String::new(),
+                    acked_version: Version::NONE,
+                    nacked_version: Version::NONE,
+                    last_error: String::new(),
+                    last_seen: now,
+                    connected_since: now,
+                });
             if e.connection.is_none() {
                 e.labels = hello.labels;
                 e.build_version = hello.build_version;

@@ -66,7 +66,8 @@ fn io(e: impl std::fmt::Display) -> StoreError {
 
 impl SledStore {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = sled::open(dir).map_err(|e| StoreError::Io(format!("opening {}: {e}", dir.display())))?;
+        let db = sled::open(dir)
+            .map_err(|e| StoreError::Io(format!("opening {}: {e}", dir.display())))?;
         let versions = db.open_tree("versions").map_err(io)?;
         let meta = db.open_tree("meta").map_err(io)?;
         Ok(Self { db, versions, meta })
@@ -190,16 +191,33 @@ mod tests {
         {
             let s = SledStore::open(dir.path()).unwrap();
             assert!(s.head().unwrap().is_none());
-            let v1 = s.append(Version::NONE, meta("a"), "a".into(), Bytes::from_static(b"1")).unwrap();
+            let v1 = s
+                .append(
+                    Version::NONE,
+                    meta("a"),
+                    "a".into(),
+                    Bytes::from_static(b"1"),
+                )
+                .unwrap();
             assert_eq!(v1.version, Version(1));
             let stale = s.append(Version::NONE, meta("b"), "b".into(), Bytes::new());
-            assert!(matches!(stale, Err(StoreError::Conflict { actual: Version(1), .. })));
-            s.append(Version(1), meta("c"), "c".into(), Bytes::new()).unwrap();
+            assert!(matches!(
+                stale,
+                Err(StoreError::Conflict {
+                    actual: Version(1),
+                    ..
+                })
+            ));
+            s.append(Version(1), meta("c"), "c".into(), Bytes::new())
+                .unwrap();
         }
         let s = SledStore::open(dir.path()).unwrap();
         assert_eq!(s.head().unwrap().unwrap().content, "c");
         let h = s.history(10).unwrap();
         assert_eq!(h.iter().map(|(v, _)| v.0).collect::<Vec<_>>(), vec![2, 1]);
-        assert_eq!(s.get(Version(1)).unwrap().unwrap().snapshot, Bytes::from_static(b"1"));
+        assert_eq!(
+            s.get(Version(1)).unwrap().unwrap().snapshot,
+            Bytes::from_static(b"1")
+        );
     }
 }

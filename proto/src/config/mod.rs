@@ -40,5 +40,6 @@ pub fn compile(name: &str, content: &str) -> Result<Compiled, Diagnostics> {
 
 /// Parses a duration as routes.toml and the CLIs write it ("250ms", "5s", "1m").
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?} ({e}); write e.g. \"250ms\", \"5s\", \"1m\""))
+    humantime::parse_duration(s)
+        .map_err(|e| format!("invalid duration {s:?} ({e}); write e.g. \"250ms\", \"5s\", \"1m\""))
 }

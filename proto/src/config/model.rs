@@ -99,7 +99,8 @@ pub fn is_dns_name(s: &str) -> bool {
                 && l.len() <= 63
                 && !l.starts_with('-')
                 && !l.ends_with('-')
-                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         })
 }
 
@@ -122,7 +123,9 @@ impl HostPattern {
         }
         if let Some(suffix) = lower.strip_prefix("*.") {
             if is_dns_name(suffix) {
-                return Ok(HostPattern::Wildcard(suffix.trim_end_matches('.').to_string()));
+                return Ok(HostPattern::Wildcard(
+                    suffix.trim_end_matches('.').to_string(),
+                ));
             }
         } else if is_dns_name(&lower) || lower.parse::<std::net::IpAddr>().is_ok() {
             return Ok(HostPattern::Exact(lower.trim_end_matches('.').to_string()));

@@ -22,12 +22,19 @@ pub(crate) fn parse_and_validate(name: &str, content: &str) -> Result<Config, Di
         return Err(Diagnostics(vec![pos.diagnostic(
             0,
             "",
-            format!("file is {} bytes; the limit is {MAX_CONFIG_BYTES}", content.len()),
+            format!(
+                "file is {} bytes; the limit is {MAX_CONFIG_BYTES}",
+                content.len()
+            ),
         )]));
     }
     let raw: RawConfig = toml::from_str(content).map_err(|e| {
         let offset = e.span().map_or(0, |s| s.start);
-        Diagnostics(vec![pos.diagnostic(offset, "", e.message().trim().to_string())])
+        Diagnostics(vec![pos.diagnostic(
+            offset,
+            "",
+            e.message().trim().to_string(),
+        )])
     })?;
     let mut v = Validator {
         pos: &pos,
@@ -102,7 +109,11 @@ impl Validator<'_> {
                 None
             }
             Ok(v) if v > MAX_TIMEOUT => {
-                self.err(d, key, format!("duration {:?} is longer than 1h", d.get_ref()));
+                self.err(
+                    d,
+                    key,
+                    format!("duration {:?} is longer than 1h", d.get_ref()),
+                );
                 None
             }
             Ok(v) => Some(v),
@@ -110,7 +121,10 @@ impl Validator<'_> {
                 self.err(
                     d,
                     key,
-                    format!("invalid duration {:?} ({e}); write e.g. \"250ms\", \"5s\", \"1m\"", d.get_ref()),
+                    format!(
+                        "invalid duration {:?} ({e}); write e.g. \"250ms\", \"5s\", \"1m\"",
+                        d.get_ref()
+                    ),
                 );
                 None
             }
@@ -124,7 +138,10 @@ impl Validator<'_> {
             Some(b) => {
                 let known = ["weighted", "least_conn", "random", "p2c", "hash"];
                 let msg = if known.contains(&b.get_ref().as_str()) {
-                    format!("balance {:?} is not supported by this version yet (supported: round_robin)", b.get_ref())
+                    format!(
+                        "balance {:?} is not supported by this version yet (supported: round_robin)",
+                        b.get_ref()
+                    )
                 } else {
                     format!("unknown balance {:?} (supported: round_robin)", b.get_ref())
                 };
@@ -140,7 +157,11 @@ impl Validator<'_> {
         };
         let ekey = format!("{key}.endpoints");
         if raw.endpoints.get_ref().is_empty() {
-            self.err(&raw.endpoints, &ekey, "an upstream needs at least one endpoint");
+            self.err(
+                &raw.endpoints,
+                &ekey,
+                "an upstream needs at least one endpoint",
+            );
         }
         if raw.endpoints.get_ref().len() > MAX_ENDPOINTS {
             self.err(
@@ -158,7 +179,11 @@ impl Validator<'_> {
                 None => 1,
                 Some(w) if (1..=i64::from(MAX_WEIGHT)).contains(&w) => w as u32,
                 Some(w) => {
-                    self.err(e, &format!("{k}.weight"), format!("weight {w} is out of range 1-{MAX_WEIGHT}"));
+                    self.err(
+                        e,
+                        &format!("{k}.weight"),
+                        format!("weight {w} is out of range 1-{MAX_WEIGHT}"),
+                    );
                     1
                 }
             };
@@ -193,7 +218,11 @@ impl Validator<'_> {
                 RouteName::new(n.get_ref().clone())
             }
             None => {
-                self.problems.push(self.pos.diagnostic(at, &format!("{key}.name"), "missing required key `name`".into()));
+                self.problems.push(self.pos.diagnostic(
+                    at,
+                    &format!("{key}.name"),
+                    "missing required key `name`".into(),
+                ));
                 RouteName::new(format!("route-{key}"))
             }
         };
@@ -201,13 +230,21 @@ impl Validator<'_> {
             None => vec![HostPattern::Any],
             Some(hs) => {
                 if hs.get_ref().is_empty() {
-                    self.err(hs, &format!("{key}.hosts"), "hosts must not be empty (use [\"*\"] for any host)");
+                    self.err(
+                        hs,
+                        &format!("{key}.hosts"),
+                        "hosts must not be empty (use [\"*\"] for any host)",
+                    );
                 }
                 let mut out = Vec::new();
                 for (i, h) in hs.get_ref().iter().enumerate() {
                     match HostPattern::parse(h.get_ref()) {
                         Ok(p) if !out.contains(&p) => out.push(p),
-                        Ok(p) => self.err(h, &format!("{key}.hosts[{i}]"), format!("duplicate host {p}")),
+                        Ok(p) => self.err(
+                            h,
+                            &format!("{key}.hosts[{i}]"),
+                            format!("duplicate host {p}"),
+                        ),
                         Err(m) => self.err(h, &format!("{key}.hosts[{i}]"), m),
                     }
                 }
@@ -216,18 +253,32 @@ impl Validator<'_> {
         };
         let path = match (&r.path, &r.path_prefix) {
             (Some(p), Some(_)) => {
-                self.err(p, &format!("{key}.path"), "set only one of `path` and `path_prefix`");
+                self.err(
+                    p,
+                    &format!("{key}.path"),
+                    "set only one of `path` and `path_prefix`",
+                );
                 None
             }
             (Some(p), None) => self.path(p, &format!("{key}.path")).map(PathMatch::Exact),
-            (None, Some(p)) => self.path(p, &format!("{key}.path_prefix")).map(PathMatch::Prefix),
+            (None, Some(p)) => self
+                .path(p, &format!("{key}.path_prefix"))
+                .map(PathMatch::Prefix),
             (None, None) => Some(PathMatch::Prefix("/".into())),
         };
         let mut methods = Vec::new();
         for (i, m) in r.methods.iter().flatten().enumerate() {
             let up = m.get_ref().to_ascii_uppercase();
-            if up.is_empty() || !up.bytes().all(|b| b.is_ascii_alphabetic() || b == b'-' || b == b'_') {
-                self.err(m, &format!("{key}.methods[{i}]"), format!("invalid method {:?}", m.get_ref()));
+            if up.is_empty()
+                || !up
+                    .bytes()
+                    .all(|b| b.is_ascii_alphabetic() || b == b'-' || b == b'_')
+            {
+                self.err(
+                    m,
+                    &format!("{key}.methods[{i}]"),
+                    format!("invalid method {:?}", m.get_ref()),
+                );
             } else if !methods.contains(&up) {
                 methods.push(up);
             }
@@ -239,27 +290,51 @@ impl Validator<'_> {
                     self.err(
                         u,
                         &format!("{key}.upstream"),
-                        format!("unknown upstream {:?} (defined: {})", u.get_ref(), if known.is_empty() { "none".to_string() } else { known.join(", ") }),
+                        format!(
+                            "unknown upstream {:?} (defined: {})",
+                            u.get_ref(),
+                            if known.is_empty() {
+                                "none".to_string()
+                            } else {
+                                known.join(", ")
+                            }
+                        ),
                     );
                 }
                 UpstreamName::new(u.get_ref().clone())
             }
             None => {
-                self.problems.push(self.pos.diagnostic(at, &format!("{key}.upstream"), "missing required key `upstream`".into()));
+                self.problems.push(self.pos.diagnostic(
+                    at,
+                    &format!("{key}.upstream"),
+                    "missing required key `upstream`".into(),
+                ));
                 UpstreamName::new("")
             }
         };
         let timeout = match &r.timeout {
-            Some(d) => self.duration(d, &format!("{key}.timeout")).unwrap_or(DEFAULT_ROUTE_TIMEOUT),
+            Some(d) => self
+                .duration(d, &format!("{key}.timeout"))
+                .unwrap_or(DEFAULT_ROUTE_TIMEOUT),
             None => DEFAULT_ROUTE_TIMEOUT,
         };
-        let request_headers = self.header_ops(r.request_headers.as_ref(), &format!("{key}.request_headers"));
-        let response_headers = self.header_ops(r.response_headers.as_ref(), &format!("{key}.response_headers"));
+        let request_headers = self.header_ops(
+            r.request_headers.as_ref(),
+            &format!("{key}.request_headers"),
+        );
+        let response_headers = self.header_ops(
+            r.response_headers.as_ref(),
+            &format!("{key}.response_headers"),
+        );
         let rewrite_prefix = match &r.rewrite_prefix {
             Some(p) => {
                 let k = format!("{key}.rewrite_prefix");
                 if r.path_prefix.is_none() && r.path.is_none() {
-                    self.err(p, &k, "rewrite_prefix needs `path_prefix` or `path` to say what it replaces");
+                    self.err(
+                        p,
+                        &k,
+                        "rewrite_prefix needs `path_prefix` or `path` to say what it replaces",
+                    );
                 }
                 self.path(p, &k)
             }
@@ -284,8 +359,14 @@ impl Validator<'_> {
             self.err(p, key, format!("path {s:?} must start with '/'"));
             return None;
         }
-        if s.bytes().any(|b| b.is_ascii_control() || b == b' ' || b == b'?' || b == b'#') {
-            self.err(p, key, format!("path {s:?} contains a space, control character, '?' or '#'"));
+        if s.bytes()
+            .any(|b| b.is_ascii_control() || b == b' ' || b == b'?' || b == b'#')
+        {
+            self.err(
+                p,
+                key,
+                format!("path {s:?} contains a space, control character, '?' or '#'"),
+            );
             return None;
         }
         Some(s.clone())
@@ -297,14 +378,21 @@ impl Validator<'_> {
         };
         let raw = ops.get_ref();
         let mut out = HeaderOps::default();
-        for (which, map, dst) in [("set", &raw.set, &mut out.set), ("add", &raw.add, &mut out.add)] {
+        for (which, map, dst) in [
+            ("set", &raw.set, &mut out.set),
+            ("add", &raw.add, &mut out.add),
+        ] {
             for (n, v) in map {
                 let k = format!("{key}.{which}.{}", n.get_ref());
                 let name = n.get_ref().to_ascii_lowercase();
                 if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
                     self.err(n, &k, format!("invalid header name {:?}", n.get_ref()));
                 } else if http::HeaderValue::from_str(v.get_ref()).is_err() {
-                    self.err(v, &k, "header value contains characters not allowed in HTTP headers");
+                    self.err(
+                        v,
+                        &k,
+                        "header value contains characters not allowed in HTTP headers",
+                    );
                 } else {
                     dst.push((name, v.get_ref().clone()));
                 }
@@ -313,7 +401,11 @@ impl Validator<'_> {
         for (i, n) in raw.remove.iter().enumerate() {
             let name = n.get_ref().to_ascii_lowercase();
             if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
-                self.err(n, &format!("{key}.remove[{i}]"), format!("invalid header name {:?}", n.get_ref()));
+                self.err(
+                    n,
+                    &format!("{key}.remove[{i}]"),
+                    format!("invalid header name {:?}", n.get_ref()),
+                );
             } else {
                 out.remove.push(name);
             }
@@ -363,7 +455,11 @@ request_headers = { set = { "X-Dispa" = "1" }, remove = ["x-internal"] }
         let src = "[upstreams.api]\nendpoints = [\"127.0.0.1:1\"]\n\n[[routes]]\nname = \"r\"\nupstream = \"apx\"\n";
         let e = errors(src);
         assert_eq!(e.len(), 1, "{e:?}");
-        assert!(e[0].starts_with("routes.toml:6:12: routes[0].upstream: unknown upstream \"apx\""), "{}", e[0]);
+        assert!(
+            e[0].starts_with("routes.toml:6:12: routes[0].upstream: unknown upstream \"apx\""),
+            "{}",
+            e[0]
+        );
     }
 
     #[test]
@@ -398,7 +494,10 @@ timeout = "0s"
 "#;
         let e = errors(src);
         assert_eq!(e.len(), 7, "{e:#?}");
-        assert!(e.iter().any(|m| m.contains("not supported by this version")));
+        assert!(
+            e.iter()
+                .any(|m| m.contains("not supported by this version"))
+        );
     }
 
     #[test]

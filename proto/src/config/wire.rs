@@ -156,7 +156,10 @@ pub fn from_snapshot(s: v1::Snapshot) -> Result<Config, WireError> {
         };
         let upstream = UpstreamName::new(r.upstream);
         if !upstreams.contains_key(&upstream) {
-            return Err(invalid(&what, format!("unknown upstream {:?}", upstream.as_str())));
+            return Err(invalid(
+                &what,
+                format!("unknown upstream {:?}", upstream.as_str()),
+            ));
         }
         let ops = |o: Option<v1::HeaderOps>| {
             let o = o.unwrap_or_default();
