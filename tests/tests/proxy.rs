@@ -387,3 +387,90 @@ async fn dispa_dev_answers_at_once_and_prints_a_tour() {
         .unwrap();
     assert_eq!(code.code(), Some(0));
 }
+
+/// A plane of a future protocol major, to show the agent's side of version skew.
+struct FuturePlane {
+    replies: tokio::sync::mpsc::Sender<DiscoveryRequest>,
+}
+
+#[tonic::async_trait]
+impl dispa_proto::v1::config_discovery_server::ConfigDiscovery for FuturePlane {
+    type StreamStream = tokio_stream::wrappers::ReceiverStream<
+        Result<dispa_proto::v1::SnapshotEnvelope, tonic::Status>,
+    >;
+
+    async fn stream(
+        &self,
+        request: tonic::Request<tonic::Streaming<DiscoveryRequest>>,
+    ) -> Result<tonic::Response<Self::StreamStream>, tonic::Status> {
+        let mut inbound = request.into_inner();
+        let replies = self.replies.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(async move {
+            let snapshot = bytes::Bytes::new();
+            let env = dispa_proto::v1::SnapshotEnvelope {
+                version: 7,
+                nonce: "n-1".into(),
+                hash: dispa_proto::content_hash(&snapshot),
+                snapshot,
+                plane_build_version: "9.0.0".into(),
+                protocol_version: "2.0".into(),
+            };
+            let _ = tx.send(Ok(env)).await;
+            while let Ok(Some(m)) = inbound.message().await {
+                let _ = replies.send(m).await;
+            }
+            drop(tx);
+        });
+        Ok(tonic::Response::new(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_rejects_a_plane_of_another_protocol_major_naming_both_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (replies, mut rx) = tokio::sync::mpsc::channel(8);
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(
+                dispa_proto::v1::config_discovery_server::ConfigDiscoveryServer::new(FuturePlane {
+                    replies,
+                }),
+            )
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let agent = AgentProc::start(dir.path(), &format!("http://{addr}"), "edge").await;
+    let nack = loop {
+        let m = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+            .await
+            .expect("agent answers")
+            .expect("reply");
+        if let Some(dispa_proto::v1::discovery_request::Response::Nack(n)) = m.response {
+            break n;
+        }
+    };
+    assert_eq!((nack.version, nack.nonce.as_str()), (7, "n-1"));
+    assert!(
+        nack.error.contains("\"2.0\"")
+            && nack.error.contains("speaks 1.0")
+            && nack.error.contains("9.0.0"),
+        "{}",
+        nack.error
+    );
+    let log = agent.log_text();
+    assert!(log.contains("protocol major versions must match"), "{log}");
+    let http = HttpClient::new();
+    let ready = http
+        .get(&format!("http://{}/readyz", agent.admin), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        ready.status, 503,
+        "nothing from an incompatible plane is served"
+    );
+    server.abort();
+}

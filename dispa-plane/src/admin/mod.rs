@@ -148,6 +148,9 @@ impl Admin for AdminService {
         request: Request<v1::DiffRequest>,
     ) -> Result<Response<v1::DiffResponse>, Status> {
         let r = request.into_inner();
+        let Some(to) = r.to else {
+            return Err(ErrorCode::InvalidArgument.status("Diff needs `to`: a version or a file"));
+        };
         let resp = self
             .blocking(move |s| {
                 let from = versions::get(s.store.as_ref(), Version(r.from_version));
@@ -159,17 +162,16 @@ impl Admin for AdminService {
                     }
                     Err(e) => return Err(e),
                 };
-                let (to_label, to_content) = match r.to {
-                    Some(diff_request::To::ToVersion(v)) => {
+                let (to_label, to_content) = match to {
+                    diff_request::To::ToVersion(v) => {
                         let rec = versions::get(s.store.as_ref(), Version(v))?;
                         (versions::label(rec.version), rec.content)
                     }
-                    Some(diff_request::To::File(f)) => {
+                    diff_request::To::File(f) => {
                         // Diff only what would be accepted.
                         config::parse(&f.name, &f.content).map_err(VersionsError::Invalid)?;
                         (f.name, f.content)
                     }
-                    None => return Err(VersionsError::NotFound(Version::NONE)),
                 };
                 Ok(v1::DiffResponse {
                     diff: versions::unified_diff(
