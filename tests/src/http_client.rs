@@ -18,6 +18,18 @@ pub struct Reply {
 }
 
 impl Reply {
+    /// Reads a whole response.
+    pub async fn read(resp: http::Response<hyper::body::Incoming>) -> Result<Reply, String> {
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok(Reply {
+            status: parts.status,
+            version: parts.version,
+            headers: parts.headers,
+            body,
+        })
+    }
+
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
@@ -64,14 +76,7 @@ impl HttpClient {
                 .request(req)
                 .await
                 .map_err(|e| format!("{e:?}"))?;
-            let (parts, body) = resp.into_parts();
-            let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
-            Ok(Reply {
-                status: parts.status,
-                version: parts.version,
-                headers: parts.headers,
-                body,
-            })
+            Reply::read(resp).await
         };
         tokio::time::timeout(Duration::from_secs(30), fut)
             .await
@@ -100,12 +105,5 @@ pub async fn h2c_get(
         .body(Full::new(Bytes::new()))
         .map_err(|e| e.to_string())?;
     let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
-    let (parts, body) = resp.into_parts();
-    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
-    Ok(Reply {
-        status: parts.status,
-        version: parts.version,
-        headers: parts.headers,
-        body,
-    })
+    Reply::read(resp).await
 }
