@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/dispa/v1/config.proto",
         "proto/dispa/v1/discovery.proto",
         "proto/dispa/v1/admin.proto",
+        "proto/dispa/v1/telemetry.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

@@ -51,11 +51,7 @@ response_headers = {{ set = {{ "x-served-by" = "dispa" }} }}
 }
 
 pub async fn run(a: DevArgs) -> Result<()> {
-    let plane = Plane::bind(PlaneOptions {
-        data_dir: a.data_dir.join("plane"),
-        listen: a.plane_listen,
-    })
-    .await?;
+    let plane = Plane::bind(PlaneOptions::new(a.data_dir.join("plane"), a.plane_listen)).await?;
     let plane_addr = plane.local_addr();
     let demo_listener = demo::bind(a.demo_listen).await?;
     let demo_addr = demo_listener

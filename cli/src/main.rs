@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use dispa_agent::{Agent, AgentOptions};
-use dispa_plane::{Plane, PlaneOptions};
+use dispa_plane::{LogStoreConfig, Plane, PlaneOptions};
 use dispa_proto::AgentId;
 
 #[derive(Parser)]
@@ -50,6 +50,15 @@ struct PlaneArgs {
     /// Write {"plane": ADDR} here once listening.
     #[arg(long)]
     ready_file: Option<PathBuf>,
+    /// Where traffic logs are stored: "sled" (in the data dir) or a postgres:// URL.
+    #[arg(long, env = "DISPA_LOG_STORE", default_value = "sled")]
+    log_store: String,
+    /// Traffic-log records older than this are deleted.
+    #[arg(long, default_value = "7d", value_parser = humantime_duration)]
+    log_retention: Duration,
+    /// sled log store: the most records kept (oldest deleted first).
+    #[arg(long, default_value_t = 10_000_000)]
+    log_max_records: usize,
 }
 
 #[derive(Args)]
@@ -142,11 +151,17 @@ fn main() -> Result<()> {
 }
 
 async fn run_plane(a: PlaneArgs) -> Result<()> {
-    let plane = Plane::bind(PlaneOptions {
-        data_dir: a.data_dir,
-        listen: a.listen,
-    })
-    .await?;
+    let mut opts = PlaneOptions::new(a.data_dir, a.listen);
+    opts.log_store = match a.log_store.as_str() {
+        "sled" => LogStoreConfig::Sled,
+        url if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            LogStoreConfig::Postgres(url.to_string())
+        }
+        other => anyhow::bail!("--log-store {other:?}: use \"sled\" or a postgres:// URL"),
+    };
+    opts.log_retention = a.log_retention;
+    opts.log_max_records = a.log_max_records;
+    let plane = Plane::bind(opts).await?;
     ready::write(a.ready_file.as_deref(), &[("plane", plane.local_addr())])?;
     plane.run(shutdown_signal()).await?;
     Ok(())

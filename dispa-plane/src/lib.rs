@@ -5,6 +5,8 @@
 
 pub mod admin;
 pub mod distribute;
+pub mod logs;
+pub mod metrics;
 pub mod store;
 pub mod versions;
 
@@ -17,21 +19,50 @@ use std::time::{Duration, SystemTime};
 use dispa_proto::Version;
 use dispa_proto::v1::admin_server::AdminServer;
 use dispa_proto::v1::config_discovery_server::ConfigDiscoveryServer;
+use dispa_proto::v1::telemetry_server::TelemetryServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::admin::{AdminService, now_ms};
 use crate::distribute::{AgentRegistry, DiscoveryService, Distributor, Published};
+use crate::logs::{LiveLogs, SharedLogStore, SledLogStore, TelemetryService};
+use crate::metrics::PlaneMetrics;
 use crate::store::{ConfigStore, SledStore, VersionRecord};
 use crate::versions::{ApplyInput, ApplyOutcome, VersionsError};
 
 /// Largest gRPC message accepted (a config upload with certificates and plugins).
 const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
+/// Where traffic logs go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LogStoreConfig {
+    /// sled, in the data dir (the default).
+    Sled,
+    /// PostgreSQL at this URL.
+    Postgres(String),
+}
+
 #[derive(Clone, Debug)]
 pub struct PlaneOptions {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
+    pub log_store: LogStoreConfig,
+    /// Log records older than this are deleted.
+    pub log_retention: Duration,
+    /// sled only: the most records kept; the oldest go first.
+    pub log_max_records: usize,
+}
+
+impl PlaneOptions {
+    pub fn new(data_dir: PathBuf, listen: SocketAddr) -> Self {
+        Self {
+            data_dir,
+            listen,
+            log_store: LogStoreConfig::Sled,
+            log_retention: Duration::from_secs(7 * 24 * 3600),
+            log_max_records: 10_000_000,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +81,8 @@ pub enum PlaneError {
     },
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error("log store: {0}")]
+    Logs(#[from] logs::LogStoreError),
 }
 
 /// Everything the plane's services share.
@@ -57,15 +90,35 @@ pub struct PlaneState {
     pub store: Box<dyn ConfigStore>,
     pub distributor: Distributor,
     pub registry: Arc<AgentRegistry>,
+    pub logs: SharedLogStore,
+    pub live: LiveLogs,
+    pub metrics: Arc<PlaneMetrics>,
 }
 
 impl PlaneState {
     fn publish(&self, r: &VersionRecord) {
+        self.metrics
+            .config_version
+            .set(i64::try_from(r.version.0).unwrap_or(i64::MAX));
         self.distributor.publish(Published {
             version: r.version,
             hash: r.meta.hash.clone(),
             snapshot: r.snapshot.clone(),
         });
+    }
+
+    /// The plane's /metrics text, with fleet gauges refreshed from the registry.
+    pub fn render_metrics(&self) -> String {
+        let current = self.current_version();
+        let agents = self.registry.list();
+        let connected = agents.iter().filter(|a| a.connection.is_some()).count();
+        let synced = agents
+            .iter()
+            .filter(|a| a.state(current) == distribute::SyncState::Synced)
+            .count();
+        self.metrics.agents_connected.set(connected as i64);
+        self.metrics.agents_synced.set(synced as i64);
+        self.metrics.render()
     }
 
     pub fn current_version(&self) -> Version {
@@ -79,6 +132,7 @@ impl PlaneState {
         let out = versions::apply(self.store.as_ref(), input, now_ms(SystemTime::now()))?;
         if let ApplyOutcome::Created { record, .. } = &out {
             tracing::info!(version = record.version.0, author = %record.meta.author, "applied new version");
+            self.metrics.versions_created.inc();
             self.publish(record);
         }
         Ok(out)
@@ -101,6 +155,7 @@ impl PlaneState {
             now_ms(SystemTime::now()),
         )?;
         tracing::info!(version = record.version.0, rollback_of = to.0, author = %record.meta.author, "rolled back");
+        self.metrics.versions_created.inc();
         self.publish(&record);
         Ok((record, diff))
     }
@@ -111,6 +166,7 @@ pub struct Plane {
     state: Arc<PlaneState>,
     listener: TcpListener,
     addr: SocketAddr,
+    log_retention: Duration,
 }
 
 impl Plane {
@@ -121,10 +177,23 @@ impl Plane {
             source,
         })?;
         let store = SledStore::open(&opts.data_dir.join("config"))?;
+        let logs: SharedLogStore = match &opts.log_store {
+            LogStoreConfig::Sled => Arc::new(SledLogStore::open(
+                &opts.data_dir.join("logs"),
+                opts.log_max_records,
+            )?),
+            LogStoreConfig::Postgres(url) => {
+                Arc::new(logs::postgres::PgLogStore::connect(url).await?)
+            }
+        };
+        tracing::info!(store = logs.kind(), "traffic-log store ready");
         let state = Arc::new(PlaneState {
             store: Box::new(store),
             distributor: Distributor::new(),
             registry: Arc::new(AgentRegistry::default()),
+            logs,
+            live: LiveLogs::default(),
+            metrics: Arc::new(PlaneMetrics::new()),
         });
         if let Some(head) = state.store.head()? {
             tracing::info!(version = head.version.0, "loaded newest config version");
@@ -144,6 +213,7 @@ impl Plane {
             state,
             listener,
             addr,
+            log_retention: opts.log_retention,
         })
     }
 
@@ -155,38 +225,84 @@ impl Plane {
         self.state.clone()
     }
 
-    /// Serves gRPC until `shutdown` resolves; then ends agent streams and returns.
+    /// Serves gRPC (and `/metrics` over HTTP/1.1 on the same port) until `shutdown`
+    /// resolves; then ends agent streams and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), PlaneError> {
         let (stop_tx, stop_rx) = watch::channel(false);
         let discovery = DiscoveryService::new(
             self.state.distributor.clone(),
             self.state.registry.clone(),
-            stop_rx,
+            stop_rx.clone(),
         );
         let admin = AdminService::new(self.state.clone());
+        let telemetry = TelemetryService::new(
+            self.state.logs.clone(),
+            self.state.live.clone(),
+            self.state.registry.clone(),
+            self.state.metrics.clone(),
+        );
+        let retention = tokio::spawn(retain_logs(
+            self.state.logs.clone(),
+            self.log_retention,
+            stop_rx,
+        ));
         tracing::info!(addr = %self.addr, "plane listening");
+        let metrics_state = self.state.clone();
+        let routes = tonic::service::Routes::new(
+            ConfigDiscoveryServer::new(discovery)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            AdminServer::new(admin)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(TelemetryServer::new(telemetry).max_decoding_message_size(MAX_MESSAGE_BYTES))
+        .into_axum_router()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let s = metrics_state.clone();
+                async move { s.render_metrics() }
+            }),
+        );
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(self.listener);
         tonic::transport::Server::builder()
+            .accept_http1(true)
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .tcp_nodelay(true)
-            .add_service(
-                ConfigDiscoveryServer::new(discovery)
-                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
-            )
-            .add_service(
-                AdminServer::new(admin)
-                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
-            )
+            .add_routes(tonic::service::Routes::from(routes))
             .serve_with_incoming_shutdown(incoming, async move {
                 shutdown.await;
                 // Long-lived agent streams would hold graceful shutdown open forever.
                 let _ = stop_tx.send(true);
             })
             .await?;
+        retention.abort();
         tracing::info!("plane stopped");
         Ok(())
+    }
+}
+
+/// Deletes expired traffic logs once a minute.
+async fn retain_logs(logs: SharedLogStore, retention: Duration, mut stop: watch::Receiver<bool>) {
+    loop {
+        let cutoff = SystemTime::now()
+            .checked_sub(retention)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let cutoff_us = cutoff
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+        match logs.retain(cutoff_us).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(removed = n, "expired traffic-log records removed"),
+            Err(e) => tracing::warn!("traffic-log retention failed: {e}"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+            _ = stop.changed() => return,
+        }
     }
 }

@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status};
 
 use crate::PlaneState;
 use crate::distribute::SyncState;
+use crate::logs::{LogFilter, compute_stats};
 use crate::store::{VersionMeta, VersionRecord};
 use crate::versions::{self, ApplyInput, ApplyOutcome, VersionsError};
 
@@ -72,6 +73,44 @@ fn info(version: Version, m: &VersionMeta) -> v1::VersionInfo {
 
 fn file_of(f: Option<v1::SourceFile>) -> Result<v1::SourceFile, Status> {
     f.ok_or_else(|| ErrorCode::InvalidArgument.status("missing `file`"))
+}
+
+/// Largest `--limit` a log query may ask for.
+const MAX_LOG_LIMIT: usize = 1_000_000;
+/// Statistics look at up to this many of the newest matching records.
+const MAX_STATS_RECORDS: usize = 1_000_000;
+
+fn log_limit(requested: u32) -> usize {
+    match requested {
+        0 => 100,
+        n => (n as usize).min(MAX_LOG_LIMIT),
+    }
+}
+
+fn agent_info(a: crate::distribute::AgentRecord, current: Version) -> v1::AgentInfo {
+    v1::AgentInfo {
+        state: match a.state(current) {
+            SyncState::Synced => v1::AgentSyncState::Synced,
+            SyncState::Pending => v1::AgentSyncState::Pending,
+            SyncState::Nacked => v1::AgentSyncState::Nacked,
+            SyncState::Disconnected => v1::AgentSyncState::Disconnected,
+        } as i32,
+        id: a.id.to_string(),
+        labels: a.labels.into_iter().collect(),
+        build_version: a.build_version,
+        protocol_version: a.protocol_version,
+        acked_version: a.acked_version.0,
+        sent_version: a.sent_version.0,
+        last_error: a.last_error,
+        last_seen_ms: now_ms(a.last_seen),
+        connected_since_ms: if a.connection.is_some() {
+            now_ms(a.connected_since)
+        } else {
+            0
+        },
+        peer: a.peer,
+        metrics: a.metrics,
+    }
 }
 
 impl AdminService {
@@ -250,28 +289,7 @@ impl Admin for AdminService {
             .registry
             .list()
             .into_iter()
-            .map(|a| v1::AgentInfo {
-                state: match a.state(current) {
-                    SyncState::Synced => v1::AgentSyncState::Synced,
-                    SyncState::Pending => v1::AgentSyncState::Pending,
-                    SyncState::Nacked => v1::AgentSyncState::Nacked,
-                    SyncState::Disconnected => v1::AgentSyncState::Disconnected,
-                } as i32,
-                id: a.id.to_string(),
-                labels: a.labels.into_iter().collect(),
-                build_version: a.build_version,
-                protocol_version: a.protocol_version,
-                acked_version: a.acked_version.0,
-                sent_version: a.sent_version.0,
-                last_error: a.last_error,
-                last_seen_ms: now_ms(a.last_seen),
-                connected_since_ms: if a.connection.is_some() {
-                    now_ms(a.connected_since)
-                } else {
-                    0
-                },
-                peer: a.peer,
-            })
+            .map(|a| agent_info(a, current))
             .collect();
         Ok(Response::new(v1::ListAgentsResponse { agents }))
     }
@@ -289,6 +307,7 @@ impl Admin for AdminService {
             protocol_version: PROTOCOL_VERSION.to_string(),
             ..Default::default()
         };
+        r.log_store = self.state.logs.kind().to_string();
         for a in self.state.registry.list() {
             r.agents += 1;
             match a.state(current) {
@@ -297,7 +316,83 @@ impl Admin for AdminService {
                 SyncState::Nacked => r.agents_nacked += 1,
                 SyncState::Disconnected => r.agents_disconnected += 1,
             }
+            r.fleet.push(agent_info(a, current));
         }
         Ok(Response::new(r))
+    }
+
+    type QueryLogsStream =
+        std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<v1::LogRecord, Status>> + Send>>;
+
+    async fn query_logs(
+        &self,
+        request: Request<v1::LogQuery>,
+    ) -> Result<Response<Self::QueryLogsStream>, Status> {
+        let q = request.into_inner();
+        let filter = LogFilter::from_query(&q).map_err(|e| ErrorCode::InvalidArgument.status(e))?;
+        let limit = log_limit(q.limit);
+        // Subscribe before querying so nothing stored in between is missed.
+        let mut live = q.follow.then(|| self.state.live.subscribe());
+        let mut initial = self
+            .state
+            .logs
+            .query(&filter, limit)
+            .await
+            .map_err(|e| ErrorCode::Unavailable.status(e.to_string()))?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<v1::LogRecord, Status>>(256);
+        tokio::spawn(async move {
+            let seen: std::collections::HashSet<(String, String)> = if live.is_some() {
+                // A tail prints oldest to newest.
+                initial.reverse();
+                initial
+                    .iter()
+                    .map(|r| (r.agent.clone(), r.request_id.clone()))
+                    .collect()
+            } else {
+                Default::default()
+            };
+            for r in initial {
+                if tx.send(Ok(r)).await.is_err() {
+                    return;
+                }
+            }
+            let Some(live) = live.as_mut() else { return };
+            loop {
+                let batch = match live.recv().await {
+                    Ok(b) => b,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!("a log follower fell behind and skipped {n} batches");
+                        continue;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                for r in batch.iter() {
+                    if filter.matches(r)
+                        && !seen.contains(&(r.agent.clone(), r.request_id.clone()))
+                        && tx.send(Ok(r.clone())).await.is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn query_log_stats(
+        &self,
+        request: Request<v1::LogQuery>,
+    ) -> Result<Response<v1::LogStats>, Status> {
+        let q = request.into_inner();
+        let filter = LogFilter::from_query(&q).map_err(|e| ErrorCode::InvalidArgument.status(e))?;
+        let records = self
+            .state
+            .logs
+            .query(&filter, MAX_STATS_RECORDS)
+            .await
+            .map_err(|e| ErrorCode::Unavailable.status(e.to_string()))?;
+        Ok(Response::new(compute_stats(&records)))
     }
 }

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
+use dispa_proto::v1::MetricsSummary;
 use dispa_proto::{AgentId, Version};
 
 /// An agent's sync state relative to the newest version.
@@ -47,6 +48,8 @@ pub struct AgentRecord {
     pub last_error: String,
     pub last_seen: SystemTime,
     pub connected_since: SystemTime,
+    /// The agent's latest metrics summary.
+    pub metrics: Option<MetricsSummary>,
 }
 
 impl AgentRecord {
@@ -124,6 +127,7 @@ impl AgentRegistry {
                 last_error: prev.map(|p| p.last_error.clone()).unwrap_or_default(),
                 last_seen: now,
                 connected_since: now,
+                metrics: prev.and_then(|p| p.metrics.clone()),
             };
             inner.agents.insert(hello.id, rec);
             (conn, replaced)
@@ -164,6 +168,18 @@ impl AgentRegistry {
         });
     }
 
+    /// Records an agent's metrics summary (from its Telemetry stream).
+    pub fn report_metrics(&self, id: &AgentId, m: MetricsSummary, now: SystemTime) {
+        self.with(|inner| {
+            if let Some(a) = inner.agents.get_mut(id) {
+                a.metrics = Some(m);
+                if a.connection.is_some() {
+                    a.last_seen = now;
+                }
+            }
+        });
+    }
+
     pub fn disconnected(&self, id: &AgentId, conn: u64, now: SystemTime) {
         self.update(id, conn, now, |a| a.connection = None);
     }
@@ -191,6 +207,7 @@ impl AgentRegistry {
                     last_error: String::new(),
                     last_seen: now,
                     connected_since: now,
+                    metrics: None,
                 });
             if e.connection.is_none() {
                 e.labels = hello.labels;
