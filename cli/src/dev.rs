@@ -88,6 +88,8 @@ pub async fn run(a: DevArgs) -> Result<()> {
         labels: [("mode".to_string(), "dev".to_string())].into(),
         cache_dir: a.data_dir.join("agent"),
         drain_timeout: Duration::from_secs(5),
+        access_log: Default::default(),
+        log_spool_max: dispa_agent::DEFAULT_LOG_SPOOL_MAX,
     })
     .await?;
     let proxy = agent.proxy_addr().context("proxy address")?;

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
+use dispa_agent::telemetry::access_log::AccessLogOptions;
 use dispa_agent::{Agent, AgentOptions};
 use dispa_plane::{LogStoreConfig, Plane, PlaneOptions};
 use dispa_proto::AgentId;
@@ -25,8 +26,17 @@ struct Cli {
     /// Log filter (e.g. "info", "debug", "dispa_agent=debug"); RUST_LOG overrides it.
     #[arg(long, global = true, default_value = "info")]
     log_level: String,
+    /// Log format on stderr: "pretty" (human) or "json" (one object per line).
+    #[arg(long, global = true, value_enum, default_value = "pretty")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Pretty,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -87,6 +97,32 @@ struct AgentArgs {
     /// Write {"proxy": ADDR, "admin": ADDR} here once listening.
     #[arg(long)]
     ready_file: Option<PathBuf>,
+    /// Also write each access-log record as a JSON line to stdout ("stdout"), or not ("off").
+    #[arg(long, default_value = "off", value_parser = ["off", "stdout"])]
+    access_log: String,
+    /// A query parameter whose value access logs replace with REDACTED (repeatable; "*" = all).
+    #[arg(long = "log-redact-query", value_name = "PARAM")]
+    log_redact_query: Vec<String>,
+    /// Bound on the on-disk access-log spool, e.g. "1GiB", "64MiB", "100000" (bytes).
+    #[arg(long, default_value = "1GiB", value_parser = parse_bytes)]
+    log_spool_max: u64,
+}
+
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = [
+        ("GiB", 1u64 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+        ("B", 1),
+    ]
+    .iter()
+    .find_map(|(suf, m)| t.strip_suffix(suf).map(|n| (n.trim(), *m)))
+    .unwrap_or((t, 1));
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("invalid size {s:?}: write e.g. \"1GiB\", \"64MiB\", \"4096\""))
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -103,16 +139,22 @@ pub(crate) fn humantime_duration(s: &str) -> Result<Duration, String> {
     dispa_proto::config::parse_duration(s)
 }
 
-fn init_logging(level: &str) {
+fn init_logging(level: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Pretty => fmt.with_ansi(ansi).init(),
+        LogFormat::Json => fmt
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
@@ -136,7 +178,7 @@ async fn shutdown_signal() {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    init_logging(&cli.log_level);
+    init_logging(&cli.log_level, cli.log_format);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -178,6 +220,11 @@ async fn run_agent(a: AgentArgs) -> Result<()> {
         labels: a.labels.into_iter().collect::<BTreeMap<_, _>>(),
         cache_dir: a.cache_dir,
         drain_timeout: a.drain_timeout,
+        access_log: AccessLogOptions {
+            stdout: a.access_log == "stdout",
+            redact_query: a.log_redact_query,
+        },
+        log_spool_max: a.log_spool_max,
     })
     .await?;
     let addrs = [agent.proxy_addr(), agent.admin_addr()];

@@ -21,12 +21,16 @@ use std::time::Duration;
 
 use dispa_proto::AgentId;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 use crate::admin::AdminApi;
 use crate::proxy::Proxy;
 use crate::snapshot::{Applier, Current, SnapshotCache};
 use crate::telemetry::Metrics;
+use crate::telemetry::access_log::{self, AccessLogOptions};
+use crate::telemetry::shipper::Shipper;
+use crate::telemetry::spool::Spool;
+use crate::telemetry::window::Window;
 
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
@@ -39,7 +43,14 @@ pub struct AgentOptions {
     pub cache_dir: PathBuf,
     /// How long SIGTERM waits for in-flight requests.
     pub drain_timeout: Duration,
+    pub access_log: AccessLogOptions,
+    /// Bound on the on-disk log spool (under `cache_dir/spool`); batches beyond it are dropped
+    /// and counted.
+    pub log_spool_max: u64,
 }
+
+/// Default `--log-spool-max`: 1 GiB.
+pub const DEFAULT_LOG_SPOOL_MAX: u64 = 1 << 30;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -49,6 +60,8 @@ pub enum AgentError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Spool(#[from] telemetry::spool::SpoolError),
 }
 
 /// A bound agent: listeners open, cached snapshot (if any) loaded, not yet serving.
@@ -58,6 +71,7 @@ pub struct Agent {
     admin_listener: TcpListener,
     applier: Arc<Applier>,
     metrics: Arc<Metrics>,
+    spool: Arc<Spool>,
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, AgentError> {
@@ -76,6 +90,18 @@ impl Agent {
             metrics.clone(),
         ));
         applier.load_cached().await;
+        let spool = Arc::new(Spool::open(
+            &opts.cache_dir.join("spool"),
+            opts.log_spool_max,
+        )?);
+        let (batches, bytes) = spool.depth();
+        if batches > 0 {
+            tracing::info!(
+                batches,
+                bytes,
+                "log batches from an earlier run will be shipped to the plane"
+            );
+        }
         let proxy_listener = bind("proxy", opts.listen).await?;
         let admin_listener = bind("admin", opts.admin).await?;
         Ok(Agent {
@@ -84,6 +110,7 @@ impl Agent {
             admin_listener,
             applier,
             metrics,
+            spool,
         })
     }
 
@@ -99,7 +126,40 @@ impl Agent {
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
         let (stop_tx, stop_rx) = watch::channel(false);
         let current = self.applier.current.clone();
-        let proxy = Arc::new(Proxy::new(current.clone(), self.metrics.clone()));
+        let boot_id = format!("{:016x}", fastrand::u64(..));
+        let agent_id = self.opts.id.to_string();
+        let (sink, records) =
+            access_log::channel(self.metrics.clone(), &agent_id, &self.opts.access_log);
+        let window = Arc::new(Window::default());
+        let shipped = Arc::new(Notify::new());
+        let (log_stop_tx, log_stop_rx) = watch::channel(false);
+        let batcher = tokio::spawn(access_log::run_batcher(
+            records,
+            self.spool.clone(),
+            shipped.clone(),
+            self.metrics.clone(),
+            (agent_id.clone(), boot_id.clone()),
+            self.opts.access_log.stdout,
+            log_stop_rx,
+        ));
+        let shipper = tokio::spawn(
+            Shipper {
+                plane: self.opts.plane.clone(),
+                agent_id,
+                boot_id,
+                spool: self.spool.clone(),
+                notify: shipped,
+                window: window.clone(),
+                metrics: self.metrics.clone(),
+            }
+            .run(stop_rx.clone()),
+        );
+        let proxy = Arc::new(Proxy::new(
+            current.clone(),
+            self.metrics.clone(),
+            sink,
+            window,
+        ));
         let admin = Arc::new(AdminApi {
             current,
             metrics: self.metrics.clone(),
@@ -129,6 +189,7 @@ impl Agent {
             move |req, peer| proxy.clone().serve(req, peer),
             stop_rx.clone(),
             drain,
+            Some(self.metrics.clone()),
         ));
         let admin_task = tokio::spawn(server::serve(
             "admin",
@@ -136,10 +197,15 @@ impl Agent {
             move |req, _peer| admin.clone().serve(req),
             stop_rx,
             drain,
+            None,
         ));
         shutdown.await;
         let _ = stop_tx.send(true);
-        let _ = tokio::join!(proxy_task, admin_task, sync);
+        let _ = tokio::join!(proxy_task, admin_task, sync, shipper);
+        // Requests are drained: write every queued record to the spool before exiting, so a
+        // restart ships it.
+        let _ = log_stop_tx.send(true);
+        let _ = batcher.await;
         tracing::info!(agent = %self.opts.id, "agent stopped");
     }
 }

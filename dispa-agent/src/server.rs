@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::body::{Body, Incoming};
@@ -12,6 +13,8 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::telemetry::Metrics;
+
 /// Serves HTTP/1.1 and h2c (prior knowledge) on `listener` until `shutdown` turns true, then
 /// stops accepting and waits up to `drain` for in-flight requests to finish.
 pub async fn serve<F, Fut, B>(
@@ -20,6 +23,7 @@ pub async fn serve<F, Fut, B>(
     handler: F,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
+    metrics: Option<Arc<Metrics>>,
 ) where
     F: Fn(http::Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<http::Response<B>, std::convert::Infallible>> + Send + 'static,
@@ -50,9 +54,17 @@ pub async fn serve<F, Fut, B>(
             .serve_connection_with_upgrades(TokioIo::new(stream), svc)
             .into_owned();
         let conn = graceful.watch(conn);
+        let m = metrics.clone();
+        if let Some(m) = &m {
+            m.connections_accepted.inc();
+            m.connections_open.inc();
+        }
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(listener = name, %peer, "connection ended: {e}");
+            }
+            if let Some(m) = m {
+                m.connections_open.dec();
             }
         });
     }

@@ -5,6 +5,7 @@
 pub mod config;
 mod error_code;
 mod ids;
+pub mod logs;
 
 pub use error_code::ErrorCode;
 pub use ids::{AgentId, RouteName, UpstreamName, Version};

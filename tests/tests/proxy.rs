@@ -157,11 +157,11 @@ upstream = "slow"
         .unwrap()
         .text();
     assert!(
-        m.contains(r#"dispa_requests_total{route="dead",status="502"} 1"#),
+        m.contains(r#"dispa_requests_total{route="dead",upstream="dead",status_class="5xx"} 1"#),
         "{m}"
     );
     assert!(
-        m.contains(r#"dispa_requests_total{route="slow",status="504"} 1"#),
+        m.contains(r#"dispa_denied_requests_total{reason="upstream_timeout"} 1"#),
         "{m}"
     );
     assert!(

@@ -1,24 +1,36 @@
-//! The request path: request -> snapshot -> route -> endpoint -> upstream -> response.
+//! The request path: request -> snapshot -> route -> endpoint -> upstream -> response, with an
+//! access-log record and metrics for every request.
 
+mod body;
 mod headers;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
+use dispa_proto::v1::LogRecord;
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode, Uri, header};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
+use tracing::Instrument;
+
+pub use body::{CountedBody, LoggedBody};
 
 use crate::routing::normalize_host;
 use crate::snapshot::{CompiledRoute, Current};
-use crate::telemetry::Metrics;
+use crate::telemetry::access_log::{self, LogSink};
+use crate::telemetry::window::Window;
+use crate::telemetry::{Metrics, ReasonLabels, RequestLabels, UpstreamLabels, status_class};
 
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
 
-/// Where a failure came from, for the status, the body, and the `proxy_errors` metric.
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+
+/// Where a failure came from, for the status, the body, the log record and the metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Failure {
     NoSnapshot,
@@ -54,7 +66,7 @@ impl Failure {
         }
     }
 
-    fn kind(self) -> &'static str {
+    fn reason(self) -> &'static str {
         match self {
             Failure::NoSnapshot => "no_snapshot",
             Failure::BadRequest => "bad_request",
@@ -79,83 +91,162 @@ impl Failure {
     }
 }
 
+/// What happened to one request, for its log record.
+#[derive(Default)]
+struct Exchange {
+    host: String,
+    route: String,
+    upstream: String,
+    endpoint: Option<SocketAddr>,
+    upstream_us: Option<u64>,
+    failure: Option<Failure>,
+}
+
 /// Shared by every connection of the proxy listener.
 pub struct Proxy {
     current: Arc<Current>,
     metrics: Arc<Metrics>,
+    logs: LogSink,
+    window: Arc<Window>,
 }
 
 impl Proxy {
-    pub fn new(current: Arc<Current>, metrics: Arc<Metrics>) -> Self {
-        Self { current, metrics }
+    pub fn new(
+        current: Arc<Current>,
+        metrics: Arc<Metrics>,
+        logs: LogSink,
+        window: Arc<Window>,
+    ) -> Self {
+        Self {
+            current,
+            metrics,
+            logs,
+            window,
+        }
     }
 
     pub async fn serve(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         peer: SocketAddr,
-    ) -> Result<Response<ProxyBody>, Infallible> {
+    ) -> Result<Response<LoggedBody>, Infallible> {
         let start = Instant::now();
+        let ts_us = access_log::now_us();
         self.metrics.in_flight.inc();
-        let (route, resp) = self.handle(req, peer).await;
-        self.metrics.in_flight.dec();
-        let route = route.unwrap_or_default();
+        let rid = access_log::request_id(req.headers());
+        let tp = access_log::traceparent(req.headers());
+        req.headers_mut().insert(X_REQUEST_ID, rid.clone());
+        req.headers_mut().insert(TRACEPARENT, tp.clone());
+        let rid_str = rid.to_str().unwrap_or_default().to_string();
+        let mut record = LogRecord {
+            ts_us,
+            agent: self.logs.agent.to_string(),
+            request_id: rid_str.clone(),
+            client_ip: peer.ip().to_canonical().to_string(),
+            method: req.method().as_str().to_string(),
+            scheme: "http".into(),
+            path: req.uri().path().to_string(),
+            query: access_log::redact_query(
+                req.uri().query().unwrap_or(""),
+                &self.logs.redact_query,
+            ),
+            user_agent: header_str(req.headers(), &header::USER_AGENT),
+            traceparent: tp.to_str().unwrap_or_default().to_string(),
+            ..Default::default()
+        };
+        let span = tracing::info_span!("request", id = %rid_str, method = %record.method, path = %record.path);
+        let bytes_in = Arc::new(AtomicU64::new(0));
+        let (ex, mut resp) = self
+            .handle(req, peer, bytes_in.clone())
+            .instrument(span.clone())
+            .await;
+        resp.headers_mut().insert(X_REQUEST_ID, rid);
+
+        let status = resp.status().as_u16();
         self.metrics
             .requests
-            .get_or_create(&crate::telemetry::metrics_labels::request(
-                &route,
-                resp.status(),
-            ))
+            .get_or_create(&RequestLabels {
+                route: ex.route.clone(),
+                upstream: ex.upstream.clone(),
+                status_class: status_class(status).to_string(),
+            })
             .inc();
-        self.metrics
-            .request_duration
-            .get_or_create(&crate::telemetry::metrics_labels::route(&route))
-            .observe(start.elapsed().as_secs_f64());
-        Ok(resp)
-    }
-
-    fn fail(&self, f: Failure) -> Response<ProxyBody> {
-        self.metrics
-            .proxy_errors
-            .get_or_create(&crate::telemetry::metrics_labels::error(f.kind()))
-            .inc();
-        f.response()
+        if let Some(us) = ex.upstream_us {
+            self.metrics
+                .upstream_duration
+                .get_or_create(&UpstreamLabels {
+                    route: ex.route.clone(),
+                    upstream: ex.upstream.clone(),
+                })
+                .observe(us as f64 / 1e6);
+        }
+        if let Some(f) = ex.failure {
+            self.metrics
+                .denied
+                .get_or_create(&ReasonLabels {
+                    reason: f.reason().to_string(),
+                })
+                .inc();
+            record.denial_reason = f.reason().to_string();
+        }
+        record.status = u32::from(status);
+        record.host = ex.host;
+        record.route = ex.route;
+        record.upstream = ex.upstream;
+        record.endpoint = ex.endpoint.map(|e| e.to_string()).unwrap_or_default();
+        record.attempts = u32::from(ex.endpoint.is_some());
+        record.upstream_duration_us = ex.upstream_us.unwrap_or(0);
+        let finish = body::Finish {
+            record,
+            start,
+            bytes_in,
+            sink: self.logs.clone(),
+            metrics: self.metrics.clone(),
+            window: self.window.clone(),
+            span,
+        };
+        Ok(resp.map(|b| LoggedBody::new(b, finish)))
     }
 
     async fn handle(
         &self,
         req: Request<Incoming>,
         peer: SocketAddr,
-    ) -> (Option<String>, Response<ProxyBody>) {
+        bytes_in: Arc<AtomicU64>,
+    ) -> (Exchange, Response<ProxyBody>) {
+        let mut ex = Exchange::default();
         // One snapshot for the whole request, however many swaps happen meanwhile.
         let Some(snapshot) = self.current.load() else {
-            return (None, self.fail(Failure::NoSnapshot));
+            return fail(ex, Failure::NoSnapshot);
         };
         let Some(raw_host) = headers::request_host(&req) else {
-            return (None, self.fail(Failure::BadRequest));
+            return fail(ex, Failure::BadRequest);
         };
-        let host = normalize_host(&raw_host);
+        ex.host = normalize_host(&raw_host);
         let Some(route) = snapshot
             .routes
-            .lookup(&host, req.uri().path(), req.method().as_str())
+            .lookup(&ex.host, req.uri().path(), req.method().as_str())
         else {
-            return (None, self.fail(Failure::NoRoute));
+            return fail(ex, Failure::NoRoute);
         };
-        let name = route.name.to_string();
-        let resp = self.forward(route, req, peer, raw_host).await;
-        (Some(name), resp)
+        ex.route = route.name.to_string();
+        ex.upstream = route.upstream.name.to_string();
+        self.forward(ex, route, req, peer, raw_host, bytes_in).await
     }
 
     async fn forward(
         &self,
+        mut ex: Exchange,
         route: &CompiledRoute,
         req: Request<Incoming>,
         peer: SocketAddr,
         raw_host: String,
-    ) -> Response<ProxyBody> {
+        bytes_in: Arc<AtomicU64>,
+    ) -> (Exchange, Response<ProxyBody>) {
         let Some(endpoint) = route.upstream.pick() else {
-            return self.fail(Failure::NoEndpoint);
+            return fail(ex, Failure::NoEndpoint);
         };
+        ex.endpoint = Some(endpoint);
         let (mut parts, body) = req.into_parts();
         let path = route.rewrite_path(parts.uri.path());
         let target = match parts.uri.query() {
@@ -163,33 +254,49 @@ impl Proxy {
             None => format!("http://{endpoint}{path}"),
         };
         let Ok(uri) = target.parse::<Uri>() else {
-            return self.fail(Failure::BadRequest);
+            return fail(ex, Failure::BadRequest);
         };
         parts.uri = uri;
         parts.version = http::Version::HTTP_11;
         headers::strip_hop_by_hop(&mut parts.headers);
         headers::set_forwarded(&mut parts.headers, peer, &raw_host, "http");
         route.request_headers.apply(&mut parts.headers);
-        let upstream_req = Request::from_parts(parts, body);
+        let upstream_req = Request::from_parts(parts, CountedBody::new(body, bytes_in));
 
+        let sent_at = Instant::now();
         let sent = tokio::time::timeout(
             route.timeout,
             route.upstream.pool.client().request(upstream_req),
         )
         .await;
+        ex.upstream_us = Some(u64::try_from(sent_at.elapsed().as_micros()).unwrap_or(u64::MAX));
         let mut resp = match sent {
-            Err(_) => return self.fail(Failure::UpstreamTimeout),
+            Err(_) => return fail(ex, Failure::UpstreamTimeout),
             Ok(Err(e)) => {
                 let f = classify(&e);
                 tracing::debug!(route = %route.name, %endpoint, "upstream request failed: {e:#}");
-                return self.fail(f);
+                return fail(ex, f);
             }
             Ok(Ok(r)) => r,
         };
         headers::strip_hop_by_hop(resp.headers_mut());
         route.response_headers.apply(resp.headers_mut());
-        resp.map(Either::Left)
+        (ex, resp.map(Either::Left))
     }
+}
+
+fn fail(mut ex: Exchange, f: Failure) -> (Exchange, Response<ProxyBody>) {
+    ex.failure = Some(f);
+    (ex, f.response())
+}
+
+fn header_str(h: &http::HeaderMap, name: &HeaderName) -> String {
+    h.get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .chars()
+        .take(512)
+        .collect()
 }
 
 /// Maps a client error to where it came from by walking its source chain.

@@ -1,5 +1,7 @@
-//! Prometheus metrics. Labels are bounded: route names come from config and status codes are
-//! three digits, never raw paths or client addresses.
+//! Prometheus metrics. Labels are bounded: route and upstream names come from config, status
+//! is a class ("2xx"), reasons are fixed strings; never raw paths or client addresses.
+
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -12,7 +14,10 @@ use prometheus_client::registry::Registry;
 pub struct RequestLabels {
     /// Route name, or "" when no route matched.
     pub route: String,
-    pub status: String,
+    /// Upstream name, or "" when none was chosen.
+    pub upstream: String,
+    /// "1xx".."5xx".
+    pub status_class: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -21,9 +26,14 @@ pub struct RouteLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ErrorLabels {
-    /// Where the failure came from: "upstream_refused", "upstream_timeout", ...
-    pub kind: String,
+pub struct UpstreamLabels {
+    pub route: String,
+    pub upstream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
 }
 
 fn latency_histogram() -> Histogram {
@@ -31,16 +41,28 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_25, 2.0, 17))
 }
 
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
 pub struct Metrics {
     registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
-    pub request_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
-    pub proxy_errors: Family<ErrorLabels, Counter>,
+    pub request_duration: Histograms<RouteLabels>,
+    pub upstream_duration: Histograms<UpstreamLabels>,
+    /// Requests the agent answered itself, by reason ("no_route", "upstream_timeout", ...).
+    pub denied: Family<ReasonLabels, Counter>,
     pub in_flight: Gauge,
+    pub connections_open: Gauge,
+    pub connections_accepted: Counter,
     pub config_version: Gauge,
     pub snapshots_applied: Counter,
     pub snapshots_rejected: Counter,
     pub plane_connected: Gauge,
+    pub log_queue_depth: Gauge,
+    pub log_spool_batches: Gauge,
+    pub log_spool_bytes: Gauge,
+    pub log_batches_shipped: Counter,
+    log_dropped: Family<ReasonLabels, Counter>,
+    log_dropped_total: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -51,59 +73,121 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("dispa");
+        let mut r = Registry::with_prefix("dispa");
         let m = Metrics {
+            registry: Registry::default(),
             requests: Family::default(),
             request_duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
-            proxy_errors: Family::default(),
+            upstream_duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            denied: Family::default(),
             in_flight: Gauge::default(),
+            connections_open: Gauge::default(),
+            connections_accepted: Counter::default(),
             config_version: Gauge::default(),
             snapshots_applied: Counter::default(),
             snapshots_rejected: Counter::default(),
             plane_connected: Gauge::default(),
-            registry: Registry::default(),
+            log_queue_depth: Gauge::default(),
+            log_spool_batches: Gauge::default(),
+            log_spool_bytes: Gauge::default(),
+            log_batches_shipped: Counter::default(),
+            log_dropped: Family::default(),
+            log_dropped_total: AtomicU64::new(0),
         };
-        registry.register(
+        r.register(
             "requests",
-            "Requests answered, by route and status code",
+            "Requests answered, by route, upstream and status class",
             m.requests.clone(),
         );
-        registry.register(
+        r.register(
             "request_duration_seconds",
-            "Time from request received to response headers sent, by route",
+            "Request arrival to last response byte, by route",
             m.request_duration.clone(),
         );
-        registry.register(
-            "proxy_errors",
-            "Requests that failed in the proxy, by kind",
-            m.proxy_errors.clone(),
+        r.register(
+            "upstream_duration_seconds",
+            "Upstream request sent to upstream response headers, by route and upstream",
+            m.upstream_duration.clone(),
         );
-        registry.register(
+        r.register(
+            "denied_requests",
+            "Requests the agent answered itself, by reason",
+            m.denied.clone(),
+        );
+        r.register(
             "requests_in_flight",
             "Requests being handled now",
             m.in_flight.clone(),
         );
-        registry.register(
+        r.register(
+            "connections_open",
+            "Client connections open now",
+            m.connections_open.clone(),
+        );
+        r.register(
+            "connections_accepted",
+            "Client connections accepted",
+            m.connections_accepted.clone(),
+        );
+        r.register(
             "config_version",
             "Config version being served (0 = none)",
             m.config_version.clone(),
         );
-        registry.register(
+        r.register(
             "snapshots_applied",
             "Snapshots accepted and swapped in",
             m.snapshots_applied.clone(),
         );
-        registry.register(
+        r.register(
             "snapshots_rejected",
             "Snapshots rejected (NACKed)",
             m.snapshots_rejected.clone(),
         );
-        registry.register(
+        r.register(
             "plane_connected",
             "1 while the config stream to the plane is open",
             m.plane_connected.clone(),
         );
-        Metrics { registry, ..m }
+        r.register(
+            "log_queue_depth",
+            "Access-log records waiting in memory",
+            m.log_queue_depth.clone(),
+        );
+        r.register(
+            "log_spool_batches",
+            "Log batches on disk waiting for the plane's ack",
+            m.log_spool_batches.clone(),
+        );
+        r.register(
+            "log_spool_bytes",
+            "Bytes of log batches on disk waiting for the plane's ack",
+            m.log_spool_bytes.clone(),
+        );
+        r.register(
+            "log_batches_shipped",
+            "Log batches the plane acked",
+            m.log_batches_shipped.clone(),
+        );
+        r.register(
+            "log_records_dropped",
+            "Access-log records dropped, by reason",
+            m.log_dropped.clone(),
+        );
+        Metrics { registry: r, ..m }
+    }
+
+    pub fn log_dropped(&self, reason: &str, n: u64) {
+        self.log_dropped
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_string(),
+            })
+            .inc_by(n);
+        self.log_dropped_total.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn log_dropped_total(&self) -> u64 {
+        self.log_dropped_total.load(Ordering::Relaxed)
     }
 
     /// The Prometheus text exposition.
@@ -112,5 +196,16 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// "2xx" for 204 and so on.
+pub fn status_class(status: u16) -> &'static str {
+    match status / 100 {
+        1 => "1xx",
+        2 => "2xx",
+        3 => "3xx",
+        4 => "4xx",
+        _ => "5xx",
     }
 }

@@ -1,29 +1,12 @@
-//! What the agent tells operators about itself: Prometheus metrics.
+//! What the agent tells operators: access-log records (queued, spooled to disk, shipped to
+//! the plane), Prometheus metrics, and periodic summaries for `dispactl status`.
 
+pub mod access_log;
 mod metrics;
+pub mod shipper;
+pub mod spool;
+pub mod window;
 
-pub use metrics::Metrics;
-
-/// Label values for the request path's metrics.
-pub mod metrics_labels {
-    pub use super::metrics::{ErrorLabels, RequestLabels, RouteLabels};
-
-    pub fn request(route: &str, status: http::StatusCode) -> RequestLabels {
-        RequestLabels {
-            route: route.to_string(),
-            status: status.as_str().to_string(),
-        }
-    }
-
-    pub fn route(route: &str) -> RouteLabels {
-        RouteLabels {
-            route: route.to_string(),
-        }
-    }
-
-    pub fn error(kind: &str) -> ErrorLabels {
-        ErrorLabels {
-            kind: kind.to_string(),
-        }
-    }
-}
+pub use metrics::{
+    Metrics, ReasonLabels, RequestLabels, RouteLabels, UpstreamLabels, status_class,
+};

@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use dispa_proto::UpstreamName;
-use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -22,7 +21,7 @@ pub struct PoolKey {
 #[derive(Debug)]
 pub struct Pool {
     key: PoolKey,
-    client: Client<HttpConnector, Incoming>,
+    client: Client<HttpConnector, crate::proxy::CountedBody>,
 }
 
 impl Pool {
@@ -44,7 +43,7 @@ impl Pool {
         &self.key
     }
 
-    pub fn client(&self) -> &Client<HttpConnector, Incoming> {
+    pub fn client(&self) -> &Client<HttpConnector, crate::proxy::CountedBody> {
         &self.client
     }
 }

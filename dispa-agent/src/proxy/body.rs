@@ -1,0 +1,156 @@
+//! Body wrappers on the request path: one counts request bytes as they stream upstream; the
+//! other counts response bytes and, when the response ends (or the client goes away), finishes
+//! the access-log record and the request's metrics. Neither buffers.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use dispa_proto::v1::LogRecord;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+
+use super::ProxyBody;
+use crate::telemetry::access_log::LogSink;
+use crate::telemetry::window::Window;
+use crate::telemetry::{Metrics, RouteLabels};
+
+/// The client's request body on its way upstream, counted.
+pub struct CountedBody {
+    inner: Incoming,
+    count: Arc<AtomicU64>,
+}
+
+impl CountedBody {
+    pub fn new(inner: Incoming, count: Arc<AtomicU64>) -> Self {
+        Self { inner, count }
+    }
+}
+
+impl Body for CountedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let p = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &p {
+            if let Some(d) = f.data_ref() {
+                self.count.fetch_add(d.len() as u64, Ordering::Relaxed);
+            }
+        }
+        p
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// What is needed to finish a request's record once its response body is done.
+pub struct Finish {
+    pub record: LogRecord,
+    pub start: Instant,
+    pub bytes_in: Arc<AtomicU64>,
+    pub sink: LogSink,
+    pub metrics: Arc<Metrics>,
+    pub window: Arc<Window>,
+    pub span: tracing::Span,
+}
+
+impl Finish {
+    fn done(mut self, bytes_out: u64) {
+        let elapsed = self.start.elapsed();
+        let r = &mut self.record;
+        r.duration_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        r.bytes_out = bytes_out;
+        r.bytes_in = self.bytes_in.load(Ordering::Relaxed);
+        self.metrics.in_flight.dec();
+        self.metrics
+            .request_duration
+            .get_or_create(&RouteLabels {
+                route: r.route.clone(),
+            })
+            .observe(elapsed.as_secs_f64());
+        self.window
+            .record(u16::try_from(r.status).unwrap_or(0), elapsed);
+        let status = r.status;
+        tracing::debug!(parent: &self.span, status, duration_ms = elapsed.as_secs_f64() * 1000.0, bytes_out, "request finished");
+        self.sink.record(self.record);
+    }
+}
+
+/// The response body sent to the client, counted; finishes the record at its end.
+pub struct LoggedBody {
+    inner: ProxyBody,
+    bytes_out: u64,
+    finish: Option<Finish>,
+}
+
+impl LoggedBody {
+    pub fn new(inner: ProxyBody, finish: Finish) -> Self {
+        let mut b = Self {
+            inner,
+            bytes_out: 0,
+            finish: Some(finish),
+        };
+        if b.inner.is_end_stream() {
+            b.complete();
+        }
+        b
+    }
+
+    fn complete(&mut self) {
+        if let Some(f) = self.finish.take() {
+            f.done(self.bytes_out);
+        }
+    }
+}
+
+impl Drop for LoggedBody {
+    fn drop(&mut self) {
+        // The client went away mid-body, or the body was never polled: still one record.
+        self.complete();
+    }
+}
+
+impl Body for LoggedBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let p = Pin::new(&mut self.inner).poll_frame(cx);
+        match &p {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    self.bytes_out += d.len() as u64;
+                }
+                if self.inner.is_end_stream() {
+                    self.complete();
+                }
+            }
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => self.complete(),
+            Poll::Pending => {}
+        }
+        p
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,244 @@
+//! Access-log records from the request path. Recording never blocks: a record goes into a
+//! bounded queue with `try_send`; a full queue drops it and counts the drop. A batcher task
+//! turns the queue into batches on the disk spool (and, when asked, JSON lines on stdout).
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use dispa_proto::v1::{LogBatch, LogRecord};
+use http::{HeaderMap, HeaderValue};
+use tokio::sync::{Notify, mpsc, watch};
+
+use super::Metrics;
+use super::spool::Spool;
+
+/// Records waiting in memory for the batcher; more are dropped and counted.
+pub const QUEUE_CAPACITY: usize = 65_536;
+const BATCH_MAX: usize = 1_000;
+const BATCH_LINGER: Duration = Duration::from_millis(100);
+const MAX_REQUEST_ID: usize = 128;
+
+#[derive(Clone, Debug, Default)]
+pub struct AccessLogOptions {
+    /// Also print each record as a JSON line on stdout.
+    pub stdout: bool,
+    /// Query parameters whose values are replaced by "REDACTED"; "*" redacts every value.
+    pub redact_query: Vec<String>,
+}
+
+/// The request path's handle: cheap to clone, never blocks.
+#[derive(Clone)]
+pub struct LogSink {
+    tx: mpsc::Sender<LogRecord>,
+    metrics: Arc<Metrics>,
+    pub redact_query: Arc<[String]>,
+    pub agent: Arc<str>,
+}
+
+impl LogSink {
+    pub fn record(&self, r: LogRecord) {
+        if self.tx.try_send(r).is_err() {
+            self.metrics.log_dropped("queue_full", 1);
+        }
+    }
+}
+
+pub fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
+/// The inbound `x-request-id` if it is sane, else a new random one.
+pub fn request_id(headers: &HeaderMap) -> HeaderValue {
+    if let Some(v) = headers.get("x-request-id") {
+        let ok = !v.is_empty()
+            && v.len() <= MAX_REQUEST_ID
+            && v.as_bytes().iter().all(|b| b.is_ascii_graphic());
+        if ok {
+            return v.clone();
+        }
+    }
+    let id = format!("{:032x}", fastrand::u128(..));
+    HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+/// A W3C `traceparent`: the inbound one if well-formed, else a new trace.
+pub fn traceparent(headers: &HeaderMap) -> HeaderValue {
+    if let Some(v) = headers.get("traceparent") {
+        let s = v.as_bytes();
+        let hex = |r: std::ops::Range<usize>| {
+            s[r].iter()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        };
+        if s.len() == 55
+            && s[2] == b'-'
+            && s[35] == b'-'
+            && s[52] == b'-'
+            && hex(0..2)
+            && hex(3..35)
+            && hex(36..52)
+            && hex(53..55)
+        {
+            return v.clone();
+        }
+    }
+    let tp = format!(
+        "00-{:032x}-{:016x}-01",
+        fastrand::u128(1..),
+        fastrand::u64(1..)
+    );
+    HeaderValue::from_str(&tp).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+/// Replaces the values of the named query parameters ("*": all) with "REDACTED".
+pub fn redact_query(query: &str, names: &[String]) -> String {
+    if names.is_empty() || query.is_empty() {
+        return query.to_string();
+    }
+    let all = names.iter().any(|n| n == "*");
+    query
+        .split('&')
+        .map(|kv| match kv.split_once('=') {
+            Some((k, _)) if all || names.iter().any(|n| n == k) => format!("{k}=REDACTED"),
+            _ => kv.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// Creates the sink and the receiving end for [`run_batcher`].
+pub fn channel(
+    metrics: Arc<Metrics>,
+    agent: &str,
+    opts: &AccessLogOptions,
+) -> (LogSink, mpsc::Receiver<LogRecord>) {
+    let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+    let sink = LogSink {
+        tx,
+        metrics,
+        redact_query: opts.redact_query.clone().into(),
+        agent: agent.into(),
+    };
+    (sink, rx)
+}
+
+/// Moves records from the queue into spool batches until `stop` turns true, then drains what
+/// is left. Each batch gets the next sequence number of this boot.
+pub async fn run_batcher(
+    mut rx: mpsc::Receiver<LogRecord>,
+    spool: Arc<Spool>,
+    shipped: Arc<Notify>,
+    metrics: Arc<Metrics>,
+    ids: (String, String),
+    stdout: bool,
+    mut stop: watch::Receiver<bool>,
+) {
+    let (agent_id, boot_id) = ids;
+    let mut seq = 0u64;
+    let mut stopping = false;
+    loop {
+        let mut records = Vec::new();
+        if stopping {
+            while records.len() < BATCH_MAX {
+                match rx.try_recv() {
+                    Ok(r) => records.push(r),
+                    Err(_) => break,
+                }
+            }
+            if records.is_empty() {
+                return;
+            }
+        } else {
+            tokio::select! {
+                n = rx.recv_many(&mut records, BATCH_MAX) => if n == 0 { stopping = true; continue },
+                _ = stop.changed() => { stopping = true; continue }
+            }
+            // Let a batch fill a little before writing it.
+            let linger = tokio::time::sleep(BATCH_LINGER);
+            tokio::pin!(linger);
+            while records.len() < BATCH_MAX {
+                let room = BATCH_MAX - records.len();
+                tokio::select! {
+                    n = rx.recv_many(&mut records, room) => if n == 0 { break },
+                    _ = &mut linger => break,
+                }
+            }
+        }
+        metrics
+            .log_queue_depth
+            .set((QUEUE_CAPACITY - rx.capacity().min(QUEUE_CAPACITY)) as i64);
+        if stdout {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            for r in &records {
+                let _ = writeln!(out, "{}", dispa_proto::logs::record_json(r));
+            }
+        }
+        seq += 1;
+        let n = records.len() as u64;
+        let batch = LogBatch {
+            agent_id: agent_id.clone(),
+            boot_id: boot_id.clone(),
+            seq,
+            records,
+        };
+        let s = spool.clone();
+        match tokio::task::spawn_blocking(move || s.push(&batch)).await {
+            Ok(Ok(true)) => shipped.notify_one(),
+            Ok(Ok(false)) => metrics.log_dropped("spool_full", n),
+            Ok(Err(e)) => {
+                tracing::warn!("cannot spool log batch: {e}");
+                metrics.log_dropped("spool_error", n);
+            }
+            Err(e) => {
+                tracing::warn!("spool task failed: {e}");
+                metrics.log_dropped("spool_error", n);
+            }
+        }
+        let (batches, bytes) = spool.depth();
+        metrics.log_spool_batches.set(batches as i64);
+        metrics.log_spool_bytes.set(bytes as i64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_propagated_when_sane() {
+        let mut h = HeaderMap::new();
+        h.insert("x-request-id", HeaderValue::from_static("abc-123"));
+        assert_eq!(request_id(&h), "abc-123");
+        h.insert("x-request-id", HeaderValue::from_static("has space"));
+        assert_ne!(request_id(&h), "has space");
+        assert_eq!(request_id(&HeaderMap::new()).len(), 32);
+    }
+
+    #[test]
+    fn traceparent_is_kept_or_created() {
+        let mut h = HeaderMap::new();
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        h.insert("traceparent", HeaderValue::from_static(tp));
+        assert_eq!(traceparent(&h), tp);
+        h.insert("traceparent", HeaderValue::from_static("garbage"));
+        let new = traceparent(&h);
+        assert_eq!(new.len(), 55);
+        assert!(new.to_str().unwrap().starts_with("00-"));
+    }
+
+    #[test]
+    fn redacts_named_query_values() {
+        let names = vec!["token".to_string()];
+        assert_eq!(
+            redact_query("a=1&token=s3cret&b", &names),
+            "a=1&token=REDACTED&b"
+        );
+        assert_eq!(
+            redact_query("a=1&b=2", &["*".to_string()]),
+            "a=REDACTED&b=REDACTED"
+        );
+        assert_eq!(redact_query("a=1", &[]), "a=1");
+    }
+}
