@@ -110,6 +110,18 @@ impl Client {
             .agents)
     }
 
+    /// Matching log records as a stream (newest first; with `follow`, then live).
+    pub async fn query_logs(
+        &mut self,
+        q: v1::LogQuery,
+    ) -> Result<tonic::Streaming<v1::LogRecord>, ClientError> {
+        Ok(self.inner.query_logs(q).await?.into_inner())
+    }
+
+    pub async fn log_stats(&mut self, q: v1::LogQuery) -> Result<v1::LogStats, ClientError> {
+        Ok(self.inner.query_log_stats(q).await?.into_inner())
+    }
+
     pub async fn status(&mut self) -> Result<v1::StatusResponse, ClientError> {
         Ok(self.inner.status(v1::StatusRequest {}).await?.into_inner())
     }

@@ -90,8 +90,121 @@ enum Command {
     },
     /// List agents and what they serve.
     Agents,
+    /// Query traffic logs from the whole fleet (newest first), or follow them live.
+    Logs(LogsArgs),
     /// The current version and the fleet's sync state.
     Status,
+}
+
+#[derive(clap::Args)]
+struct LogsArgs {
+    /// Host (exact, case-insensitive).
+    #[arg(long)]
+    host: Option<String>,
+    #[arg(long)]
+    route: Option<String>,
+    #[arg(long)]
+    agent: Option<String>,
+    /// A code (404) or class (5xx); repeat or comma-separate for several.
+    #[arg(long)]
+    status: Vec<String>,
+    #[arg(long)]
+    method: Option<String>,
+    #[arg(long)]
+    path_prefix: Option<String>,
+    /// Client IP address.
+    #[arg(long)]
+    client: Option<String>,
+    /// From this long ago ("10m", "1h") or this time (RFC 3339).
+    #[arg(long)]
+    since: Option<String>,
+    /// Until this long ago or this time (RFC 3339).
+    #[arg(long)]
+    until: Option<String>,
+    /// The most records to print (newest first).
+    #[arg(long, default_value_t = 100)]
+    limit: u32,
+    /// After the newest records, keep printing new ones as they arrive.
+    #[arg(short = 'f', long)]
+    follow: bool,
+    /// Counts by status class and latency percentiles instead of records.
+    #[arg(long, conflicts_with = "follow")]
+    stats: bool,
+}
+
+/// "10m" (that long ago) or an RFC 3339 time, as Unix microseconds.
+fn parse_time(flag: &str, s: &str) -> Result<i64, Failure> {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let usage = |m: String| Failure {
+        code: 2,
+        message: m,
+    };
+    let t = if let Ok(d) = humantime::parse_duration(s) {
+        SystemTime::now().checked_sub(d).unwrap_or(UNIX_EPOCH)
+    } else {
+        humantime::parse_rfc3339_weak(s).map_err(|_| {
+            usage(format!(
+                "--{flag} {s:?}: write a duration like 10m or a time like 2026-11-26T10:00:00Z"
+            ))
+        })?
+    };
+    Ok(t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX)))
+}
+
+impl LogsArgs {
+    fn query(&self) -> Result<v1::LogQuery, Failure> {
+        Ok(v1::LogQuery {
+            host: self.host.clone().unwrap_or_default(),
+            route: self.route.clone().unwrap_or_default(),
+            agent: self.agent.clone().unwrap_or_default(),
+            status: self.status.clone(),
+            method: self.method.clone().unwrap_or_default(),
+            path_prefix: self.path_prefix.clone().unwrap_or_default(),
+            client: self.client.clone().unwrap_or_default(),
+            since_us: self
+                .since
+                .as_deref()
+                .map(|s| parse_time("since", s))
+                .transpose()?
+                .unwrap_or(0),
+            until_us: self
+                .until
+                .as_deref()
+                .map(|s| parse_time("until", s))
+                .transpose()?
+                .unwrap_or(0),
+            limit: self.limit,
+            follow: self.follow,
+        })
+    }
+}
+
+/// Prints records as they arrive (a follow never ends by itself).
+async fn logs(client: &mut Client, a: &LogsArgs, f: Format) -> Result<String, Failure> {
+    use std::io::Write;
+    let q = a.query()?;
+    if a.stats {
+        return Ok(output::log_stats(&client.log_stats(q).await?, f));
+    }
+    let mut stream = client.query_logs(q).await?;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(output::log_header(f).as_bytes());
+    loop {
+        match stream.message().await {
+            Ok(Some(r)) => {
+                if out.write_all(output::log_record(&r, f).as_bytes()).is_err() {
+                    // Stdout closed (e.g. piped into head): done.
+                    return Ok(String::new());
+                }
+                if a.follow {
+                    let _ = out.flush();
+                }
+            }
+            Ok(None) => return Ok(String::new()),
+            Err(s) => return Err(ClientError::from(s).into()),
+        }
+    }
 }
 
 /// A failure and its exit code.
@@ -231,6 +344,7 @@ async fn run(cli: Cli) -> Result<String, Failure> {
             }
         }
         Command::Agents => output::agents(&client.agents().await?, f),
+        Command::Logs(a) => logs(&mut client, &a, f).await?,
         Command::Status => output::status(&client.status().await?, f),
     })
 }

@@ -131,9 +131,46 @@ pub fn agents(list: &[v1::AgentInfo], f: Format) -> String {
     }
 }
 
+fn summary_json(m: Option<&v1::MetricsSummary>) -> Value {
+    match m {
+        None => Value::Null,
+        Some(m) => json!({
+            "rps": rps(m),
+            "error_rate": error_rate(m),
+            "p99_ms": m.p99_ms,
+            "in_flight": m.in_flight,
+            "log_records_dropped": m.log_records_dropped,
+            "reported_at": rfc3339_ms(m.ts_ms),
+        }),
+    }
+}
+
+fn rps(m: &v1::MetricsSummary) -> f64 {
+    if m.window_seconds > 0.0 {
+        m.requests as f64 / m.window_seconds
+    } else {
+        0.0
+    }
+}
+
+fn error_rate(m: &v1::MetricsSummary) -> f64 {
+    if m.requests > 0 {
+        m.errors as f64 / m.requests as f64
+    } else {
+        0.0
+    }
+}
+
 pub fn status(s: &v1::StatusResponse, f: Format) -> String {
     match f {
         Format::Json => pretty(&json!({
+            "fleet": s.fleet.iter().map(|a| json!({
+                "id": a.id,
+                "state": state_name(a.state),
+                "acked_version": a.acked_version,
+                "metrics": summary_json(a.metrics.as_ref()),
+            })).collect::<Vec<_>>(),
+            "log_store": s.log_store,
             "version": s.version,
             "hash": s.hash,
             "agents": s.agents,
@@ -144,21 +181,114 @@ pub fn status(s: &v1::StatusResponse, f: Format) -> String {
             "build_version": s.build_version,
             "protocol_version": s.protocol_version,
         })),
-        Format::Table => format!(
-            "version:  {}\nhash:     {}\nagents:   {} ({} synced, {} pending, {} nacked, {} disconnected)\nplane:    build {}, protocol {}\n",
-            if s.version == 0 {
-                "none".to_string()
+        Format::Table => {
+            let mut out = format!(
+                "version:  {}\nhash:     {}\nagents:   {} ({} synced, {} pending, {} nacked, {} disconnected)\nplane:    build {}, protocol {}, log store {}\n",
+                if s.version == 0 {
+                    "none".to_string()
+                } else {
+                    s.version.to_string()
+                },
+                if s.hash.is_empty() { "-" } else { &s.hash },
+                s.agents,
+                s.agents_synced,
+                s.agents_pending,
+                s.agents_nacked,
+                s.agents_disconnected,
+                s.build_version,
+                s.protocol_version,
+                s.log_store,
+            );
+            if !s.fleet.is_empty() {
+                let rows: Vec<Vec<String>> = s
+                    .fleet
+                    .iter()
+                    .map(|a| {
+                        let (r, e, p) = match &a.metrics {
+                            Some(m) => (
+                                format!("{:.1}", rps(m)),
+                                format!("{:.2}%", error_rate(m) * 100.0),
+                                format!("{:.1}ms", m.p99_ms),
+                            ),
+                            None => ("-".into(), "-".into(), "-".into()),
+                        };
+                        vec![
+                            a.id.clone(),
+                            state_name(a.state).to_string(),
+                            a.acked_version.to_string(),
+                            r,
+                            e,
+                            p,
+                        ]
+                    })
+                    .collect();
+                out.push('\n');
+                out.push_str(&table(
+                    &["AGENT", "STATE", "VERSION", "RPS", "ERRORS", "P99"],
+                    &rows,
+                ));
+            }
+            out
+        }
+    }
+}
+
+/// One record: a JSON line, or a table row (see [`log_header`]).
+pub fn log_record(r: &v1::LogRecord, f: Format) -> String {
+    match f {
+        Format::Json => format!("{}\n", dispa_proto::logs::record_json(r)),
+        Format::Table => {
+            let path = if r.query.is_empty() {
+                r.path.clone()
             } else {
-                s.version.to_string()
-            },
-            if s.hash.is_empty() { "-" } else { &s.hash },
-            s.agents,
-            s.agents_synced,
-            s.agents_pending,
-            s.agents_nacked,
-            s.agents_disconnected,
-            s.build_version,
-            s.protocol_version,
+                format!("{}?{}", r.path, r.query)
+            };
+            format!(
+                "{:<27}  {:<12}  {:>3}  {:<6}  {:<24}  {:<32}  {:<14}  {:>9}  {}\n",
+                dispa_proto::logs::format_ts(r.ts_us),
+                r.agent,
+                r.status,
+                r.method,
+                r.host,
+                path,
+                if r.route.is_empty() { "-" } else { &r.route },
+                format!("{:.1}ms", r.duration_us as f64 / 1000.0),
+                r.request_id
+            )
+        }
+    }
+}
+
+pub fn log_header(f: Format) -> String {
+    match f {
+        Format::Json => String::new(),
+        Format::Table => format!(
+            "{:<27}  {:<12}  {:>3}  {:<6}  {:<24}  {:<32}  {:<14}  {:>9}  {}\n",
+            "TIME", "AGENT", "ST", "METHOD", "HOST", "PATH", "ROUTE", "DURATION", "REQUEST ID"
+        ),
+    }
+}
+
+pub fn log_stats(s: &v1::LogStats, f: Format) -> String {
+    match f {
+        Format::Json => pretty(&json!({
+            "total": s.total,
+            "status": { "1xx": s.status_1xx, "2xx": s.status_2xx, "3xx": s.status_3xx, "4xx": s.status_4xx, "5xx": s.status_5xx },
+            "p50_ms": s.p50_ms,
+            "p95_ms": s.p95_ms,
+            "p99_ms": s.p99_ms,
+        })),
+        Format::Table => format!(
+            "requests: {}\n1xx: {}  2xx: {}  3xx: {}  4xx: {}  5xx: {}\nlatency:  p50 {:.1}ms  p95 {:.1}ms  p99 {:.1}ms\n",
+            s.total,
+            s.status_1xx,
+            s.status_2xx,
+            s.status_3xx,
+            s.status_4xx,
+            s.status_5xx,
+            s.p50_ms,
+            s.p95_ms,
+            s.p99_ms
         ),
     }
 }

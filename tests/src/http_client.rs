@@ -57,6 +57,30 @@ impl Default for HttpClient {
 }
 
 impl HttpClient {
+    /// A client whose connections come from `ip` (any 127.0.0.0/8 address works on loopback).
+    pub fn from_ip(ip: std::net::IpAddr) -> Self {
+        let mut c = HttpConnector::new();
+        c.set_local_address(Some(ip));
+        Self {
+            client: Client::builder(TokioExecutor::new()).build(c),
+        }
+    }
+
+    /// A request with any method, extra headers and a body.
+    pub async fn send(&self, req: Request<Full<Bytes>>) -> Result<Reply, String> {
+        let fut = async {
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| format!("{e:?}"))?;
+            Reply::read(resp).await
+        };
+        tokio::time::timeout(Duration::from_secs(30), fut)
+            .await
+            .map_err(|_| "timed out".to_string())?
+    }
+
     pub fn new() -> Self {
         Self {
             client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),

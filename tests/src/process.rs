@@ -102,6 +102,11 @@ impl PlaneProc {
 
     /// Starts on a given address (to restart a plane where its agents expect it).
     pub async fn start_at(dir: &Path, listen: SocketAddr) -> PlaneProc {
+        Self::start_with(dir, listen, &[]).await
+    }
+
+    /// Starts with extra flags, e.g. `--log-store postgres://...`.
+    pub async fn start_with(dir: &Path, listen: SocketAddr, extra: &[&str]) -> PlaneProc {
         let data_dir = dir.join("plane-data");
         let ready = dir.join("plane.ready");
         let _ = std::fs::remove_file(&ready);
@@ -115,6 +120,10 @@ impl PlaneProc {
             "--ready-file".into(),
             ready.display().to_string(),
         ];
+        let args: Vec<String> = args
+            .into_iter()
+            .chain(extra.iter().map(|s| s.to_string()))
+            .collect();
         let mut child = spawn(&args, &log);
         let v = read_ready(&ready, &mut child, &log).await;
         PlaneProc {

@@ -174,6 +174,12 @@ impl Metrics {
             "Access-log records dropped, by reason",
             m.log_dropped.clone(),
         );
+        // Present at 0 from the start, so alerts and dashboards see the series before a drop.
+        for reason in ["queue_full", "spool_full", "spool_error"] {
+            drop(m.log_dropped.get_or_create(&ReasonLabels {
+                reason: reason.to_string(),
+            }));
+        }
         Metrics { registry: r, ..m }
     }
 
