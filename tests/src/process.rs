@@ -69,7 +69,7 @@ fn spawn(args: &[String], log: &Path) -> Child {
     let err = out.try_clone().expect("log file");
     Command::new(bin("dispa"))
         .args(args)
-        .env("RUST_LOG", "info")
+        .env_remove("RUST_LOG")
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)

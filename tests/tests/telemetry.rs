@@ -609,3 +609,107 @@ async fn metrics_are_valid_prometheus_text_with_the_documented_series() {
         Some(1.0)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stdout_access_log_json_tracing_traceparent_and_fleet_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = TestUpstream::start("u").await;
+    let plane = PlaneProc::start(dir.path()).await;
+    let flags = [
+        "--access-log",
+        "stdout",
+        "--log-format",
+        "json",
+        "--log-level",
+        "debug",
+        "--log-redact-query",
+        "token",
+    ];
+    let agent = AgentProc::start_with(dir.path(), &plane.url(), "a", &flags).await;
+    let f = write_config(dir.path(), "r.toml", &config(&up));
+    ctl(&plane.url(), &["apply", "-f", &f]).await.ok();
+    wait_synced(&plane.url(), &["a"], 1).await;
+
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let req = http::Request::get(format!(
+        "http://{}/search?token=s3cr3t-value&q=1",
+        agent.proxy
+    ))
+    .header("host", "h")
+    .header("traceparent", tp)
+    .header("x-request-id", "client-chosen-id")
+    .body(http_body_util::Full::new(bytes::Bytes::new()))
+    .unwrap();
+    let r = HttpClient::new().send(req).await.unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-request-id"), Some("client-chosen-id"));
+    let seen = r.json();
+    assert_eq!(
+        seen["headers"]["traceparent"], tp,
+        "traceparent propagated upstream"
+    );
+    assert_eq!(seen["headers"]["x-request-id"], "client-chosen-id");
+
+    let (access, span_line) = eventually(
+        "access-log line and request span on the agent's output",
+        Duration::from_secs(10),
+        || async {
+            let log = agent.log_text();
+            let lines: Vec<serde_json::Value> = log
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect();
+            let access = lines
+                .iter()
+                .find(|j| j["request_id"] == "client-chosen-id")?
+                .clone();
+            let span = lines
+                .iter()
+                .find(|j| {
+                    j["span"]["name"] == "request"
+                        && j["span"]["id"] == "client-chosen-id"
+                        && j["fields"]["message"] == "request finished"
+                })?
+                .clone();
+            Some((access, span))
+        },
+    )
+    .await;
+    assert_eq!(access["query"], "token=REDACTED&q=1");
+    assert_eq!(access["traceparent"], tp);
+    assert_eq!(access["status"], 200);
+    assert_eq!(span_line["fields"]["status"], 200);
+    assert!(
+        !agent.log_text().contains("s3cr3t-value"),
+        "redacted query values never reach the agent's output"
+    );
+    let stored = ctl(&plane.url(), &["logs", "-o", "json"]).await.ok();
+    assert!(stored.stdout.contains("token=REDACTED") && !stored.stdout.contains("s3cr3t-value"));
+
+    // Agents report summaries; `dispactl status` shows them per agent.
+    let status = eventually(
+        "a metrics summary from agent a",
+        Duration::from_secs(20),
+        || async {
+            let s = ctl(&plane.url(), &["status", "-o", "json"])
+                .await
+                .ok()
+                .json();
+            (!s["fleet"][0]["metrics"].is_null()).then_some(s)
+        },
+    )
+    .await;
+    let m = &status["fleet"][0]["metrics"];
+    assert_eq!(status["fleet"][0]["id"], "a");
+    assert!(
+        m["rps"].as_f64().is_some()
+            && m["error_rate"].as_f64() == Some(0.0)
+            && m["p99_ms"].as_f64().is_some(),
+        "{m}"
+    );
+    let table = ctl(&plane.url(), &["status"]).await.ok();
+    assert!(
+        table.stdout.contains("RPS") && table.stdout.contains("P99"),
+        "{table:?}"
+    );
+}

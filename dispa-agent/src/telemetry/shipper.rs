@@ -119,12 +119,11 @@ impl Shipper {
             tokio::select! {
                 ack = acks.message() => {
                     let ack = ack.map_err(|s| format!("{}: {}", s.code(), s.message()))?.ok_or("plane closed the stream")?;
-                    if let Some(pos) = inflight.iter().position(|(_, b, s)| *b == ack.boot_id && *s == ack.seq) {
-                        if let Some((order, _, _)) = inflight.remove(pos) {
+                    if let Some(pos) = inflight.iter().position(|(_, b, s)| *b == ack.boot_id && *s == ack.seq)
+                        && let Some((order, _, _)) = inflight.remove(pos) {
                             self.spool.remove(order);
                             self.metrics.log_batches_shipped.inc();
                         }
-                    }
                     let (batches, bytes) = self.spool.depth();
                     self.metrics.log_spool_batches.set(batches as i64);
                     self.metrics.log_spool_bytes.set(bytes as i64);

@@ -179,14 +179,12 @@ impl Inner {
     }
 }
 
-fn blocking<T: Send + 'static>(
+async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, LogStoreError> + Send + 'static,
-) -> impl std::future::Future<Output = Result<T, LogStoreError>> {
-    async move {
-        tokio::task::spawn_blocking(f)
-            .await
-            .map_err(|e| LogStoreError::Io(format!("store task failed: {e}")))?
-    }
+) -> Result<T, LogStoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| LogStoreError::Io(format!("store task failed: {e}")))?
 }
 
 #[tonic::async_trait]
