@@ -94,17 +94,7 @@ impl HttpClient {
             b = b.header(http::header::HOST, h);
         }
         let req = b.body(Full::new(Bytes::new())).map_err(|e| e.to_string())?;
-        let fut = async {
-            let resp = self
-                .client
-                .request(req)
-                .await
-                .map_err(|e| format!("{e:?}"))?;
-            Reply::read(resp).await
-        };
-        tokio::time::timeout(Duration::from_secs(30), fut)
-            .await
-            .map_err(|_| "timed out".to_string())?
+        self.send(req).await
     }
 }
 

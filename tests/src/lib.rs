@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 pub use http_client::{HttpClient, Reply};
 pub use process::{AgentProc, CtlOutput, PlaneProc, ctl};
-pub use upstream::TestUpstream;
+pub use upstream::{TestUpstream, refused_addr};
 
 /// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
 pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T

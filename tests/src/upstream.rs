@@ -94,3 +94,9 @@ impl TestUpstream {
         }
     }
 }
+
+/// An address on loopback where nothing listens: connections to it are refused.
+pub fn refused_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr")
+}

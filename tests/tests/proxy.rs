@@ -109,10 +109,7 @@ async fn upstream_failures_map_to_502_and_504_with_short_bodies() {
     let dir = tempfile::tempdir().unwrap();
     let slow = TestUpstream::start("slow").await;
     // A port that refuses connections: bound once, then released.
-    let refused = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let refused = refused_addr();
     let cfg = format!(
         r#"
 [upstreams.dead]

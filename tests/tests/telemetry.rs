@@ -168,10 +168,7 @@ async fn no_loss_no_duplicates_across_plane_and_agent_restarts() {
 async fn filters_and_follow() {
     let dir = tempfile::tempdir().unwrap();
     let up = TestUpstream::start("u").await;
-    let refused = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let refused = refused_addr();
     let plane = PlaneProc::start(dir.path()).await;
     let a = AgentProc::start(dir.path(), &plane.url(), "a").await;
     let b = AgentProc::start(dir.path(), &plane.url(), "b").await;
@@ -479,10 +476,7 @@ fn histogram_count(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f6
 async fn metrics_are_valid_prometheus_text_with_the_documented_series() {
     let dir = tempfile::tempdir().unwrap();
     let up = TestUpstream::start("u").await;
-    let refused = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let refused = refused_addr();
     let plane = PlaneProc::start(dir.path()).await;
     let agent = AgentProc::start(dir.path(), &plane.url(), "a").await;
     let cfg = format!(
