@@ -358,7 +358,12 @@ impl Admin for AdminService {
             }
             let Some(live) = live.as_mut() else { return };
             loop {
-                let batch = match live.recv().await {
+                let received = tokio::select! {
+                    r = live.recv() => r,
+                    // The follower went away: stop waiting for records it will never read.
+                    _ = tx.closed() => return,
+                };
+                let batch = match received {
                     Ok(b) => b,
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         tracing::warn!("a log follower fell behind and skipped {n} batches");
