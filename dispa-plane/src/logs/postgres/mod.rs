@@ -378,10 +378,8 @@ impl LogStore for PgLogStore {
         let mut lease = self.pool.lease().await?;
         let slot = lease.slot()?;
         let res = retain_on(&mut slot.client, &self.names, cutoff).await;
-        if let Err(e) = &res {
-            if e.as_db_error().is_none() {
-                lease.discard();
-            }
+        if res.as_ref().is_err_and(|e| e.as_db_error().is_none()) {
+            lease.discard();
         }
         let (removed, dropped) = res.map_err(|e| pg_err("removing expired logs", &e))?;
         if dropped {
