@@ -616,3 +616,29 @@ async fn a_missing_database_is_reported_without_the_url() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn survives_the_server_closing_its_connections() {
+    run(|ctx| async move {
+        // A per-test application name, so only this store's sessions are terminated.
+        let app = ctx.schema.clone();
+        let sep = if ctx.url.contains('?') { '&' } else { '?' };
+        let url = format!("{}{sep}application_name={app}", ctx.url);
+        let s = PgLogStore::connect_with_schema(&url, &ctx.schema)
+            .await
+            .unwrap();
+        assert!(s.ingest(&batch("a", 1, vec![rec(MAR10, 1)])).await.unwrap());
+        let kill = "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                    WHERE application_name = $1";
+        let killed: i64 = ctx.admin.query_one(kill, &[&app]).await.unwrap().get(0);
+        assert!(killed >= 1);
+        assert!(
+            s.ingest(&batch("a", 2, vec![rec(MAR10 + 1, 2)]))
+                .await
+                .unwrap()
+        );
+        ctx.admin.query_one(kill, &[&app]).await.unwrap();
+        assert_eq!(s.query(&LogFilter::default(), 10).await.unwrap().len(), 2);
+    })
+    .await;
+}

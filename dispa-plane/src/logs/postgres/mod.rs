@@ -294,19 +294,24 @@ impl PgLogStore {
     }
 }
 
-/// Whether a failed ingest may simply be tried again: the store is idempotent, so even a
-/// connection lost mid-commit is safe to retry.
+/// Whether a failed ingest may simply be tried again (besides a lost connection, which always
+/// may: the store is idempotent, so even a commit whose outcome is unknown is safe to repeat).
 fn retryable(e: &tokio_postgres::Error) -> bool {
-    match e.code() {
-        // A partition vanished (retention, possibly by another plane) after we cached it.
-        Some(c) => {
-            *c == SqlState::CHECK_VIOLATION
-                || *c == SqlState::T_R_DEADLOCK_DETECTED
-                || *c == SqlState::T_R_SERIALIZATION_FAILURE
-                || *c == SqlState::ADMIN_SHUTDOWN
-        }
-        None => true,
-    }
+    e.code().is_some_and(|c| {
+        // A cached partition vanished (retention, possibly by another plane).
+        *c == SqlState::CHECK_VIOLATION
+            || *c == SqlState::T_R_DEADLOCK_DETECTED
+            || *c == SqlState::T_R_SERIALIZATION_FAILURE
+    })
+}
+
+/// Errors after which the connection is not worth keeping: I/O or protocol failures, or the
+/// server ending the session (restart, pg_terminate_backend).
+fn connection_lost(e: &tokio_postgres::Error, client: &Client) -> bool {
+    client.is_closed()
+        || e.as_db_error().is_none()
+        || e.code() == Some(&SqlState::ADMIN_SHUTDOWN)
+        || e.code() == Some(&SqlState::CRASH_SHUTDOWN)
 }
 
 const INGEST_TRIES: u32 = 3;
@@ -327,13 +332,14 @@ impl LogStore for PgLogStore {
                 Ok(stored) => return Ok(stored),
                 Err(e) => e,
             };
-            if err.as_db_error().is_none() || slot.client.is_closed() {
+            let lost = connection_lost(&err, &slot.client);
+            if lost {
                 lease.discard();
             }
             if err.code() == Some(&SqlState::CHECK_VIOLATION) {
                 self.known_partitions().clear();
             }
-            if tries >= INGEST_TRIES || !retryable(&err) {
+            if tries >= INGEST_TRIES || !(lost || retryable(&err)) {
                 return Err(pg_err("storing a log batch", &err));
             }
             tracing::debug!("retrying a log batch: {}", describe(&err));
@@ -351,18 +357,23 @@ impl LogStore for PgLogStore {
         let (sql, params) = codec::select_sql(&self.names.logs, filter, limit);
         let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
             params.iter().map(|p| &**p as _).collect();
-        let mut lease = self.pool.lease().await?;
-        let slot = lease.slot()?;
-        let rows = match slot.client.query(&sql, &refs).await {
-            Ok(rows) => rows,
-            Err(e) => {
-                if e.as_db_error().is_none() {
+        let mut tries = 0;
+        let rows = loop {
+            tries += 1;
+            let mut lease = self.pool.lease().await?;
+            let slot = lease.slot()?;
+            match slot.client.query(&sql, &refs).await {
+                Ok(rows) => break rows,
+                // A read is safe to repeat on a fresh connection.
+                Err(e) if connection_lost(&e, &slot.client) => {
                     lease.discard();
+                    if tries >= 2 {
+                        return Err(pg_err("querying logs", &e));
+                    }
                 }
-                return Err(pg_err("querying logs", &e));
+                Err(e) => return Err(pg_err("querying logs", &e)),
             }
         };
-        drop(lease);
         rows.iter()
             .map(codec::record_of)
             .collect::<Result<_, _>>()
@@ -378,7 +389,10 @@ impl LogStore for PgLogStore {
         let mut lease = self.pool.lease().await?;
         let slot = lease.slot()?;
         let res = retain_on(&mut slot.client, &self.names, cutoff).await;
-        if res.as_ref().is_err_and(|e| e.as_db_error().is_none()) {
+        if res
+            .as_ref()
+            .is_err_and(|e| connection_lost(e, &slot.client))
+        {
             lease.discard();
         }
         let (removed, dropped) = res.map_err(|e| pg_err("removing expired logs", &e))?;
