@@ -587,6 +587,8 @@ async fn errors_never_show_the_password() {
         "postgres://dispa:s3cret-pw@127.0.0.1:1/test?connect_timeout=2",
         "postgres://dispa:s3cret-pw@127.0.0.1:notaport/test",
         "postgres://dispa:s3cret-pw@127.0.0.1/test?bogus=s3cret-pw",
+        "postgres://dispa@127.0.0.1/test?s3cret-pw",
+        "postgres://dispa@127.0.0.1/test?s3cret-pw=1",
         "postgres://dispa:s3cret-pw@127.0.0.1/test?sslmode=s3cret-pw",
         "host=127.0.0.1 password='s3cret-pw",
     ] {

@@ -102,13 +102,14 @@ fn describe(e: &tokio_postgres::Error) -> String {
     s
 }
 
-/// Parses the URL without ever echoing it: tokio-postgres's parse errors can quote a
-/// character of it, which may belong to the password.
+/// Parses the URL without ever echoing it: tokio-postgres's parse errors can quote parts of
+/// it (a character, an unknown key), which may belong to the password. Only "invalid value
+/// for option `name`" is passed on, as it names a fixed option.
 fn parse_url(url: &str) -> Result<Config, LogStoreError> {
     let mut config: Config = url.parse().map_err(|e: tokio_postgres::Error| {
         let hint = std::error::Error::source(&e)
             .map(|c| c.to_string())
-            .filter(|c| c.starts_with("unknown option") || c.starts_with("invalid value for"))
+            .filter(|c| c.starts_with("invalid value for option"))
             .map_or(String::new(), |c| format!(" ({c})"));
         LogStoreError::Postgres(format!("invalid PostgreSQL connection URL{hint}"))
     })?;
