@@ -63,6 +63,10 @@ struct PlaneArgs {
     /// Where traffic logs are stored: "sled" (in the data dir) or a postgres:// URL.
     #[arg(long, env = "DISPA_LOG_STORE", default_value = "sled")]
     log_store: String,
+    /// PostgreSQL log store: the schema for its tables (created if missing); default: the
+    /// connection's current schema.
+    #[arg(long)]
+    log_store_schema: Option<String>,
     /// Traffic-log records older than this are deleted.
     #[arg(long, default_value = "7d", value_parser = humantime_duration)]
     log_retention: Duration,
@@ -197,9 +201,13 @@ async fn run_plane(a: PlaneArgs) -> Result<()> {
     opts.log_store = match a.log_store.as_str() {
         "sled" => LogStoreConfig::Sled,
         url if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
-            LogStoreConfig::Postgres(url.to_string())
+            LogStoreConfig::Postgres {
+                url: url.to_string(),
+                schema: a.log_store_schema.clone(),
+            }
         }
-        other => anyhow::bail!("--log-store {other:?}: use \"sled\" or a postgres:// URL"),
+        // Not echoed: a mistyped URL may still hold a password.
+        _ => anyhow::bail!("--log-store: use \"sled\" or a postgres:// (postgresql://) URL"),
     };
     opts.log_retention = a.log_retention;
     opts.log_max_records = a.log_max_records;

@@ -34,12 +34,25 @@ use crate::versions::{ApplyInput, ApplyOutcome, VersionsError};
 const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
 /// Where traffic logs go.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum LogStoreConfig {
     /// sled, in the data dir (the default).
     Sled,
-    /// PostgreSQL at this URL.
-    Postgres(String),
+    /// PostgreSQL at this URL, tables in `schema` (created if missing) or the connection's
+    /// current schema.
+    Postgres { url: String, schema: Option<String> },
+}
+
+// By hand: the URL may carry a password, and options get logged.
+impl std::fmt::Debug for LogStoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LogStoreConfig::Sled => f.write_str("Sled"),
+            LogStoreConfig::Postgres { schema, .. } => {
+                write!(f, "Postgres {{ url: <redacted>, schema: {schema:?} }}")
+            }
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -182,9 +195,13 @@ impl Plane {
                 &opts.data_dir.join("logs"),
                 opts.log_max_records,
             )?),
-            LogStoreConfig::Postgres(url) => {
+            LogStoreConfig::Postgres { url, schema: None } => {
                 Arc::new(logs::postgres::PgLogStore::connect(url).await?)
             }
+            LogStoreConfig::Postgres {
+                url,
+                schema: Some(schema),
+            } => Arc::new(logs::postgres::PgLogStore::connect_with_schema(url, schema).await?),
         };
         tracing::info!(store = logs.kind(), "traffic-log store ready");
         let state = Arc::new(PlaneState {

@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod http_client;
+pub mod postgres;
 pub mod process;
 pub mod upstream;
 

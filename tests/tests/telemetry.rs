@@ -125,11 +125,31 @@ async fn ten_thousand_through_two_agents(plane_flags: &[&str]) {
     .json();
     assert_eq!(stats["total"], 10_000);
     assert_eq!(stats["status"]["2xx"], 10_000);
+    let status = ctl(&plane.url(), &["status", "-o", "json"])
+        .await
+        .ok()
+        .json();
+    let want = if plane_flags.is_empty() {
+        "sled"
+    } else {
+        "postgres"
+    };
+    assert_eq!(status["log_store"], want);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_requests_ten_thousand_records_sled() {
     ten_thousand_through_two_agents(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_requests_ten_thousand_records_postgres() {
+    let Some(pg) = dispa_tests::postgres::TestSchema::new("dispa_e2e").await else {
+        return;
+    };
+    ten_thousand_through_two_agents(&["--log-store", &pg.url, "--log-store-schema", &pg.schema])
+        .await;
+    pg.drop_schema().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
