@@ -471,3 +471,96 @@ async fn agent_rejects_a_plane_of_another_protocol_major_naming_both_versions() 
     );
     server.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_conn_avoids_a_busy_endpoint_and_hash_is_sticky() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (
+        TestUpstream::start("a").await,
+        TestUpstream::start("b").await,
+    );
+    let cfg = format!(
+        r#"
+[upstreams.lc]
+balance = "least_conn"
+endpoints = ["{a}", "{b}"]
+
+[upstreams.sticky]
+balance = "hash"
+hash_on = "header:x-user"
+endpoints = ["{a}", "{b}"]
+
+[[routes]]
+name = "lc"
+hosts = ["lc.example.com"]
+timeout = "20s"
+upstream = "lc"
+
+[[routes]]
+name = "sticky"
+hosts = ["sticky.example.com"]
+upstream = "sticky"
+"#,
+        a = a.addr,
+        b = b.addr
+    );
+    let (_plane, agent) = fleet_with(dir.path(), &cfg).await;
+    let proxy = agent.proxy;
+    // Occupy one endpoint with a slow request.
+    let slow = tokio::spawn(async move {
+        HttpClient::new()
+            .get(
+                &format!("http://{proxy}/?sleep_ms=3000"),
+                Some("lc.example.com"),
+            )
+            .await
+    });
+    eventually(
+        "the slow request is in flight",
+        Duration::from_secs(10),
+        || async {
+            (a.hits.load(Ordering::Relaxed) + b.hits.load(Ordering::Relaxed) == 1).then_some(())
+        },
+    )
+    .await;
+    let busy = if a.hits.load(Ordering::Relaxed) == 1 {
+        "a"
+    } else {
+        "b"
+    };
+    let http = HttpClient::new();
+    for _ in 0..10 {
+        let r = http
+            .get(&format!("http://{}/", agent.proxy), Some("lc.example.com"))
+            .await
+            .unwrap();
+        assert_ne!(
+            r.json()["upstream"],
+            busy,
+            "least_conn sends new requests to the idle endpoint"
+        );
+    }
+    assert_eq!(slow.await.unwrap().unwrap().json()["upstream"], busy);
+
+    let mut placement = std::collections::HashMap::new();
+    for user in 0..20 {
+        for _ in 0..3 {
+            let req = http::Request::get(format!("http://{}/", agent.proxy))
+                .header("host", "sticky.example.com")
+                .header("x-user", format!("user-{user}"))
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap();
+            let up = http.send(req).await.unwrap().json()["upstream"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            let first = placement.entry(user).or_insert_with(|| up.clone());
+            assert_eq!(*first, up, "user-{user} always lands on one endpoint");
+        }
+    }
+    let on_a = placement.values().filter(|u| *u == "a").count();
+    assert!(
+        (3..=17).contains(&on_a),
+        "users spread over both endpoints: {on_a} of 20 on a"
+    );
+}

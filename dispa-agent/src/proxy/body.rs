@@ -64,6 +64,8 @@ pub struct Finish {
     pub metrics: Arc<Metrics>,
     pub window: Arc<Window>,
     pub span: tracing::Span,
+    /// Released when the response ends, so least_conn and p2c see streaming responses as busy.
+    pub in_flight: Option<crate::upstream::InFlight>,
 }
 
 impl Finish {

@@ -100,6 +100,8 @@ struct Exchange {
     endpoint: Option<SocketAddr>,
     upstream_us: Option<u64>,
     failure: Option<Failure>,
+    /// Counts the request against its endpoint until the response ends.
+    in_flight: Option<crate::upstream::InFlight>,
 }
 
 /// Shared by every connection of the proxy listener.
@@ -204,6 +206,7 @@ impl Proxy {
             metrics: self.metrics.clone(),
             window: self.window.clone(),
             span,
+            in_flight: ex.in_flight,
         };
         Ok(resp.map(|b| LoggedBody::new(b, finish)))
     }
@@ -243,10 +246,15 @@ impl Proxy {
         raw_host: String,
         bytes_in: Arc<AtomicU64>,
     ) -> (Exchange, Response<ProxyBody>) {
-        let Some(endpoint) = route.upstream.pick() else {
+        let ctx = crate::upstream::PickCtx {
+            client_ip: peer.ip(),
+            headers: req.headers(),
+        };
+        let Some((endpoint, in_flight)) = route.upstream.pick(&ctx) else {
             return fail(ex, Failure::NoEndpoint);
         };
         ex.endpoint = Some(endpoint);
+        ex.in_flight = Some(in_flight);
         let (mut parts, body) = req.into_parts();
         let path = route.rewrite_path(parts.uri.path());
         let target = match parts.uri.query() {

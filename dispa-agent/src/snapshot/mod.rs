@@ -221,11 +221,20 @@ mod tests {
         compile(Version(1), "h".into(), &c, &resolved, prev).unwrap()
     }
 
+    fn pick(u: &UpstreamRuntime) -> Option<std::net::SocketAddr> {
+        let headers = http::HeaderMap::new();
+        let ctx = crate::upstream::PickCtx {
+            client_ip: "127.0.0.1".parse().unwrap(),
+            headers: &headers,
+        };
+        u.pick(&ctx).map(|(a, _)| a)
+    }
+
     #[test]
     fn untouched_upstreams_keep_their_pool_and_cursor() {
         let a = "[upstreams.a]\nendpoints=[\"127.0.0.1:1\",\"127.0.0.1:2\"]\n[upstreams.b]\nendpoints=[\"127.0.0.1:3\"]\n";
         let s1 = snapshot(a, None);
-        s1.upstreams[&dispa_proto::UpstreamName::new("a")].pick();
+        pick(&s1.upstreams[&dispa_proto::UpstreamName::new("a")]);
         let b = a.replace("127.0.0.1:3", "127.0.0.1:4");
         let s2 = snapshot(&b, Some(&s1));
         let name = |n: &str| dispa_proto::UpstreamName::new(n);
@@ -235,7 +244,7 @@ mod tests {
         ));
         // The cursor continues: the next pick is the second endpoint.
         assert_eq!(
-            s2.upstreams[&name("a")].pick(),
+            pick(&s2.upstreams[&name("a")]),
             Some("127.0.0.1:2".parse().unwrap())
         );
         // b's endpoints changed; its pool is kept since its identity (name, timeouts) is unchanged.
@@ -252,6 +261,27 @@ mod tests {
             &s2.upstreams[&name("b")].pool,
             &s3.upstreams[&name("b")].pool
         ));
+    }
+
+    #[test]
+    fn in_flight_counts_survive_a_swap_for_unchanged_endpoints() {
+        let a = "[upstreams.a]\nbalance = \"least_conn\"\nendpoints=[\"127.0.0.1:1\",\"127.0.0.1:2\"]\n";
+        let s1 = snapshot(a, None);
+        let name = dispa_proto::UpstreamName::new("a");
+        let headers = http::HeaderMap::new();
+        let ctx = crate::upstream::PickCtx {
+            client_ip: "127.0.0.1".parse().unwrap(),
+            headers: &headers,
+        };
+        let (first, _guard) = s1.upstreams[&name].pick(&ctx).unwrap();
+        // A push that adds an endpoint keeps the busy one's count: the next picks avoid it.
+        let s2 = snapshot(
+            &a.replace("\"127.0.0.1:2\"]", "\"127.0.0.1:2\",\"127.0.0.1:3\"]"),
+            Some(&s1),
+        );
+        for _ in 0..6 {
+            assert_ne!(pick(&s2.upstreams[&name]), Some(first));
+        }
     }
 
     #[test]

@@ -1,21 +1,23 @@
 //! Upstreams at run time: resolved endpoints, the balancer, and state that outlives a snapshot
-//! (connection pool, round-robin position), carried across swaps by upstream identity.
+//! (connection pool, in-flight counters, round-robin position), carried across swaps by
+//! identity: upstream name, and endpoint address within it.
 
+pub mod balancer;
 mod pool;
-mod round_robin;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use dispa_proto::UpstreamName;
 use dispa_proto::config::model::Upstream;
 
+pub use balancer::{Balancer, Endpoint, InFlight, PickCtx};
 pub use pool::{Pool, PoolKey};
-pub use round_robin::RoundRobin;
 
-/// A resolved endpoint.
+/// A resolved endpoint, before it gets run-time state.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ResolvedEndpoint {
     pub addr: SocketAddr,
@@ -26,26 +28,28 @@ pub struct ResolvedEndpoint {
 #[derive(Debug)]
 pub struct UpstreamRuntime {
     pub name: UpstreamName,
-    pub endpoints: Vec<ResolvedEndpoint>,
-    pub balancer: RoundRobin,
+    pub endpoints: Vec<Endpoint>,
+    pub balancer: Balancer,
     pub pool: Arc<Pool>,
     pub connect_timeout: Duration,
 }
 
 impl UpstreamRuntime {
-    pub fn pick(&self) -> Option<SocketAddr> {
-        self.balancer
-            .pick()
-            .and_then(|i| self.endpoints.get(i))
-            .map(|e| e.addr)
+    /// The endpoint for a request, counted in flight until the guard drops.
+    pub fn pick(&self, ctx: &PickCtx<'_>) -> Option<(SocketAddr, InFlight)> {
+        let e = self
+            .endpoints
+            .get(self.balancer.pick(&self.endpoints, ctx)?)?;
+        Some((e.addr, InFlight::start(&e.in_flight)))
     }
 }
 
-/// Builds an upstream, reusing the previous snapshot's state when its identity is unchanged:
-/// the pool when the connect settings match, the round-robin position when the endpoints do.
+/// Builds an upstream, reusing the previous snapshot's state where identity is unchanged:
+/// the pool when the connect settings match, each endpoint's in-flight counter by address,
+/// the balancer's position when the balance and endpoints are the same.
 pub fn build(
     spec: &Upstream,
-    endpoints: Vec<ResolvedEndpoint>,
+    resolved: Vec<ResolvedEndpoint>,
     previous: Option<&UpstreamRuntime>,
 ) -> UpstreamRuntime {
     let key = PoolKey {
@@ -56,11 +60,30 @@ pub fn build(
         Some(p) if p.pool.key() == &key => p.pool.clone(),
         _ => Arc::new(Pool::new(key)),
     };
-    let weights: Vec<u32> = endpoints.iter().map(|e| e.weight).collect();
-    let balancer = match previous {
-        Some(p) if p.endpoints == endpoints => p.balancer.carry(),
-        _ => RoundRobin::new(&weights),
-    };
+    let old: HashMap<SocketAddr, &Arc<AtomicU64>> = previous
+        .map(|p| p.endpoints.iter().map(|e| (e.addr, &e.in_flight)).collect())
+        .unwrap_or_default();
+    let endpoints: Vec<Endpoint> = resolved
+        .iter()
+        .map(|r| Endpoint {
+            addr: r.addr,
+            weight: r.weight,
+            in_flight: old
+                .get(&r.addr)
+                .map_or_else(|| Arc::new(AtomicU64::new(0)), |c| Arc::clone(c)),
+        })
+        .collect();
+    let same = previous.is_some_and(|p| {
+        p.endpoints.len() == endpoints.len()
+            && p.endpoints
+                .iter()
+                .zip(&endpoints)
+                .all(|(a, b)| a.addr == b.addr && a.weight == b.weight)
+    });
+    let carried = previous
+        .filter(|_| same && previous_balance_is(previous, spec))
+        .map(|p| &p.balancer);
+    let balancer = Balancer::new(&spec.balance, &endpoints, carried);
     UpstreamRuntime {
         name: spec.name.clone(),
         endpoints,
@@ -68,6 +91,17 @@ pub fn build(
         pool,
         connect_timeout: spec.connect_timeout,
     }
+}
+
+fn previous_balance_is(previous: Option<&UpstreamRuntime>, spec: &Upstream) -> bool {
+    use dispa_proto::config::model::Balance;
+    matches!(
+        (previous.map(|p| &p.balancer), &spec.balance),
+        (
+            Some(Balancer::RoundRobin(_)),
+            Balance::RoundRobin | Balance::Weighted
+        )
+    )
 }
 
 pub type Upstreams = HashMap<UpstreamName, Arc<UpstreamRuntime>>;

@@ -20,9 +20,81 @@ pub struct Config {
     pub routes: Vec<Route>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How an upstream spreads requests over its endpoints.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Balance {
+    /// Smooth weighted round robin (weights default to 1, so plain rotation).
     RoundRobin,
+    /// The same as round robin; the name says weights matter.
+    Weighted,
+    /// Fewest requests in flight per unit of weight.
+    LeastConn,
+    /// Weighted random.
+    Random,
+    /// Power of two choices: two random endpoints, the one with fewer requests in flight.
+    P2c,
+    /// Consistent hashing of a request key onto a ring of endpoints.
+    Hash(HashOn),
+}
+
+impl Balance {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Balance::RoundRobin => "round_robin",
+            Balance::Weighted => "weighted",
+            Balance::LeastConn => "least_conn",
+            Balance::Random => "random",
+            Balance::P2c => "p2c",
+            Balance::Hash(_) => "hash",
+        }
+    }
+}
+
+/// What a hash balancer hashes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HashOn {
+    /// A request header's value (name stored lower-case).
+    Header(String),
+    /// A cookie's value.
+    Cookie(String),
+    ClientIp,
+}
+
+impl HashOn {
+    /// Parses `header:NAME`, `cookie:NAME` or `client_ip`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s == "client_ip" {
+            return Ok(HashOn::ClientIp);
+        }
+        let bad = || {
+            format!("invalid hash_on {s:?}: use \"header:NAME\", \"cookie:NAME\" or \"client_ip\"")
+        };
+        let (kind, name) = s.split_once(':').ok_or_else(bad)?;
+        match kind {
+            "header" if http::HeaderName::from_bytes(name.as_bytes()).is_ok() => {
+                Ok(HashOn::Header(name.to_ascii_lowercase()))
+            }
+            "cookie"
+                if !name.is_empty()
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_graphic() && !b"=;,\"".contains(&b)) =>
+            {
+                Ok(HashOn::Cookie(name.to_string()))
+            }
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl fmt::Display for HashOn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HashOn::Header(h) => write!(f, "header:{h}"),
+            HashOn::Cookie(c) => write!(f, "cookie:{c}"),
+            HashOn::ClientIp => f.write_str("client_ip"),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -21,6 +21,7 @@ pub(crate) struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawUpstream {
     pub balance: Option<Spanned<String>>,
+    pub hash_on: Option<Spanned<String>>,
     pub endpoints: Spanned<Vec<Spanned<RawEndpoint>>>,
     pub connect_timeout: Option<Spanned<String>>,
 }

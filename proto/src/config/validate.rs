@@ -8,7 +8,8 @@ use toml::Spanned;
 use super::diagnostic::{Diagnostics, Positions};
 use super::model::{
     Balance, Config, DEFAULT_CONNECT_TIMEOUT, DEFAULT_ROUTE_TIMEOUT, Endpoint, EndpointAddr,
-    HeaderOps, HostPattern, MAX_ENDPOINTS, MAX_TIMEOUT, MAX_WEIGHT, PathMatch, Route, Upstream,
+    HashOn, HeaderOps, HostPattern, MAX_ENDPOINTS, MAX_TIMEOUT, MAX_WEIGHT, PathMatch, Route,
+    Upstream,
 };
 use super::raw::{RawConfig, RawHeaderOps, RawRoute, RawUpstream};
 use crate::{RouteName, UpstreamName};
@@ -134,21 +135,45 @@ impl Validator<'_> {
     fn upstream(&mut self, name: UpstreamName, raw: RawUpstream, key: &str) -> Upstream {
         let balance = match &raw.balance {
             None => Balance::RoundRobin,
-            Some(b) if b.get_ref() == "round_robin" => Balance::RoundRobin,
-            Some(b) => {
-                let known = ["weighted", "least_conn", "random", "p2c", "hash"];
-                let msg = if known.contains(&b.get_ref().as_str()) {
-                    format!(
-                        "balance {:?} is not supported by this version yet (supported: round_robin)",
-                        b.get_ref()
-                    )
-                } else {
-                    format!("unknown balance {:?} (supported: round_robin)", b.get_ref())
-                };
-                self.err(b, &format!("{key}.balance"), msg);
-                Balance::RoundRobin
-            }
+            Some(b) => match b.get_ref().as_str() {
+                "round_robin" => Balance::RoundRobin,
+                "weighted" => Balance::Weighted,
+                "least_conn" => Balance::LeastConn,
+                "random" => Balance::Random,
+                "p2c" => Balance::P2c,
+                "hash" => match &raw.hash_on {
+                    Some(h) => match HashOn::parse(h.get_ref()) {
+                        Ok(on) => Balance::Hash(on),
+                        Err(m) => {
+                            self.err(h, &format!("{key}.hash_on"), m);
+                            Balance::RoundRobin
+                        }
+                    },
+                    None => {
+                        self.err(b, &format!("{key}.balance"), "balance = \"hash\" needs hash_on = \"header:NAME\", \"cookie:NAME\" or \"client_ip\"");
+                        Balance::RoundRobin
+                    }
+                },
+                other => {
+                    self.err(
+                        b,
+                        &format!("{key}.balance"),
+                        format!("unknown balance {other:?} (round_robin, weighted, least_conn, random, p2c, hash)"),
+                    );
+                    Balance::RoundRobin
+                }
+            },
         };
+        if let Some(h) = &raw.hash_on
+            && !matches!(balance, Balance::Hash(_))
+            && raw.balance.as_ref().is_none_or(|b| b.get_ref() != "hash")
+        {
+            self.err(
+                h,
+                &format!("{key}.hash_on"),
+                "hash_on needs balance = \"hash\"",
+            );
+        }
         let connect_timeout = match &raw.connect_timeout {
             Some(d) => self
                 .duration(d, &format!("{key}.connect_timeout"))
@@ -483,7 +508,8 @@ request_headers = { set = { "X-Dispa" = "1" }, remove = ["x-internal"] }
 [upstreams.a]
 endpoints = ["nope", "127.0.0.1:99999"]
 connect_timeout = "soon"
-balance = "p2c"
+balance = "hash"
+hash_on = "header:bad header"
 
 [[routes]]
 name = "x"
@@ -494,10 +520,28 @@ timeout = "0s"
 "#;
         let e = errors(src);
         assert_eq!(e.len(), 7, "{e:#?}");
-        assert!(
-            e.iter()
-                .any(|m| m.contains("not supported by this version"))
-        );
+        assert!(e.iter().any(|m| m.contains("invalid hash_on")), "{e:#?}");
+    }
+
+    #[test]
+    fn balancers_and_hash_on() {
+        let up = |extra: &str| format!("[upstreams.a]\nendpoints=[\"127.0.0.1:1\"]\n{extra}\n");
+        for b in ["round_robin", "weighted", "least_conn", "random", "p2c"] {
+            assert!(errors(&up(&format!("balance = \"{b}\""))).is_empty(), "{b}");
+        }
+        for on in ["header:X-User", "cookie:sid", "client_ip"] {
+            assert!(
+                errors(&up(&format!("balance = \"hash\"\nhash_on = \"{on}\""))).is_empty(),
+                "{on}"
+            );
+        }
+        assert!(errors(&up("balance = \"hash\""))[0].contains("needs hash_on"));
+        assert!(errors(&up("hash_on = \"client_ip\""))[0].contains("needs balance = \"hash\""));
+        assert!(errors(&up("balance = \"fastest\""))[0].contains("unknown balance"));
+        let c = parse_and_validate("f", &up("balance = \"hash\"\nhash_on = \"header:X-User\""))
+            .unwrap();
+        let u = &c.upstreams[&UpstreamName::new("a")];
+        assert_eq!(u.balance, Balance::Hash(HashOn::Header("x-user".into())));
     }
 
     #[test]

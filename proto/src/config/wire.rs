@@ -9,8 +9,8 @@ use std::time::Duration;
 use prost::Message;
 
 use super::model::{
-    Balance, Config, Endpoint, EndpointAddr, HeaderOps, HostPattern, MAX_TIMEOUT, PathMatch, Route,
-    Upstream,
+    Balance, Config, Endpoint, EndpointAddr, HashOn, HeaderOps, HostPattern, MAX_TIMEOUT,
+    PathMatch, Route, Upstream,
 };
 use crate::v1;
 use crate::{RouteName, UpstreamName};
@@ -50,7 +50,16 @@ fn upstream_to_wire(u: &Upstream) -> v1::Upstream {
     v1::Upstream {
         name: u.name.to_string(),
         balance: match u.balance {
-            Balance::RoundRobin => v1::Balance::RoundRobin as i32,
+            Balance::RoundRobin => v1::Balance::RoundRobin,
+            Balance::Weighted => v1::Balance::Weighted,
+            Balance::LeastConn => v1::Balance::LeastConn,
+            Balance::Random => v1::Balance::Random,
+            Balance::P2c => v1::Balance::P2c,
+            Balance::Hash(_) => v1::Balance::Hash,
+        } as i32,
+        hash_on: match &u.balance {
+            Balance::Hash(on) => on.to_string(),
+            _ => String::new(),
         },
         endpoints: u
             .endpoints
@@ -116,6 +125,13 @@ pub fn from_snapshot(s: v1::Snapshot) -> Result<Config, WireError> {
         let what = format!("upstream {:?}", u.name);
         let balance = match v1::Balance::try_from(u.balance) {
             Ok(v1::Balance::RoundRobin) => Balance::RoundRobin,
+            Ok(v1::Balance::Weighted) => Balance::Weighted,
+            Ok(v1::Balance::LeastConn) => Balance::LeastConn,
+            Ok(v1::Balance::Random) => Balance::Random,
+            Ok(v1::Balance::P2c) => Balance::P2c,
+            Ok(v1::Balance::Hash) => {
+                Balance::Hash(HashOn::parse(&u.hash_on).map_err(|m| invalid(&what, m))?)
+            }
             Err(_) => return Err(invalid(&what, format!("unknown balance {}", u.balance))),
         };
         let mut endpoints = Vec::new();
