@@ -564,3 +564,112 @@ upstream = "sticky"
         "users spread over both endpoints: {on_a} of 20 on a"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_redirect_respond_and_request_matchers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (stable, canary) = (
+        TestUpstream::start("stable").await,
+        TestUpstream::start("canary").await,
+    );
+    let cfg = format!(
+        r#"
+[upstreams.stable]
+endpoints = ["{}"]
+[upstreams.canary]
+endpoints = ["{}"]
+
+[[routes]]
+name = "split"
+hosts = ["app.example.com"]
+split = {{ stable = 90, canary = 10 }}
+
+[[routes]]
+name = "beta-users"
+hosts = ["app.example.com"]
+headers = {{ "x-beta" = {{ regex = "^(yes|1)$" }} }}
+upstream = "canary"
+
+[[routes]]
+name = "debug-query"
+hosts = ["app.example.com"]
+query = {{ "debug" = "1" }}
+upstream = "canary"
+
+[[routes]]
+name = "old"
+hosts = ["app.example.com"]
+path_prefix = "/old/"
+redirect = {{ code = 301, scheme = "https", path = "/new/" }}
+
+[[routes]]
+name = "maintenance"
+hosts = ["app.example.com"]
+path = "/status"
+respond = {{ status = 503, body = "down for maintenance\n", headers = {{ "retry-after" = "120" }} }}
+"#,
+        stable.addr, canary.addr
+    );
+    let (_plane, agent) = fleet_with(dir.path(), &cfg).await;
+    let http = HttpClient::new();
+    let url = format!("http://{}/", agent.proxy);
+
+    let mut canary_hits = 0;
+    for _ in 0..2_000 {
+        let r = http.get(&url, Some("app.example.com")).await.unwrap();
+        if r.json()["upstream"] == "canary" {
+            canary_hits += 1;
+        }
+    }
+    let share = canary_hits as f64 / 2_000.0;
+    assert!(
+        (share - 0.10).abs() <= 0.03,
+        "canary share {share} is 10% within 3 points"
+    );
+
+    let with = |name: &str, value: &str| {
+        http::Request::get(&url)
+            .header("host", "app.example.com")
+            .header(name, value)
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap()
+    };
+    for _ in 0..5 {
+        assert_eq!(
+            http.send(with("x-beta", "yes")).await.unwrap().json()["upstream"],
+            "canary"
+        );
+    }
+    let r = http
+        .get(
+            &format!("http://{}/?debug=1", agent.proxy),
+            Some("app.example.com"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.json()["upstream"], "canary");
+
+    let r = http
+        .get(
+            &format!("http://{}/old/page?x=1", agent.proxy),
+            Some("app.example.com"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 301);
+    assert_eq!(
+        r.header("location"),
+        Some("https://app.example.com/new/?x=1")
+    );
+
+    let r = http
+        .get(
+            &format!("http://{}/status", agent.proxy),
+            Some("app.example.com"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 503);
+    assert_eq!(r.text(), "down for maintenance\n");
+    assert_eq!(r.header("retry-after"), Some("120"));
+}

@@ -19,11 +19,13 @@ use tracing::Instrument;
 
 pub use body::{CountedBody, LoggedBody};
 
+use crate::routing::RequestView;
 use crate::routing::normalize_host;
-use crate::snapshot::{CompiledRoute, Current};
+use crate::snapshot::{CompiledRoute, Current, RouteAction};
 use crate::telemetry::access_log::{self, LogSink};
 use crate::telemetry::window::Window;
 use crate::telemetry::{Metrics, ReasonLabels, RequestLabels, UpstreamLabels, status_class};
+use crate::upstream::UpstreamRuntime;
 
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
 
@@ -226,21 +228,47 @@ impl Proxy {
             return fail(ex, Failure::BadRequest);
         };
         ex.host = normalize_host(&raw_host);
-        let Some(route) = snapshot
-            .routes
-            .lookup(&ex.host, req.uri().path(), req.method().as_str())
-        else {
+        let view = RequestView {
+            path: req.uri().path(),
+            method: req.method().as_str(),
+            headers: req.headers(),
+            query: req.uri().query(),
+        };
+        let Some(route) = snapshot.routes.lookup(&ex.host, &view) else {
             return fail(ex, Failure::NoRoute);
         };
         ex.route = route.name.to_string();
-        ex.upstream = route.upstream.name.to_string();
-        self.forward(ex, route, req, peer, raw_host, bytes_in).await
+        let upstream = match &route.action {
+            RouteAction::Redirect(rd) => return (ex, redirect(rd, &req, &raw_host)),
+            RouteAction::Respond {
+                status,
+                body,
+                headers,
+            } => {
+                let mut r = Response::new(Either::Right(Full::new(body.clone())));
+                *r.status_mut() = *status;
+                for (n, v) in headers {
+                    r.headers_mut().append(n.clone(), v.clone());
+                }
+                route.response_headers.apply(r.headers_mut());
+                return (ex, r);
+            }
+            action => match action.upstream() {
+                Some(u) => u.clone(),
+                None => return fail(ex, Failure::NoEndpoint),
+            },
+        };
+        ex.upstream = upstream.name.to_string();
+        self.forward(ex, route, &upstream, req, peer, raw_host, bytes_in)
+            .await
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
         mut ex: Exchange,
         route: &CompiledRoute,
+        upstream: &UpstreamRuntime,
         req: Request<Incoming>,
         peer: SocketAddr,
         raw_host: String,
@@ -250,7 +278,7 @@ impl Proxy {
             client_ip: peer.ip(),
             headers: req.headers(),
         };
-        let Some((endpoint, in_flight)) = route.upstream.pick(&ctx) else {
+        let Some((endpoint, in_flight)) = upstream.pick(&ctx) else {
             return fail(ex, Failure::NoEndpoint);
         };
         ex.endpoint = Some(endpoint);
@@ -272,11 +300,8 @@ impl Proxy {
         let upstream_req = Request::from_parts(parts, CountedBody::new(body, bytes_in));
 
         let sent_at = Instant::now();
-        let sent = tokio::time::timeout(
-            route.timeout,
-            route.upstream.pool.client().request(upstream_req),
-        )
-        .await;
+        let sent =
+            tokio::time::timeout(route.timeout, upstream.pool.client().request(upstream_req)).await;
         ex.upstream_us = Some(u64::try_from(sent_at.elapsed().as_micros()).unwrap_or(u64::MAX));
         let mut resp = match sent {
             Err(_) => return fail(ex, Failure::UpstreamTimeout),
@@ -291,6 +316,33 @@ impl Proxy {
         route.response_headers.apply(resp.headers_mut());
         (ex, resp.map(Either::Left))
     }
+}
+
+/// The Location for a redirect route: `to`, or the request's own URL with the configured
+/// scheme, host and path swapped in (the query is kept).
+fn redirect<B>(
+    rd: &dispa_proto::config::model::Redirect,
+    req: &Request<B>,
+    raw_host: &str,
+) -> Response<ProxyBody> {
+    let location = match &rd.to {
+        Some(to) => to.clone(),
+        None => {
+            let scheme = rd.scheme.as_deref().unwrap_or("http");
+            let host = rd.host.as_deref().unwrap_or(raw_host);
+            let path = rd.path.as_deref().unwrap_or(req.uri().path());
+            match req.uri().query() {
+                Some(q) => format!("{scheme}://{host}{path}?{q}"),
+                None => format!("{scheme}://{host}{path}"),
+            }
+        }
+    };
+    let mut r = Response::new(Either::Right(Full::new(Bytes::new())));
+    *r.status_mut() = StatusCode::from_u16(rd.code).unwrap_or(StatusCode::FOUND);
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r
 }
 
 fn fail(mut ex: Exchange, f: Failure) -> (Exchange, Response<ProxyBody>) {

@@ -3,12 +3,18 @@
 //! every host.
 //!
 //! Precedence: exact host > wildcard host (longer suffix first) > `*`; within a host tier,
-//! exact path > longer prefix > routes with more matchers > file order. A tier whose routes
+//! exact path > longer prefix > regex > routes with more matchers (methods, each header,
+//! each query parameter) > file order. A tier whose routes
 //! match the host but not the path falls through to the next tier.
+
+mod matcher;
 
 use std::collections::HashMap;
 
-use dispa_proto::config::model::{HostPattern, PathMatch, Route};
+use dispa_proto::config::model::{HostPattern, Route};
+
+use matcher::Matcher;
+pub use matcher::RequestView;
 
 /// Routes indexed by host. `R` is whatever the caller keeps per route.
 #[derive(Debug)]
@@ -20,38 +26,10 @@ pub struct RouteTable<R> {
     any: Vec<usize>,
 }
 
-#[derive(Debug, Clone)]
-struct Matcher {
-    path: PathMatch,
-    methods: Vec<String>,
-}
-
-impl Matcher {
-    fn matches(&self, path: &str, method: &str) -> bool {
-        let path_ok = match &self.path {
-            PathMatch::Exact(p) => path == p,
-            PathMatch::Prefix(p) => path.starts_with(p.as_str()),
-        };
-        path_ok && (self.methods.is_empty() || self.methods.iter().any(|m| m == method))
-    }
-
-    /// Sort key: exact paths first, then longer prefixes, then more matchers.
-    fn rank(&self) -> (u8, std::cmp::Reverse<usize>, std::cmp::Reverse<usize>) {
-        let (kind, len) = match &self.path {
-            PathMatch::Exact(p) => (0, p.len()),
-            PathMatch::Prefix(p) => (1, p.len()),
-        };
-        (
-            kind,
-            std::cmp::Reverse(len),
-            std::cmp::Reverse(usize::from(!self.methods.is_empty())),
-        )
-    }
-}
-
 impl<R> RouteTable<R> {
     /// Builds the table from routes in file order, each paired with the caller's value.
-    pub fn build(routes: Vec<(&Route, R)>) -> Self {
+    /// Fails (naming the route) if a matcher does not compile.
+    pub fn build(routes: Vec<(&Route, R)>) -> Result<Self, String> {
         let mut t = RouteTable {
             routes: Vec::with_capacity(routes.len()),
             matchers: Vec::with_capacity(routes.len()),
@@ -60,10 +38,8 @@ impl<R> RouteTable<R> {
             any: Vec::new(),
         };
         for (i, (route, value)) in routes.into_iter().enumerate() {
-            t.matchers.push(Matcher {
-                path: route.path.clone(),
-                methods: route.methods.clone(),
-            });
+            t.matchers
+                .push(Matcher::compile(route).map_err(|e| format!("route {}: {e}", route.name))?);
             t.routes.push(value);
             for h in &route.hosts {
                 match h {
@@ -79,7 +55,7 @@ impl<R> RouteTable<R> {
         t.exact.values_mut().for_each(sort);
         t.wildcard.values_mut().for_each(sort);
         sort(&mut t.any);
-        t
+        Ok(t)
     }
 
     pub fn len(&self) -> usize {
@@ -94,13 +70,9 @@ impl<R> RouteTable<R> {
         self.routes.iter()
     }
 
-    /// The route for a normalised host (see [`normalize_host`]), path and method.
-    pub fn lookup(&self, host: &str, path: &str, method: &str) -> Option<&R> {
-        let scan = |ids: &Vec<usize>| {
-            ids.iter()
-                .copied()
-                .find(|&i| self.matchers[i].matches(path, method))
-        };
+    /// The route for a normalised host (see [`normalize_host`]) and request.
+    pub fn lookup(&self, host: &str, req: &RequestView<'_>) -> Option<&R> {
+        let scan = |ids: &Vec<usize>| ids.iter().copied().find(|&i| self.matchers[i].matches(req));
         if let Some(i) = self.exact.get(host).and_then(scan) {
             return Some(&self.routes[i]);
         }
@@ -142,6 +114,35 @@ mod tests {
     fn table(src: &str) -> RouteTable<String> {
         let c = config::parse("t.toml", src).expect("valid config");
         RouteTable::build(c.routes.iter().map(|r| (r, r.name.to_string())).collect())
+            .expect("compiles")
+    }
+
+    /// Looks up host + "path?query" + method with the given headers.
+    fn look<'a>(
+        t: &'a RouteTable<String>,
+        host: &str,
+        target: &str,
+        method: &str,
+        headers: &[(&str, &str)],
+    ) -> Option<&'a str> {
+        let mut h = http::HeaderMap::new();
+        for (k, v) in headers {
+            h.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        let (path, query) = match target.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (target, None),
+        };
+        let req = RequestView {
+            path,
+            method,
+            headers: &h,
+            query,
+        };
+        t.lookup(&normalize_host(host), &req).map(String::as_str)
     }
 
     const UP: &str = "[upstreams.u]\nendpoints = [\"127.0.0.1:1\"]\n";
@@ -153,7 +154,7 @@ mod tests {
     #[test]
     fn wildcard_semantics() {
         let t = table(&format!("{UP}{}", route("w", r#"["*.example.com"]"#, "")));
-        let get = |h: &str| t.lookup(&normalize_host(h), "/", "GET").cloned();
+        let get = |h: &str| look(&t, h, "/", "GET", &[]).map(str::to_string);
         assert_eq!(get("a.example.com").as_deref(), Some("w"));
         assert_eq!(get("a.b.example.com").as_deref(), Some("w"));
         assert_eq!(get("A.B.Example.COM:8080").as_deref(), Some("w"));
@@ -206,9 +207,179 @@ mod tests {
         ];
         for (host, path, method, want) in cases {
             assert_eq!(
-                t.lookup(host, path, method).map(String::as_str),
+                look(&t, host, path, method, &[]),
                 Some(want),
                 "{host}{path} {method}"
+            );
+        }
+    }
+
+    /// Precedence over host tiers, path kinds and matcher counts, as one table.
+    #[test]
+    fn precedence_table() {
+        let src = format!(
+            "{UP}{}{}{}{}{}{}{}{}{}{}{}{}{}",
+            route("any-root", r#"["*"]"#, ""),
+            route(
+                "regex-only",
+                r#"["re.shop.test"]"#,
+                "path_regex = \"^/v[0-9]+/\""
+            ),
+            route("any-regex", r#"["*"]"#, "path_regex = \"^/v[0-9]+/\""),
+            route("any-v2-prefix", r#"["*"]"#, "path_prefix = \"/v2/\""),
+            route("wild", r#"["*.shop.test"]"#, "path_prefix = \"/\""),
+            route("wild-deep", r#"["*.eu.shop.test"]"#, "path_prefix = \"/\""),
+            route("exact-root", r#"["www.shop.test"]"#, "path_prefix = \"/\""),
+            route(
+                "exact-api",
+                r#"["www.shop.test"]"#,
+                "path_prefix = \"/api/\""
+            ),
+            route(
+                "exact-api-prod",
+                r#"["www.shop.test"]"#,
+                "path_prefix = \"/api/\"\nheaders = { \"x-env\" = \"prod\" }"
+            ),
+            route(
+                "exact-api-beta",
+                r#"["www.shop.test"]"#,
+                "path_prefix = \"/api/\"\nquery = { \"beta\" = { present = true } }"
+            ),
+            route(
+                "exact-api-re",
+                r#"["www.shop.test"]"#,
+                "path_prefix = \"/api/\"\nheaders = { \"x-user\" = { regex = \"^admin-\" } }\nmethods = [\"DELETE\"]"
+            ),
+            route(
+                "exact-health",
+                r#"["www.shop.test"]"#,
+                "path = \"/api/health\""
+            ),
+            route(
+                "exact-docs-re",
+                r#"["docs.shop.test"]"#,
+                "path_regex = \"^/(en|de)/\""
+            ),
+        );
+        let t = table(&src);
+        type Case<'a> = (
+            &'a str,
+            &'a str,
+            &'a str,
+            &'a [(&'a str, &'a str)],
+            Option<&'a str>,
+        );
+        let cases: &[Case<'_>] = &[
+            ("www.shop.test", "/", "GET", &[], Some("exact-root")),
+            ("WWW.SHOP.TEST:8080", "/x", "GET", &[], Some("exact-root")),
+            ("www.shop.test", "/api/items", "GET", &[], Some("exact-api")),
+            (
+                "www.shop.test",
+                "/api/health",
+                "GET",
+                &[],
+                Some("exact-health"),
+            ),
+            (
+                "www.shop.test",
+                "/api/health/x",
+                "GET",
+                &[],
+                Some("exact-api"),
+            ),
+            (
+                "www.shop.test",
+                "/api/items",
+                "GET",
+                &[("x-env", "prod")],
+                Some("exact-api-prod"),
+            ),
+            (
+                "www.shop.test",
+                "/api/items",
+                "GET",
+                &[("x-env", "dev")],
+                Some("exact-api"),
+            ),
+            (
+                "www.shop.test",
+                "/api/items?beta",
+                "GET",
+                &[],
+                Some("exact-api-beta"),
+            ),
+            (
+                "www.shop.test",
+                "/api/items?a=1&beta=yes",
+                "GET",
+                &[],
+                Some("exact-api-beta"),
+            ),
+            (
+                "www.shop.test",
+                "/api/items?betamax=1",
+                "GET",
+                &[],
+                Some("exact-api"),
+            ),
+            // Two matchers beat one.
+            (
+                "www.shop.test",
+                "/api/x",
+                "DELETE",
+                &[("x-user", "admin-1"), ("x-env", "prod")],
+                Some("exact-api-re"),
+            ),
+            (
+                "www.shop.test",
+                "/api/x",
+                "DELETE",
+                &[("x-user", "bob")],
+                Some("exact-api"),
+            ),
+            (
+                "www.shop.test",
+                "/api/x",
+                "GET",
+                &[("x-user", "admin-1")],
+                Some("exact-api"),
+            ),
+            ("a.shop.test", "/", "GET", &[], Some("wild")),
+            ("a.b.shop.test", "/api/", "GET", &[], Some("wild")),
+            ("x.eu.shop.test", "/", "GET", &[], Some("wild-deep")),
+            ("eu.shop.test", "/", "GET", &[], Some("wild")),
+            ("shop.test", "/", "GET", &[], Some("any-root")),
+            // Any prefix, even "/", beats a regex in the same tier (DESIGN precedence).
+            ("shop.test", "/v1/a", "GET", &[], Some("any-root")),
+            // A prefix beats a regex, whatever the file order.
+            ("shop.test", "/v2/a", "GET", &[], Some("any-v2-prefix")),
+            ("other.test", "/vx/a", "GET", &[], Some("any-root")),
+            ("re.shop.test", "/v3/x", "GET", &[], Some("regex-only")),
+            (
+                "docs.shop.test",
+                "/en/intro",
+                "GET",
+                &[],
+                Some("exact-docs-re"),
+            ),
+            // The exact-host tier has no match for this path: fall through to the wildcard tier.
+            ("docs.shop.test", "/fr/intro", "GET", &[], Some("wild")),
+            ("badshop.test", "/", "GET", &[], Some("any-root")),
+            (
+                "www.shop.test.",
+                "/api/health",
+                "GET",
+                &[],
+                Some("exact-health"),
+            ),
+            ("[::1]:80", "/v9/", "GET", &[], Some("any-root")),
+        ];
+        assert!(cases.len() >= 25);
+        for (host, target, method, headers, want) in cases {
+            assert_eq!(
+                look(&t, host, target, method, headers),
+                *want,
+                "{host}{target} {method} {headers:?}"
             );
         }
     }
@@ -220,7 +391,7 @@ mod tests {
             route("first", r#"["*"]"#, ""),
             route("second", r#"["*"]"#, "")
         ));
-        assert_eq!(t.lookup("h", "/", "GET").map(String::as_str), Some("first"));
+        assert_eq!(look(&t, "h", "/", "GET", &[]), Some("first"));
     }
 
     #[test]

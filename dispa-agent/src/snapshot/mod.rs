@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
 use dispa_proto::config::Config;
-use dispa_proto::config::model::{EndpointAddr, HeaderOps, PathMatch, Route};
+use dispa_proto::config::model::{Action, EndpointAddr, HeaderOps, PathMatch, Route};
 use dispa_proto::{RouteName, Version};
 use http::{HeaderName, HeaderValue};
 
@@ -32,6 +32,8 @@ pub enum CompileError {
     Wire(#[from] dispa_proto::config::wire::WireError),
     #[error(transparent)]
     Resolve(#[from] ResolveError),
+    #[error("{0}")]
+    Matcher(String),
     #[error("route {route}: {detail}")]
     Route { route: String, detail: String },
 }
@@ -85,11 +87,48 @@ impl CompiledHeaderOps {
     }
 }
 
+/// What a route does, with upstreams resolved.
+#[derive(Debug)]
+pub enum RouteAction {
+    Upstream(Arc<UpstreamRuntime>),
+    /// Weighted choice per request; `total` is the sum of the weights.
+    Split {
+        targets: Vec<(Arc<UpstreamRuntime>, u32)>,
+        total: u64,
+    },
+    Redirect(dispa_proto::config::model::Redirect),
+    Respond {
+        status: http::StatusCode,
+        body: bytes::Bytes,
+        headers: Vec<(HeaderName, HeaderValue)>,
+    },
+}
+
+impl RouteAction {
+    /// The upstream for one request, if the route proxies.
+    pub fn upstream(&self) -> Option<&Arc<UpstreamRuntime>> {
+        match self {
+            RouteAction::Upstream(u) => Some(u),
+            RouteAction::Split { targets, total } => {
+                let mut x = fastrand::u64(..(*total).max(1));
+                for (u, w) in targets {
+                    if x < u64::from(*w) {
+                        return Some(u);
+                    }
+                    x -= u64::from(*w);
+                }
+                targets.last().map(|(u, _)| u)
+            }
+            RouteAction::Redirect(_) | RouteAction::Respond { .. } => None,
+        }
+    }
+}
+
 /// A route ready to serve.
 #[derive(Debug)]
 pub struct CompiledRoute {
     pub name: RouteName,
-    pub upstream: Arc<UpstreamRuntime>,
+    pub action: RouteAction,
     pub timeout: std::time::Duration,
     pub request_headers: CompiledHeaderOps,
     pub response_headers: CompiledHeaderOps,
@@ -103,6 +142,8 @@ impl CompiledRoute {
         match &self.rewrite {
             None => path.into(),
             Some((PathMatch::Exact(_), to)) => to.clone().into(),
+            // Validation refuses rewrite_prefix with a regex; keep the path if one arrives.
+            Some((PathMatch::Regex(_), _)) => path.into(),
             Some((PathMatch::Prefix(p), to)) => {
                 let rest = path.get(p.len()..).unwrap_or("");
                 // "/v1/" -> "/" maps "/v1/users" to "/users", not "//users".
@@ -164,22 +205,57 @@ pub fn compile(
     Ok(RuntimeSnapshot {
         version,
         hash,
-        routes: RouteTable::build(compiled),
+        routes: RouteTable::build(compiled).map_err(CompileError::Matcher)?,
         upstreams,
     })
 }
 
 fn compile_route(r: &Route, upstreams: &Upstreams) -> Result<CompiledRoute, CompileError> {
-    let upstream = upstreams
-        .get(&r.upstream)
-        .cloned()
-        .ok_or_else(|| CompileError::Route {
-            route: r.name.to_string(),
-            detail: format!("unknown upstream {}", r.upstream),
-        })?;
+    let bad = |detail: String| CompileError::Route {
+        route: r.name.to_string(),
+        detail,
+    };
+    let get = |name: &dispa_proto::UpstreamName| {
+        upstreams
+            .get(name)
+            .cloned()
+            .ok_or_else(|| bad(format!("unknown upstream {name}")))
+    };
+    let action = match &r.action {
+        Action::Upstream(u) => RouteAction::Upstream(get(u)?),
+        Action::Split(targets) => {
+            let targets = targets
+                .iter()
+                .map(|(u, w)| Ok((get(u)?, *w)))
+                .collect::<Result<Vec<_>, CompileError>>()?;
+            let total = targets.iter().map(|(_, w)| u64::from(*w)).sum();
+            if total == 0 {
+                return Err(bad("split weights add up to 0".into()));
+            }
+            RouteAction::Split { targets, total }
+        }
+        Action::Redirect(rd) => RouteAction::Redirect(rd.clone()),
+        Action::Respond(rs) => RouteAction::Respond {
+            status: http::StatusCode::from_u16(rs.status)
+                .map_err(|_| bad(format!("invalid status {}", rs.status)))?,
+            body: bytes::Bytes::from(rs.body.clone()),
+            headers: rs
+                .headers
+                .iter()
+                .map(|(n, v)| {
+                    Ok((
+                        HeaderName::from_bytes(n.as_bytes())
+                            .map_err(|_| bad(format!("invalid header {n:?}")))?,
+                        HeaderValue::from_str(v)
+                            .map_err(|_| bad(format!("invalid value for {n:?}")))?,
+                    ))
+                })
+                .collect::<Result<_, CompileError>>()?,
+        },
+    };
     Ok(CompiledRoute {
         name: r.name.clone(),
-        upstream,
+        action,
         timeout: r.timeout,
         request_headers: CompiledHeaderOps::compile(&r.request_headers, &r.name)?,
         response_headers: CompiledHeaderOps::compile(&r.response_headers, &r.name)?,
@@ -288,10 +364,17 @@ mod tests {
     fn rewrites_prefixes() {
         let src = "[upstreams.a]\nendpoints=[\"127.0.0.1:1\"]\n[[routes]]\nname=\"r\"\npath_prefix=\"/v1/\"\nrewrite_prefix=\"/\"\nupstream=\"a\"\n[[routes]]\nname=\"s\"\npath_prefix=\"/api\"\nrewrite_prefix=\"/x\"\nupstream=\"a\"\n";
         let s = snapshot(src, None);
-        let r = s.routes.lookup("h", "/v1/users", "GET").unwrap();
+        let h = http::HeaderMap::new();
+        let view = |path| crate::routing::RequestView {
+            path,
+            method: "GET",
+            headers: &h,
+            query: None,
+        };
+        let r = s.routes.lookup("h", &view("/v1/users")).unwrap();
         assert_eq!(r.rewrite_path("/v1/users"), "/users");
         assert_eq!(r.rewrite_path("/v1/"), "/");
-        let r = s.routes.lookup("h", "/api/a", "GET").unwrap();
+        let r = s.routes.lookup("h", &view("/api/a")).unwrap();
         assert_eq!(r.rewrite_path("/api/a"), "/x/a");
         assert_eq!(r.rewrite_path("/api"), "/x");
     }

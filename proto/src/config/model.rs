@@ -222,6 +222,46 @@ impl fmt::Display for HostPattern {
 pub enum PathMatch {
     Exact(String),
     Prefix(String),
+    /// A regular expression (Rust `regex` syntax), checked at validation.
+    Regex(String),
+}
+
+/// How a header or query parameter must look for a route to match.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ValueMatch {
+    Exact(String),
+    Regex(String),
+    /// Present with any value.
+    Present,
+}
+
+/// What a route does with a matched request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    Upstream(UpstreamName),
+    /// Weighted choice per request, e.g. a 90/10 canary.
+    Split(Vec<(UpstreamName, u32)>),
+    Redirect(Redirect),
+    Respond(Respond),
+}
+
+/// A redirect. `to` replaces the whole location; otherwise each part set replaces the
+/// request's, and the query is kept.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Redirect {
+    pub code: u16,
+    pub to: Option<String>,
+    pub scheme: Option<String>,
+    pub host: Option<String>,
+    pub path: Option<String>,
+}
+
+/// A fixed answer from the agent itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Respond {
+    pub status: u16,
+    pub body: String,
+    pub headers: Vec<(String, String)>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -244,7 +284,11 @@ pub struct Route {
     pub path: PathMatch,
     /// Upper-case; empty = any.
     pub methods: Vec<String>,
-    pub upstream: UpstreamName,
+    /// Lower-case header names; all must match.
+    pub headers: Vec<(String, ValueMatch)>,
+    /// Query parameter names; all must match.
+    pub query: Vec<(String, ValueMatch)>,
+    pub action: Action,
     pub timeout: Duration,
     pub request_headers: HeaderOps,
     pub response_headers: HeaderOps,

@@ -73,12 +73,74 @@ pub(crate) struct RawRoute {
     pub hosts: Option<Spanned<Vec<Spanned<String>>>>,
     pub path: Option<Spanned<String>>,
     pub path_prefix: Option<Spanned<String>>,
+    pub path_regex: Option<Spanned<String>>,
     pub methods: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub headers: BTreeMap<Spanned<String>, Spanned<RawValueMatch>>,
+    #[serde(default)]
+    pub query: BTreeMap<Spanned<String>, Spanned<RawValueMatch>>,
     pub upstream: Option<Spanned<String>>,
+    pub split: Option<Spanned<BTreeMap<Spanned<String>, Spanned<i64>>>>,
+    pub redirect: Option<Spanned<RawRedirect>>,
+    pub respond: Option<Spanned<RawRespond>>,
     pub timeout: Option<Spanned<String>>,
     pub request_headers: Option<Spanned<RawHeaderOps>>,
     pub response_headers: Option<Spanned<RawHeaderOps>>,
     pub rewrite_prefix: Option<Spanned<String>>,
+}
+
+/// `"value"` (exact), `{ regex = "..." }` or `{ present = true }`.
+#[derive(Debug)]
+pub(crate) enum RawValueMatch {
+    Exact(String),
+    Table(RawValueMatchTable),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawValueMatchTable {
+    pub regex: Option<String>,
+    pub present: Option<bool>,
+}
+
+impl<'de> Deserialize<'de> for RawValueMatch {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawValueMatch;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(r#""value", { regex = "..." } or { present = true }"#)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawValueMatch, E> {
+                Ok(RawValueMatch::Exact(v.to_string()))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawValueMatch, A::Error> {
+                RawValueMatchTable::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(RawValueMatch::Table)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRedirect {
+    pub to: Option<String>,
+    pub code: Option<i64>,
+    pub scheme: Option<String>,
+    pub host: Option<String>,
+    pub path: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRespond {
+    pub status: Option<i64>,
+    #[serde(default)]
+    pub body: String,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -6,12 +6,13 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::diagnostic::{Diagnostics, Positions};
+use super::model::{Action, Redirect, Respond, ValueMatch, is_dns_name};
 use super::model::{
     Balance, Config, DEFAULT_CONNECT_TIMEOUT, DEFAULT_ROUTE_TIMEOUT, Endpoint, EndpointAddr,
     HashOn, HeaderOps, HostPattern, MAX_ENDPOINTS, MAX_TIMEOUT, MAX_WEIGHT, PathMatch, Route,
     Upstream,
 };
-use super::raw::{RawConfig, RawHeaderOps, RawRoute, RawUpstream};
+use super::raw::{RawConfig, RawHeaderOps, RawRoute, RawUpstream, RawValueMatch};
 use crate::{RouteName, UpstreamName};
 
 /// Largest config file accepted, so a mistaken upload cannot exhaust memory.
@@ -276,21 +277,30 @@ impl Validator<'_> {
                 out
             }
         };
-        let path = match (&r.path, &r.path_prefix) {
-            (Some(p), Some(_)) => {
+        let set: Vec<&Spanned<String>> = [&r.path, &r.path_prefix, &r.path_regex]
+            .into_iter()
+            .flatten()
+            .collect();
+        let path = match (&r.path, &r.path_prefix, &r.path_regex) {
+            _ if set.len() > 1 => {
                 self.err(
-                    p,
+                    set[1],
                     &format!("{key}.path"),
-                    "set only one of `path` and `path_prefix`",
+                    "set only one of `path`, `path_prefix` and `path_regex`",
                 );
                 None
             }
-            (Some(p), None) => self.path(p, &format!("{key}.path")).map(PathMatch::Exact),
-            (None, Some(p)) => self
+            (Some(p), _, _) => self.path(p, &format!("{key}.path")).map(PathMatch::Exact),
+            (_, Some(p), _) => self
                 .path(p, &format!("{key}.path_prefix"))
                 .map(PathMatch::Prefix),
-            (None, None) => Some(PathMatch::Prefix("/".into())),
+            (_, _, Some(p)) => self
+                .regex(p, &format!("{key}.path_regex"))
+                .map(PathMatch::Regex),
+            (None, None, None) => Some(PathMatch::Prefix("/".into())),
         };
+        let headers = self.value_matches(&r.headers, &format!("{key}.headers"), true);
+        let query = self.value_matches(&r.query, &format!("{key}.query"), false);
         let mut methods = Vec::new();
         for (i, m) in r.methods.iter().flatten().enumerate() {
             let up = m.get_ref().to_ascii_uppercase();
@@ -308,35 +318,7 @@ impl Validator<'_> {
                 methods.push(up);
             }
         }
-        let upstream = match &r.upstream {
-            Some(u) => {
-                if !upstreams.contains_key(&UpstreamName::new(u.get_ref().clone())) {
-                    let known: Vec<_> = upstreams.keys().map(|k| k.as_str()).collect();
-                    self.err(
-                        u,
-                        &format!("{key}.upstream"),
-                        format!(
-                            "unknown upstream {:?} (defined: {})",
-                            u.get_ref(),
-                            if known.is_empty() {
-                                "none".to_string()
-                            } else {
-                                known.join(", ")
-                            }
-                        ),
-                    );
-                }
-                UpstreamName::new(u.get_ref().clone())
-            }
-            None => {
-                self.problems.push(self.pos.diagnostic(
-                    at,
-                    &format!("{key}.upstream"),
-                    "missing required key `upstream`".into(),
-                ));
-                UpstreamName::new("")
-            }
-        };
+        let action = self.action(&r, at, key, upstreams);
         let timeout = match &r.timeout {
             Some(d) => self
                 .duration(d, &format!("{key}.timeout"))
@@ -355,6 +337,7 @@ impl Validator<'_> {
             Some(p) => {
                 let k = format!("{key}.rewrite_prefix");
                 if r.path_prefix.is_none() && r.path.is_none() {
+                    // A regex match has no fixed part to replace.
                     self.err(
                         p,
                         &k,
@@ -370,12 +353,263 @@ impl Validator<'_> {
             hosts,
             path: path?,
             methods,
-            upstream,
+            headers,
+            query,
+            action: action?,
             timeout,
             request_headers,
             response_headers,
             rewrite_prefix,
         })
+    }
+
+    fn upstream_ref(
+        &mut self,
+        u: &Spanned<String>,
+        key: &str,
+        upstreams: &BTreeMap<UpstreamName, Upstream>,
+    ) -> UpstreamName {
+        let name = UpstreamName::new(u.get_ref().clone());
+        if !upstreams.contains_key(&name) {
+            let known: Vec<_> = upstreams.keys().map(|k| k.as_str()).collect();
+            let known = if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            };
+            self.err(
+                u,
+                key,
+                format!("unknown upstream {:?} (defined: {known})", u.get_ref()),
+            );
+        }
+        name
+    }
+
+    /// Exactly one of `upstream`, `split`, `redirect`, `respond`.
+    fn action(
+        &mut self,
+        r: &RawRoute,
+        at: usize,
+        key: &str,
+        upstreams: &BTreeMap<UpstreamName, Upstream>,
+    ) -> Option<Action> {
+        let given = [
+            r.upstream.is_some(),
+            r.split.is_some(),
+            r.redirect.is_some(),
+            r.respond.is_some(),
+        ];
+        match given.iter().filter(|g| **g).count() {
+            0 => {
+                let d = self.pos.diagnostic(
+                    at,
+                    &format!("{key}.upstream"),
+                    "a route needs one of `upstream`, `split`, `redirect` or `respond`".into(),
+                );
+                self.problems.push(d);
+                return None;
+            }
+            1 => {}
+            _ => {
+                let d = self.pos.diagnostic(
+                    at,
+                    key,
+                    "set only one of `upstream`, `split`, `redirect` and `respond`".into(),
+                );
+                self.problems.push(d);
+                return None;
+            }
+        }
+        if let Some(u) = &r.upstream {
+            return Some(Action::Upstream(self.upstream_ref(
+                u,
+                &format!("{key}.upstream"),
+                upstreams,
+            )));
+        }
+        if let Some(split) = &r.split {
+            let mut out = Vec::new();
+            for (name, w) in split.get_ref() {
+                let k = format!("{key}.split.{}", name.get_ref());
+                let up = self.upstream_ref(name, &k, upstreams);
+                match u32::try_from(*w.get_ref()) {
+                    Ok(w) if (0..=10_000).contains(&w) => out.push((up, w)),
+                    _ => self.err(
+                        w,
+                        &k,
+                        format!("split weight {} is out of range 0-10000", w.get_ref()),
+                    ),
+                }
+            }
+            if out.iter().map(|(_, w)| u64::from(*w)).sum::<u64>() == 0 {
+                self.err(
+                    split,
+                    &format!("{key}.split"),
+                    "split needs at least one upstream with a weight above 0",
+                );
+            }
+            return Some(Action::Split(out));
+        }
+        if let Some(rd) = &r.redirect {
+            let k = format!("{key}.redirect");
+            let raw = rd.get_ref();
+            let code = raw.code.unwrap_or(302);
+            if ![301, 302, 303, 307, 308].contains(&code) {
+                self.err(
+                    rd,
+                    &format!("{k}.code"),
+                    format!("redirect code {code} is not one of 301, 302, 303, 307, 308"),
+                );
+            }
+            if raw.to.is_some()
+                && (raw.scheme.is_some() || raw.host.is_some() || raw.path.is_some())
+            {
+                self.err(
+                    rd,
+                    &k,
+                    "set either `to`, or any of `scheme`, `host`, `path`",
+                );
+            }
+            if raw.to.is_none() && raw.scheme.is_none() && raw.host.is_none() && raw.path.is_none()
+            {
+                self.err(
+                    rd,
+                    &k,
+                    "a redirect needs `to`, or at least one of `scheme`, `host`, `path`",
+                );
+            }
+            if let Some(sc) = &raw.scheme
+                && sc != "http"
+                && sc != "https"
+            {
+                self.err(
+                    rd,
+                    &format!("{k}.scheme"),
+                    format!("scheme {sc:?} must be \"http\" or \"https\""),
+                );
+            }
+            if let Some(h) = &raw.host
+                && !is_dns_name(h.split(':').next().unwrap_or(""))
+            {
+                self.err(rd, &format!("{k}.host"), format!("invalid host {h:?}"));
+            }
+            if let Some(p) = &raw.path
+                && !p.starts_with('/')
+            {
+                self.err(
+                    rd,
+                    &format!("{k}.path"),
+                    format!("path {p:?} must start with '/'"),
+                );
+            }
+            if let Some(to) = &raw.to
+                && (http::HeaderValue::from_str(to).is_err() || to.is_empty())
+            {
+                self.err(
+                    rd,
+                    &format!("{k}.to"),
+                    format!("invalid redirect target {to:?}"),
+                );
+            }
+            return Some(Action::Redirect(Redirect {
+                code: u16::try_from(code).unwrap_or(302),
+                to: raw.to.clone(),
+                scheme: raw.scheme.clone(),
+                host: raw.host.clone(),
+                path: raw.path.clone(),
+            }));
+        }
+        let rs = r.respond.as_ref()?;
+        let k = format!("{key}.respond");
+        let raw = rs.get_ref();
+        let status = raw.status.unwrap_or(200);
+        if !(200..=599).contains(&status) {
+            self.err(
+                rs,
+                &format!("{k}.status"),
+                format!("status {status} is out of range 200-599"),
+            );
+        }
+        let mut headers = Vec::new();
+        for (n, v) in &raw.headers {
+            if http::HeaderName::from_bytes(n.to_ascii_lowercase().as_bytes()).is_err()
+                || http::HeaderValue::from_str(v).is_err()
+            {
+                self.err(
+                    rs,
+                    &format!("{k}.headers.{n}"),
+                    format!("invalid header {n:?}"),
+                );
+            } else {
+                headers.push((n.to_ascii_lowercase(), v.clone()));
+            }
+        }
+        if raw.body.len() > 1024 * 1024 {
+            self.err(rs, &format!("{k}.body"), "body is larger than 1 MiB");
+        }
+        Some(Action::Respond(Respond {
+            status: u16::try_from(status).unwrap_or(200),
+            body: raw.body.clone(),
+            headers,
+        }))
+    }
+
+    fn regex(&mut self, p: &Spanned<String>, key: &str) -> Option<String> {
+        match regex::RegexBuilder::new(p.get_ref())
+            .size_limit(1 << 20)
+            .build()
+        {
+            Ok(_) => Some(p.get_ref().clone()),
+            Err(e) => {
+                self.err(p, key, format!("invalid regex: {e}"));
+                None
+            }
+        }
+    }
+
+    fn value_matches(
+        &mut self,
+        m: &BTreeMap<Spanned<String>, Spanned<RawValueMatch>>,
+        key: &str,
+        header: bool,
+    ) -> Vec<(String, ValueMatch)> {
+        let mut out = Vec::new();
+        for (name, v) in m {
+            let k = format!("{key}.{}", name.get_ref());
+            let n = if header {
+                name.get_ref().to_ascii_lowercase()
+            } else {
+                name.get_ref().clone()
+            };
+            if n.is_empty() || (header && http::HeaderName::from_bytes(n.as_bytes()).is_err()) {
+                self.err(name, &k, format!("invalid name {:?}", name.get_ref()));
+                continue;
+            }
+            let vm = match v.get_ref() {
+                RawValueMatch::Exact(s) => ValueMatch::Exact(s.clone()),
+                RawValueMatch::Table(t) => match (&t.regex, t.present) {
+                    (Some(re), None) => {
+                        let spanned = Spanned::new(v.span(), re.clone());
+                        match self.regex(&spanned, &k) {
+                            Some(re) => ValueMatch::Regex(re),
+                            None => continue,
+                        }
+                    }
+                    (None, Some(true)) => ValueMatch::Present,
+                    _ => {
+                        self.err(
+                            v,
+                            &k,
+                            "use exactly one of `regex = \"...\"` or `present = true`",
+                        );
+                        continue;
+                    }
+                },
+            };
+            out.push((n, vm));
+        }
+        out
     }
 
     fn path(&mut self, p: &Spanned<String>, key: &str) -> Option<String> {

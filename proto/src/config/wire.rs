@@ -9,8 +9,8 @@ use std::time::Duration;
 use prost::Message;
 
 use super::model::{
-    Balance, Config, Endpoint, EndpointAddr, HashOn, HeaderOps, HostPattern, MAX_TIMEOUT,
-    PathMatch, Route, Upstream,
+    Action, Balance, Config, Endpoint, EndpointAddr, HashOn, HeaderOps, HostPattern, MAX_TIMEOUT,
+    PathMatch, Redirect, Respond, Route, Upstream, ValueMatch,
 };
 use crate::v1;
 use crate::{RouteName, UpstreamName};
@@ -89,6 +89,27 @@ fn ops_to_wire(o: &HeaderOps) -> Option<v1::HeaderOps> {
     })
 }
 
+fn value_match_to_wire((name, m): &(String, ValueMatch)) -> v1::ValueMatch {
+    v1::ValueMatch {
+        name: name.clone(),
+        kind: Some(match m {
+            ValueMatch::Exact(v) => v1::value_match::Kind::Exact(v.clone()),
+            ValueMatch::Regex(v) => v1::value_match::Kind::Regex(v.clone()),
+            ValueMatch::Present => v1::value_match::Kind::Present(true),
+        }),
+    }
+}
+
+fn value_match_from_wire(m: v1::ValueMatch, what: &str) -> Result<(String, ValueMatch), WireError> {
+    let vm = match m.kind {
+        Some(v1::value_match::Kind::Exact(v)) => ValueMatch::Exact(v),
+        Some(v1::value_match::Kind::Regex(v)) => ValueMatch::Regex(v),
+        Some(v1::value_match::Kind::Present(_)) => ValueMatch::Present,
+        None => return Err(invalid(what, format!("matcher {:?} has no kind", m.name))),
+    };
+    Ok((m.name, vm))
+}
+
 fn route_to_wire(r: &Route) -> v1::Route {
     v1::Route {
         name: r.name.to_string(),
@@ -96,9 +117,50 @@ fn route_to_wire(r: &Route) -> v1::Route {
         path_match: Some(match &r.path {
             PathMatch::Exact(p) => v1::route::PathMatch::Path(p.clone()),
             PathMatch::Prefix(p) => v1::route::PathMatch::PathPrefix(p.clone()),
+            PathMatch::Regex(p) => v1::route::PathMatch::PathRegex(p.clone()),
         }),
+        headers: r.headers.iter().map(value_match_to_wire).collect(),
+        query: r.query.iter().map(value_match_to_wire).collect(),
+        split: match &r.action {
+            Action::Split(s) => s
+                .iter()
+                .map(|(u, w)| v1::SplitTarget {
+                    upstream: u.to_string(),
+                    weight: *w,
+                })
+                .collect(),
+            _ => Vec::new(),
+        },
+        redirect: match &r.action {
+            Action::Redirect(rd) => Some(v1::Redirect {
+                code: u32::from(rd.code),
+                to: rd.to.clone(),
+                scheme: rd.scheme.clone(),
+                host: rd.host.clone(),
+                path: rd.path.clone(),
+            }),
+            _ => None,
+        },
+        respond: match &r.action {
+            Action::Respond(rs) => Some(v1::Respond {
+                status: u32::from(rs.status),
+                body: rs.body.clone(),
+                headers: rs
+                    .headers
+                    .iter()
+                    .map(|(n, v)| v1::Header {
+                        name: n.clone(),
+                        value: v.clone(),
+                    })
+                    .collect(),
+            }),
+            _ => None,
+        },
         methods: r.methods.clone(),
-        upstream: r.upstream.to_string(),
+        upstream: match &r.action {
+            Action::Upstream(u) => u.to_string(),
+            _ => String::new(),
+        },
         timeout_ms: ms(r.timeout),
         request_headers: ops_to_wire(&r.request_headers),
         response_headers: ops_to_wire(&r.response_headers),
@@ -168,15 +230,55 @@ pub fn from_snapshot(s: v1::Snapshot) -> Result<Config, WireError> {
         let path = match r.path_match {
             Some(v1::route::PathMatch::Path(p)) => PathMatch::Exact(p),
             Some(v1::route::PathMatch::PathPrefix(p)) => PathMatch::Prefix(p),
+            Some(v1::route::PathMatch::PathRegex(p)) => PathMatch::Regex(p),
             None => return Err(invalid(&what, "no path match")),
         };
-        let upstream = UpstreamName::new(r.upstream);
-        if !upstreams.contains_key(&upstream) {
-            return Err(invalid(
-                &what,
-                format!("unknown upstream {:?}", upstream.as_str()),
-            ));
-        }
+        let known = |u: &str| -> Result<UpstreamName, WireError> {
+            let name = UpstreamName::new(u);
+            if upstreams.contains_key(&name) {
+                Ok(name)
+            } else {
+                Err(invalid(&what, format!("unknown upstream {u:?}")))
+            }
+        };
+        let action = if !r.upstream.is_empty() {
+            Action::Upstream(known(&r.upstream)?)
+        } else if !r.split.is_empty() {
+            Action::Split(
+                r.split
+                    .iter()
+                    .map(|t| Ok((known(&t.upstream)?, t.weight)))
+                    .collect::<Result<_, WireError>>()?,
+            )
+        } else if let Some(rd) = r.redirect {
+            Action::Redirect(Redirect {
+                code: u16::try_from(rd.code)
+                    .map_err(|_| invalid(&what, "redirect code out of range"))?,
+                to: rd.to,
+                scheme: rd.scheme,
+                host: rd.host,
+                path: rd.path,
+            })
+        } else if let Some(rs) = r.respond {
+            Action::Respond(Respond {
+                status: u16::try_from(rs.status)
+                    .map_err(|_| invalid(&what, "status out of range"))?,
+                body: rs.body,
+                headers: rs.headers.into_iter().map(|h| (h.name, h.value)).collect(),
+            })
+        } else {
+            return Err(invalid(&what, "no action"));
+        };
+        let headers = r
+            .headers
+            .into_iter()
+            .map(|m| value_match_from_wire(m, &what))
+            .collect::<Result<_, _>>()?;
+        let query = r
+            .query
+            .into_iter()
+            .map(|m| value_match_from_wire(m, &what))
+            .collect::<Result<_, _>>()?;
         let ops = |o: Option<v1::HeaderOps>| {
             let o = o.unwrap_or_default();
             let pairs = |v: Vec<v1::Header>| v.into_iter().map(|h| (h.name, h.value)).collect();
@@ -191,7 +293,9 @@ pub fn from_snapshot(s: v1::Snapshot) -> Result<Config, WireError> {
             hosts,
             path,
             methods: r.methods,
-            upstream,
+            headers,
+            query,
+            action,
             timeout: duration(&what, r.timeout_ms)?,
             request_headers: ops(r.request_headers),
             response_headers: ops(r.response_headers),

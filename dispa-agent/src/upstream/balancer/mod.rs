@@ -176,12 +176,10 @@ mod tests {
         let h = HeaderMap::new();
         for balance in [Balance::Weighted, Balance::Random] {
             let b = Balancer::new(&balance, &eps, None);
-            let s = shares(10_000, || b.pick(&eps, &ctx(&h)).unwrap(), 3);
+            // 100,000 picks keep a random share within 5% of its weight (5 sigma at 10%).
+            let s = shares(100_000, || b.pick(&eps, &ctx(&h)).unwrap(), 3);
             for (got, want) in s.iter().zip([0.1, 0.2, 0.7]) {
-                assert!(
-                    (got - want).abs() <= 0.05 * want.max(0.1),
-                    "{balance:?}: {s:?}"
-                );
+                assert!((got - want).abs() <= 0.05 * want, "{balance:?}: {s:?}");
             }
         }
     }
