@@ -61,7 +61,12 @@ struct PlaneArgs {
     #[arg(long)]
     ready_file: Option<PathBuf>,
     /// Where traffic logs are stored: "sled" (in the data dir) or a postgres:// URL.
-    #[arg(long, env = "DISPA_LOG_STORE", default_value = "sled")]
+    #[arg(
+        long,
+        env = "DISPA_LOG_STORE",
+        hide_env_values = true,
+        default_value = "sled"
+    )]
     log_store: String,
     /// PostgreSQL log store: the schema for its tables (created if missing); default: the
     /// connection's current schema.

@@ -49,6 +49,9 @@ pub struct AgentOptions {
     pub log_spool_max: u64,
 }
 
+/// On exit, how long the agent waits for the plane to ack its last log batches.
+const SHIP_ON_EXIT: Duration = Duration::from_secs(5);
+
 /// Default `--log-spool-max`: 1 GiB.
 pub const DEFAULT_LOG_SPOOL_MAX: u64 = 1 << 30;
 
@@ -133,6 +136,7 @@ impl Agent {
         let window = Arc::new(Window::default());
         let shipped = Arc::new(Notify::new());
         let (log_stop_tx, log_stop_rx) = watch::channel(false);
+        let (ship_stop_tx, ship_stop_rx) = watch::channel(false);
         let batcher = tokio::spawn(access_log::run_batcher(
             records,
             self.spool.clone(),
@@ -152,7 +156,7 @@ impl Agent {
                 window: window.clone(),
                 metrics: self.metrics.clone(),
             }
-            .run(stop_rx.clone()),
+            .run(ship_stop_rx),
         );
         let proxy = Arc::new(Proxy::new(
             current.clone(),
@@ -201,11 +205,24 @@ impl Agent {
         ));
         shutdown.await;
         let _ = stop_tx.send(true);
-        let _ = tokio::join!(proxy_task, admin_task, sync, shipper);
-        // Requests are drained: write every queued record to the spool before exiting, so a
-        // restart ships it.
+        let _ = tokio::join!(proxy_task, admin_task, sync);
+        // Requests are drained: write every queued record to the spool, then give the shipper a
+        // moment to deliver it (what it cannot deliver stays spooled for the next start).
         let _ = log_stop_tx.send(true);
         let _ = batcher.await;
+        let deadline = tokio::time::Instant::now() + SHIP_ON_EXIT;
+        while self.spool.depth().0 > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let _ = ship_stop_tx.send(true);
+        let _ = shipper.await;
+        let (batches, _) = self.spool.depth();
+        if batches > 0 {
+            tracing::info!(
+                batches,
+                "log batches left in the spool; they are shipped on the next start"
+            );
+        }
         tracing::info!(agent = %self.opts.id, "agent stopped");
     }
 }

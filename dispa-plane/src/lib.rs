@@ -30,6 +30,9 @@ use crate::metrics::PlaneMetrics;
 use crate::store::{ConfigStore, SledStore, VersionRecord};
 use crate::versions::{ApplyInput, ApplyOutcome, VersionsError};
 
+/// How long shutdown waits for open connections after ending the plane's own streams.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 /// Largest gRPC message accepted (a config upload with certificates and plugins).
 const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
@@ -285,7 +288,9 @@ impl Plane {
             }),
         );
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(self.listener);
-        tonic::transport::Server::builder()
+        let live = self.state.live.clone();
+        let (deadline_tx, deadline_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tonic::transport::Server::builder()
             .accept_http1(true)
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
@@ -293,10 +298,20 @@ impl Plane {
             .add_routes(tonic::service::Routes::from(routes))
             .serve_with_incoming_shutdown(incoming, async move {
                 shutdown.await;
-                // Long-lived agent streams would hold graceful shutdown open forever.
+                // Long-lived streams (config, telemetry, log follows) would hold graceful
+                // shutdown open forever: end them.
                 let _ = stop_tx.send(true);
-            })
-            .await?;
+                live.close();
+                let _ = deadline_tx.send(());
+            });
+        tokio::select! {
+            r = server => r?,
+            // Connections that still do not finish get this long, then are dropped.
+            _ = async {
+                let _ = deadline_rx.await;
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            } => tracing::warn!("connections still open after {SHUTDOWN_GRACE:?}; closing them"),
+        }
         retention.abort();
         tracing::info!("plane stopped");
         Ok(())

@@ -539,3 +539,36 @@ async fn stale_expect_version_is_refused() {
     let same = ctl(&plane.url(), &["apply", "-f", &f2]).await.ok();
     assert!(same.stdout.contains("unchanged"), "{same:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plane_exits_zero_on_sigterm_with_agents_and_followers_connected() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut plane = PlaneProc::start(dir.path()).await;
+    let _agent = AgentProc::start(dir.path(), &plane.url(), "a").await;
+    let up = TestUpstream::start("u").await;
+    let f = write_config(dir.path(), "one.toml", &header_config(&up, "one"));
+    ctl(&plane.url(), &["apply", "-f", &f]).await.ok();
+    wait_synced(&plane.url(), &["a"], 1).await;
+    let mut follow = tokio::process::Command::new(dispa_tests::process::bin("dispactl"))
+        .args(["--plane", &plane.url(), "logs", "--follow"])
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    if let Some(pid) = plane.child.id() {
+        let _ = tokio::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .await;
+    }
+    let status = tokio::time::timeout(Duration::from_secs(20), plane.child.wait())
+        .await
+        .expect("plane exits")
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "{}", plane.log_text());
+    let f = tokio::time::timeout(Duration::from_secs(10), follow.wait())
+        .await
+        .expect("follow ends")
+        .unwrap();
+    let _ = f;
+}

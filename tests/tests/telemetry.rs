@@ -727,3 +727,40 @@ async fn stdout_access_log_json_tracing_traceparent_and_fleet_summary() {
         "{table:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_gives_up_is_logged_and_not_left_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = TestUpstream::start("slow").await;
+    let plane = PlaneProc::start(dir.path()).await;
+    let agent = AgentProc::start(dir.path(), &plane.url(), "a").await;
+    let f = write_config(dir.path(), "r.toml", &config(&up));
+    ctl(&plane.url(), &["apply", "-f", &f]).await.ok();
+    wait_synced(&plane.url(), &["a"], 1).await;
+    let url = format!("http://{}/?sleep_ms=5000", agent.proxy);
+    let req = tokio::spawn(async move { HttpClient::new().get(&url, Some("h")).await });
+    eventually(
+        "the request reaches the upstream",
+        Duration::from_secs(10),
+        || async { (up.hits.load(std::sync::atomic::Ordering::Relaxed) == 1).then_some(()) },
+    )
+    .await;
+    req.abort();
+    let http = HttpClient::new();
+    eventually(
+        "in-flight back to 0 and a 499 record stored",
+        Duration::from_secs(20),
+        || async {
+            let text = http
+                .get(&format!("http://{}/metrics", agent.admin), None)
+                .await
+                .ok()?
+                .text();
+            let idle = metric(&text, "dispa_requests_in_flight", &[]) == Some(0.0);
+            let out = ctl(&plane.url(), &["logs", "--status", "499", "-o", "json"]).await;
+            let logged = out.stdout.contains("\"denial_reason\":\"client_closed\"");
+            (idle && logged).then_some(())
+        },
+    )
+    .await;
+}

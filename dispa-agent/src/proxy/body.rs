@@ -90,6 +90,36 @@ impl Finish {
     }
 }
 
+/// Holds a request's [`Finish`] while the request is being handled; if the handler is dropped
+/// (the client went away before any response), the record is finished as status 499.
+pub struct Pending(Option<Finish>);
+
+impl Pending {
+    pub fn new(f: Finish) -> Self {
+        Self(Some(f))
+    }
+
+    pub fn take(&mut self) -> Option<Finish> {
+        self.0.take()
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(mut f) = self.0.take() {
+            f.record.status = 499;
+            f.record.denial_reason = "client_closed".into();
+            f.metrics
+                .denied
+                .get_or_create(&crate::telemetry::ReasonLabels {
+                    reason: "client_closed".into(),
+                })
+                .inc();
+            f.done(0);
+        }
+    }
+}
+
 /// The response body sent to the client, counted; finishes the record at its end.
 pub struct LoggedBody {
     inner: ProxyBody,
@@ -98,6 +128,15 @@ pub struct LoggedBody {
 }
 
 impl LoggedBody {
+    /// A body with no record attached (nothing to log).
+    pub fn unlogged(inner: ProxyBody) -> Self {
+        Self {
+            inner,
+            bytes_out: 0,
+            finish: None,
+        }
+    }
+
     pub fn new(inner: ProxyBody, finish: Finish) -> Self {
         let mut b = Self {
             inner,

@@ -19,10 +19,14 @@ const HOP_BY_HOP: [&str; 8] = [
 /// The request's host as sent: the URI authority (HTTP/2, absolute-form) or the Host header.
 pub fn request_host<B>(req: &Request<B>) -> Option<String> {
     if let Some(a) = req.uri().authority() {
-        return Some(a.as_str().to_string());
+        // host and port only: userinfo ("user:pw@") is never part of the host.
+        return Some(match a.port() {
+            Some(p) => format!("{}:{}", a.host(), p.as_str()),
+            None => a.host().to_string(),
+        });
     }
     let h = req.headers().get(header::HOST)?.to_str().ok()?;
-    (!h.is_empty()).then(|| h.to_string())
+    (!h.is_empty() && !h.contains('@')).then(|| h.to_string())
 }
 
 /// Removes hop-by-hop headers, including every header the Connection header names.
@@ -52,6 +56,16 @@ pub fn set_forwarded(
     raw_host: &str,
     scheme: &'static str,
 ) {
+    // Other conventions for the same facts would let a client spoof them past us.
+    for n in [
+        "forwarded",
+        "x-real-ip",
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+        "x-forwarded-server",
+    ] {
+        headers.remove(n);
+    }
     let ip = peer.ip().to_canonical().to_string();
     if let Ok(v) = HeaderValue::from_str(&ip) {
         headers.insert(HeaderName::from_static("x-forwarded-for"), v);
@@ -87,9 +101,21 @@ mod tests {
     }
 
     #[test]
+    fn userinfo_is_not_part_of_the_host() {
+        let req = Request::get("http://user:pw@api.example.com:8080/")
+            .body(())
+            .unwrap();
+        assert_eq!(request_host(&req).as_deref(), Some("api.example.com:8080"));
+        let req = Request::get("/").header("host", "u@evil").body(()).unwrap();
+        assert_eq!(request_host(&req), None);
+    }
+
+    #[test]
     fn forwarded_headers_overwrite_spoofed_values() {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
+        h.insert("forwarded", HeaderValue::from_static("for=6.6.6.6"));
+        h.insert("x-real-ip", HeaderValue::from_static("6.6.6.6"));
         set_forwarded(
             &mut h,
             "127.0.0.9:5555".parse().unwrap(),
@@ -97,6 +123,7 @@ mod tests {
             "http",
         );
         assert_eq!(h["x-forwarded-for"], "127.0.0.9");
+        assert!(!h.contains_key("forwarded") && !h.contains_key("x-real-ip"));
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "api.example.com:8080");
         assert_eq!(h["host"], "api.example.com:8080");

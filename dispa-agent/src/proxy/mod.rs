@@ -142,17 +142,17 @@ impl Proxy {
         req.headers_mut().insert(X_REQUEST_ID, rid.clone());
         req.headers_mut().insert(TRACEPARENT, tp.clone());
         let rid_str = rid.to_str().unwrap_or_default().to_string();
-        let mut record = LogRecord {
+        let record = LogRecord {
             ts_us,
             agent: self.logs.agent.to_string(),
             request_id: rid_str.clone(),
             client_ip: peer.ip().to_canonical().to_string(),
             method: req.method().as_str().to_string(),
             scheme: "http".into(),
-            path: req.uri().path().to_string(),
-            query: access_log::redact_query(
-                req.uri().query().unwrap_or(""),
-                &self.logs.redact_query,
+            path: access_log::capped(req.uri().path(), access_log::MAX_PATH),
+            query: access_log::capped(
+                &access_log::redact_query(req.uri().query().unwrap_or(""), &self.logs.redact_query),
+                access_log::MAX_PATH,
             ),
             user_agent: header_str(req.headers(), &header::USER_AGENT),
             traceparent: tp.to_str().unwrap_or_default().to_string(),
@@ -160,6 +160,17 @@ impl Proxy {
         };
         let span = tracing::info_span!("request", id = %rid_str, method = %record.method, path = %record.path);
         let bytes_in = Arc::new(AtomicU64::new(0));
+        // Finishes the record (499, client_closed) if the client goes away before a response.
+        let mut pending = body::Pending::new(body::Finish {
+            record,
+            start,
+            bytes_in: bytes_in.clone(),
+            sink: self.logs.clone(),
+            metrics: self.metrics.clone(),
+            window: self.window.clone(),
+            span: span.clone(),
+            in_flight: None,
+        });
         let (ex, mut resp) = self
             .handle(req, peer, bytes_in.clone())
             .instrument(span.clone())
@@ -184,6 +195,10 @@ impl Proxy {
                 })
                 .observe(us as f64 / 1e6);
         }
+        let Some(mut finish) = pending.take() else {
+            return Ok(Failure::BadRequest.response().map(LoggedBody::unlogged));
+        };
+        let record = &mut finish.record;
         if let Some(f) = ex.failure {
             self.metrics
                 .denied
@@ -194,22 +209,13 @@ impl Proxy {
             record.denial_reason = f.reason().to_string();
         }
         record.status = u32::from(status);
-        record.host = ex.host;
+        record.host = access_log::capped(&ex.host, access_log::MAX_HOST);
         record.route = ex.route;
         record.upstream = ex.upstream;
         record.endpoint = ex.endpoint.map(|e| e.to_string()).unwrap_or_default();
         record.attempts = u32::from(ex.endpoint.is_some());
         record.upstream_duration_us = ex.upstream_us.unwrap_or(0);
-        let finish = body::Finish {
-            record,
-            start,
-            bytes_in,
-            sink: self.logs.clone(),
-            metrics: self.metrics.clone(),
-            window: self.window.clone(),
-            span,
-            in_flight: ex.in_flight,
-        };
+        finish.in_flight = ex.in_flight;
         Ok(resp.map(|b| LoggedBody::new(b, finish)))
     }
 

@@ -36,6 +36,16 @@ impl Applier {
 
     /// Builds and swaps in the envelope's snapshot. On error nothing changes.
     pub async fn apply(&self, env: &SnapshotEnvelope) -> Result<(), CompileError> {
+        // Checked here, not in the stream client, so a cached snapshot passes the same check.
+        use dispa_proto::{BUILD_VERSION, PROTOCOL_VERSION, protocol_major};
+        if protocol_major(&env.protocol_version) != protocol_major(PROTOCOL_VERSION) {
+            return Err(CompileError::Protocol {
+                theirs: env.protocol_version.clone(),
+                build: env.plane_build_version.clone(),
+                ours: PROTOCOL_VERSION,
+                our_build: BUILD_VERSION,
+            });
+        }
         let actual = dispa_proto::content_hash(&env.snapshot);
         if actual != env.hash {
             return Err(CompileError::Hash {

@@ -26,6 +26,15 @@ pub use resolve::{ResolveError, resolve_endpoints};
 /// Why a snapshot cannot be served (sent to the plane as the NACK reason).
 #[derive(Debug, thiserror::Error)]
 pub enum CompileError {
+    #[error(
+        "plane speaks dispa protocol {theirs:?} (build {build}), this agent speaks {ours} (build {our_build}); protocol major versions must match"
+    )]
+    Protocol {
+        theirs: String,
+        build: String,
+        ours: &'static str,
+        our_build: &'static str,
+    },
     #[error("content hash mismatch: envelope says {expected}, content hashes to {actual}")]
     Hash { expected: String, actual: String },
     #[error(transparent)]

@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use dispa_proto::v1::config_discovery_client::ConfigDiscoveryClient;
 use dispa_proto::v1::{Ack, DiscoveryRequest, Nack, Node, discovery_request};
-use dispa_proto::{AgentId, BUILD_VERSION, PROTOCOL_VERSION, protocol_major};
+use dispa_proto::{AgentId, BUILD_VERSION, PROTOCOL_VERSION};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::snapshot::Applier;
+use crate::snapshot::{Applier, CompileError};
 use crate::telemetry::Metrics;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
@@ -130,19 +130,12 @@ async fn session(opts: &SyncOptions, applier: &Applier, metrics: &Metrics) -> Ou
             }
         };
         received = true;
-        let reply = if protocol_major(&env.protocol_version) != protocol_major(PROTOCOL_VERSION) {
-            let e = format!(
-                "plane speaks dispa protocol {:?} (build {}), this agent speaks {PROTOCOL_VERSION} (build {BUILD_VERSION}); protocol major versions must match",
-                env.protocol_version, env.plane_build_version
-            );
-            tracing::error!("{e}");
-            Err(e)
-        } else {
-            applier
-                .apply_and_cache(&env)
-                .await
-                .map_err(|e| e.to_string())
-        };
+        let reply = applier.apply_and_cache(&env).await.map_err(|e| {
+            if matches!(e, CompileError::Protocol { .. }) {
+                tracing::error!("{e}");
+            }
+            e.to_string()
+        });
         let response = match reply {
             Ok(()) => {
                 tracing::info!(version = env.version, "serving new snapshot");

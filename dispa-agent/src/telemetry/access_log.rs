@@ -17,6 +17,23 @@ pub const QUEUE_CAPACITY: usize = 65_536;
 const BATCH_MAX: usize = 1_000;
 const BATCH_LINGER: Duration = Duration::from_millis(100);
 const MAX_REQUEST_ID: usize = 128;
+/// Longest host kept in a record: a DNS name is at most 253 bytes, and stores index it.
+pub const MAX_HOST: usize = 255;
+/// Longest path (and query) kept in a record.
+pub const MAX_PATH: usize = 2048;
+
+/// `s` cut to at most `max` bytes on a character boundary, marked with "..." when cut, so
+/// one oversized request cannot bloat or poison a log batch.
+pub fn capped(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max.saturating_sub(3);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
+}
 
 #[derive(Clone, Debug, Default)]
 pub struct AccessLogOptions {
@@ -169,11 +186,14 @@ pub async fn run_batcher(
             .log_queue_depth
             .set((QUEUE_CAPACITY - rx.capacity().min(QUEUE_CAPACITY)) as i64);
         if stdout {
-            use std::io::Write;
-            let mut out = std::io::stdout().lock();
-            for r in &records {
-                let _ = writeln!(out, "{}", dispa_proto::logs::record_json(r));
-            }
+            // A slow stdout reader must not stall a runtime worker.
+            tokio::task::block_in_place(|| {
+                use std::io::Write;
+                let mut out = std::io::stdout().lock();
+                for r in &records {
+                    let _ = writeln!(out, "{}", dispa_proto::logs::record_json(r));
+                }
+            });
         }
         seq += 1;
         let n = records.len() as u64;
@@ -226,6 +246,15 @@ mod tests {
         let new = traceparent(&h);
         assert_eq!(new.len(), 55);
         assert!(new.to_str().unwrap().starts_with("00-"));
+    }
+
+    #[test]
+    fn caps_long_fields() {
+        assert_eq!(capped("abc", 3), "abc");
+        assert_eq!(capped("abcdef", 5), "ab...");
+        assert_eq!(capped("ééé", 5), "é...");
+        assert_eq!(capped("ééé", 4), "...");
+        assert!(capped(&"h".repeat(10_000), MAX_HOST).len() <= MAX_HOST);
     }
 
     #[test]

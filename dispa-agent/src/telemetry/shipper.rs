@@ -13,7 +13,7 @@ use dispa_proto::{BUILD_VERSION, PROTOCOL_VERSION};
 use tokio::sync::{Notify, mpsc, watch};
 
 use super::Metrics;
-use super::spool::Spool;
+use super::spool::{Spool, SpoolError};
 use super::window::Window;
 
 /// Batches sent and not yet acked.
@@ -108,12 +108,20 @@ impl Shipper {
                         };
                         tx.send(report).await.map_err(|e| e.to_string())?;
                     }
-                    Err(e) => {
+                    Err(e @ SpoolError::Corrupt { .. }) => {
                         tracing::warn!("dropping unreadable spooled batch: {e}");
                         self.metrics
                             .log_dropped("spool_corrupt", entry.records.max(1));
                         self.spool.remove(entry.order);
                     }
+                    Err(SpoolError::Io { source, .. })
+                        if source.kind() == std::io::ErrorKind::NotFound =>
+                    {
+                        // Removed behind our back: nothing left to send.
+                        self.spool.remove(entry.order);
+                    }
+                    // Out of file descriptors, I/O trouble: keep the batch, retry later.
+                    Err(e) => return Err(e.to_string()),
                 }
             }
             tokio::select! {

@@ -129,7 +129,9 @@ impl Spool {
             let mut f = std::fs::File::create(&tmp)?;
             f.write_all(&bytes)?;
             f.sync_all()?;
-            std::fs::rename(&tmp, &path)
+            std::fs::rename(&tmp, &path)?;
+            // The rename itself must survive a power loss too.
+            std::fs::File::open(&self.dir)?.sync_all()
         })();
         if let Err(source) = written {
             self.lock().bytes -= entry.bytes;

@@ -331,22 +331,26 @@ impl Admin for AdminService {
         let q = request.into_inner();
         let filter = LogFilter::from_query(&q).map_err(|e| ErrorCode::InvalidArgument.status(e))?;
         let limit = log_limit(q.limit);
-        // Subscribe before querying so nothing stored in between is missed.
-        let mut live = q.follow.then(|| self.state.live.subscribe());
+        // Subscribe before querying so nothing stored in between is missed; batches published
+        // before the query began are in its result, those published while it ran may be.
+        let hub = self.state.live.clone();
+        let mut live = q.follow.then(|| hub.subscribe());
+        let before = hub.last_seq();
         let mut initial = self
             .state
             .logs
             .query(&filter, limit)
             .await
             .map_err(|e| ErrorCode::Unavailable.status(e.to_string()))?;
+        let after = hub.last_seq();
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<v1::LogRecord, Status>>(256);
         tokio::spawn(async move {
-            let seen: std::collections::HashSet<(String, String)> = if live.is_some() {
+            let seen: std::collections::HashSet<(String, String, i64)> = if live.is_some() {
                 // A tail prints oldest to newest.
                 initial.reverse();
                 initial
                     .iter()
-                    .map(|r| (r.agent.clone(), r.request_id.clone()))
+                    .map(|r| (r.agent.clone(), r.request_id.clone(), r.ts_us))
                     .collect()
             } else {
                 Default::default()
@@ -362,6 +366,7 @@ impl Admin for AdminService {
                     r = live.recv() => r,
                     // The follower went away: stop waiting for records it will never read.
                     _ = tx.closed() => return,
+                    _ = hub.closed() => return,
                 };
                 let batch = match received {
                     Ok(b) => b,
@@ -371,11 +376,13 @@ impl Admin for AdminService {
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 };
-                for r in batch.iter() {
-                    if filter.matches(r)
-                        && !seen.contains(&(r.agent.clone(), r.request_id.clone()))
-                        && tx.send(Ok(r.clone())).await.is_err()
-                    {
+                if batch.seq <= before {
+                    continue;
+                }
+                for r in batch.records.iter() {
+                    let maybe_sent = batch.seq <= after
+                        && seen.contains(&(r.agent.clone(), r.request_id.clone(), r.ts_us));
+                    if filter.matches(r) && !maybe_sent && tx.send(Ok(r.clone())).await.is_err() {
                         return;
                     }
                 }

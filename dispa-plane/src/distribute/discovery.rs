@@ -37,7 +37,8 @@ impl DiscoveryService {
     }
 }
 
-fn valid_agent_id(id: &str) -> bool {
+/// 1-128 letters, digits, '-', '_', '.', ':'.
+pub fn valid_agent_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 128
         && id

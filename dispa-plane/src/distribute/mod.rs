@@ -11,7 +11,7 @@ use bytes::Bytes;
 use dispa_proto::Version;
 use tokio::sync::watch;
 
-pub use discovery::DiscoveryService;
+pub use discovery::{DiscoveryService, valid_agent_id};
 pub use registry::{AgentRecord, AgentRegistry, SyncState};
 
 /// A version ready to send: encoded once, shared by every stream.

@@ -20,25 +20,57 @@ use crate::metrics::PlaneMetrics;
 /// Newly stored records for live followers. Lagging followers skip, never slow ingest.
 #[derive(Clone)]
 pub struct LiveLogs {
-    tx: broadcast::Sender<Arc<Vec<LogRecord>>>,
+    tx: broadcast::Sender<LiveBatch>,
+    seq: Arc<std::sync::atomic::AtomicU64>,
+    /// Turns true when the plane shuts down: long-lived streams end.
+    closing: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+/// A stored batch, numbered in publish order.
+#[derive(Clone, Debug)]
+pub struct LiveBatch {
+    pub seq: u64,
+    pub records: Arc<Vec<LogRecord>>,
 }
 
 impl Default for LiveLogs {
     fn default() -> Self {
         Self {
             tx: broadcast::channel(1024).0,
+            seq: Arc::default(),
+            closing: Arc::new(tokio::sync::watch::channel(false).0),
         }
     }
 }
 
 impl LiveLogs {
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Vec<LogRecord>>> {
+    pub fn subscribe(&self) -> broadcast::Receiver<LiveBatch> {
         self.tx.subscribe()
     }
 
+    /// The number of the last batch published.
+    pub fn last_seq(&self) -> u64 {
+        self.seq.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     fn publish(&self, records: Vec<LogRecord>) {
+        let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
         // No receivers is fine.
-        let _ = self.tx.send(Arc::new(records));
+        let _ = self.tx.send(LiveBatch {
+            seq,
+            records: Arc::new(records),
+        });
+    }
+
+    /// Ends every follow and telemetry stream (plane shutdown).
+    pub fn close(&self) {
+        let _ = self.closing.send(true);
+    }
+
+    /// Resolves once [`close`](Self::close) was called.
+    pub async fn closed(&self) {
+        let mut rx = self.closing.subscribe();
+        let _ = rx.wait_for(|c| *c).await;
     }
 }
 
@@ -84,9 +116,13 @@ impl Telemetry for TelemetryService {
                 );
             }
         };
-        if hello.agent_id.is_empty() || hello.agent_id.len() > 128 || hello.boot_id.is_empty() {
-            return Err(ErrorCode::InvalidArgument
-                .status("hello needs an agent id (<= 128 bytes) and a boot id"));
+        let boot_ok = !hello.boot_id.is_empty()
+            && hello.boot_id.len() <= 64
+            && hello.boot_id.bytes().all(|b| b.is_ascii_alphanumeric());
+        if !crate::distribute::valid_agent_id(&hello.agent_id) || !boot_ok {
+            return Err(ErrorCode::InvalidArgument.status(
+                "hello needs a valid agent id (1-128 letters, digits, '-', '_', '.', ':') and a boot id (1-64 letters or digits)",
+            ));
         }
         let agent = hello.agent_id.clone();
         let (tx, rx) = mpsc::channel::<Result<ReportAck, Status>>(64);
@@ -98,7 +134,12 @@ impl Telemetry for TelemetryService {
         );
         tokio::spawn(async move {
             loop {
-                let msg = match inbound.message().await {
+                let next = tokio::select! {
+                    m = inbound.message() => m,
+                    // Plane shutdown: unacked batches stay in the agent's spool.
+                    _ = live.closed() => break,
+                };
+                let msg = match next {
                     Ok(Some(m)) => m,
                     Ok(None) => break,
                     Err(e) => {
@@ -110,6 +151,16 @@ impl Telemetry for TelemetryService {
                     Some(agent_report::Kind::Logs(mut batch)) => {
                         // The stream's identity wins over what a batch claims.
                         batch.agent_id.clone_from(&agent);
+                        if batch.boot_id.is_empty()
+                            || batch.boot_id.len() > 64
+                            || batch.boot_id.contains('\0')
+                        {
+                            let _ = tx
+                                .send(Err(ErrorCode::InvalidArgument
+                                    .status("a log batch needs a boot id (1-64 bytes)")))
+                                .await;
+                            break;
+                        }
                         for r in &mut batch.records {
                             r.agent.clone_from(&agent);
                         }

@@ -35,11 +35,12 @@ fn time_key(ts_us: i64) -> [u8; 8] {
 }
 
 fn batch_key(b: &LogBatch) -> Vec<u8> {
-    let mut k = Vec::with_capacity(b.agent_id.len() + b.boot_id.len() + 10);
-    k.extend_from_slice(b.agent_id.as_bytes());
-    k.push(0);
-    k.extend_from_slice(b.boot_id.as_bytes());
-    k.push(0);
+    // Length-prefixed parts: no choice of ids can make two batches share a key.
+    let mut k = Vec::with_capacity(b.agent_id.len() + b.boot_id.len() + 16);
+    for part in [&b.agent_id, &b.boot_id] {
+        k.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        k.extend_from_slice(part.as_bytes());
+    }
     k.extend_from_slice(&b.seq.to_be_bytes());
     k
 }
@@ -105,9 +106,9 @@ impl Inner {
             Err(TransactionError::Abort(e)) => return Err(e),
             Err(TransactionError::Storage(e)) => return Err(io(e)),
         };
-        if stored {
-            self.db.flush().map_err(io)?;
-        }
+        // Flush for duplicates too: the first copy may not be durable yet (its ingest may still
+        // be flushing, or its flush failed), and the caller acks on our return.
+        self.db.flush().map_err(io)?;
         Ok(stored)
     }
 
