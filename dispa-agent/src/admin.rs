@@ -73,6 +73,28 @@ impl AdminApi {
                         (n.to_string(), serde_json::json!(eps))
                     })
                     .collect();
+                let now = crate::upstream::health::now_ms();
+                let health: serde_json::Map<String, serde_json::Value> = s
+                    .upstreams
+                    .iter()
+                    .map(|(n, u)| {
+                        let eps: serde_json::Map<String, serde_json::Value> = u
+                            .endpoints
+                            .iter()
+                            .map(|e| {
+                                let state = if e.health.is_down() {
+                                    "down"
+                                } else if e.health.is_ejected(now) {
+                                    "ejected"
+                                } else {
+                                    "up"
+                                };
+                                (e.addr.to_string(), serde_json::json!(state))
+                            })
+                            .collect();
+                        (n.to_string(), serde_json::Value::Object(eps))
+                    })
+                    .collect();
                 let routes: Vec<String> = s.routes.routes().map(|r| r.name.to_string()).collect();
                 serde_json::json!({
                     "agent": self.id,
@@ -80,6 +102,7 @@ impl AdminApi {
                     "hash": s.hash,
                     "routes": routes,
                     "upstreams": upstreams,
+                    "health": health,
                 })
             }
         };

@@ -155,9 +155,15 @@ impl Agent {
                 notify: shipped,
                 window: window.clone(),
                 metrics: self.metrics.clone(),
+                current: current.clone(),
             }
             .run(ship_stop_rx),
         );
+        let checks = tokio::spawn(upstream::checker::run(
+            current.clone(),
+            self.metrics.clone(),
+            stop_rx.clone(),
+        ));
         let proxy = Arc::new(Proxy::new(
             current.clone(),
             self.metrics.clone(),
@@ -205,7 +211,7 @@ impl Agent {
         ));
         shutdown.await;
         let _ = stop_tx.send(true);
-        let _ = tokio::join!(proxy_task, admin_task, sync);
+        let _ = tokio::join!(proxy_task, admin_task, sync, checks);
         // Requests are drained: write every queued record to the spool, then give the shipper a
         // moment to deliver it (what it cannot deliver stays spooled for the next start).
         let _ = log_stop_tx.send(true);

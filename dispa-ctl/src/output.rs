@@ -92,6 +92,7 @@ pub fn agents(list: &[v1::AgentInfo], f: Format) -> String {
                         "build_version": a.build_version,
                         "protocol_version": a.protocol_version,
                         "peer": a.peer,
+                        "endpoints_down": a.metrics.as_ref().map(|m| m.endpoints_down.clone()).unwrap_or_default(),
                     })
                 })
                 .collect();
@@ -111,6 +112,11 @@ pub fn agents(list: &[v1::AgentInfo], f: Format) -> String {
                         ago(a.last_seen_ms),
                         a.build_version.clone(),
                         labels.join(","),
+                        a.metrics
+                            .as_ref()
+                            .map(|m| m.endpoints_down.join(","))
+                            .filter(|d| !d.is_empty())
+                            .unwrap_or_else(|| "-".into()),
                         a.last_error.clone(),
                     ]
                 })
@@ -123,6 +129,7 @@ pub fn agents(list: &[v1::AgentInfo], f: Format) -> String {
                     "LAST SEEN",
                     "BUILD",
                     "LABELS",
+                    "ENDPOINTS DOWN",
                     "LAST ERROR",
                 ],
                 &rows,

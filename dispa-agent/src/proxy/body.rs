@@ -19,12 +19,13 @@ use crate::telemetry::{Metrics, RouteLabels};
 
 /// The client's request body on its way upstream, counted.
 pub struct CountedBody {
-    inner: Incoming,
+    /// `None`: an empty body (a retry of a request that had none).
+    inner: Option<Incoming>,
     count: Arc<AtomicU64>,
 }
 
 impl CountedBody {
-    pub fn new(inner: Incoming, count: Arc<AtomicU64>) -> Self {
+    pub fn new(inner: Option<Incoming>, count: Arc<AtomicU64>) -> Self {
         Self { inner, count }
     }
 }
@@ -37,7 +38,10 @@ impl Body for CountedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let p = Pin::new(&mut self.inner).poll_frame(cx);
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let p = Pin::new(inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(f))) = &p
             && let Some(d) = f.data_ref()
         {
@@ -47,11 +51,13 @@ impl Body for CountedBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
     }
 }
 

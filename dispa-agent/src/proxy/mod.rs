@@ -61,7 +61,7 @@ impl Failure {
             Failure::NoSnapshot => "no configuration loaded yet\n",
             Failure::BadRequest => "bad request: missing or invalid Host\n",
             Failure::NoRoute => "no route for this request\n",
-            Failure::NoEndpoint => "no upstream endpoint available\n",
+            Failure::NoEndpoint => "no healthy upstream endpoint\n",
             Failure::UpstreamRefused => "upstream refused the connection\n",
             Failure::UpstreamTimeout => "upstream timed out\n",
             Failure::UpstreamFailed => "upstream connection failed\n",
@@ -104,6 +104,7 @@ struct Exchange {
     failure: Option<Failure>,
     /// Counts the request against its endpoint until the response ends.
     in_flight: Option<crate::upstream::InFlight>,
+    attempts: u32,
 }
 
 /// Shared by every connection of the proxy listener.
@@ -213,7 +214,7 @@ impl Proxy {
         record.route = ex.route;
         record.upstream = ex.upstream;
         record.endpoint = ex.endpoint.map(|e| e.to_string()).unwrap_or_default();
-        record.attempts = u32::from(ex.endpoint.is_some());
+        record.attempts = ex.attempts;
         record.upstream_duration_us = ex.upstream_us.unwrap_or(0);
         finish.in_flight = ex.in_flight;
         Ok(resp.map(|b| LoggedBody::new(b, finish)))
@@ -280,47 +281,103 @@ impl Proxy {
         raw_host: String,
         bytes_in: Arc<AtomicU64>,
     ) -> (Exchange, Response<ProxyBody>) {
-        let ctx = crate::upstream::PickCtx {
-            client_ip: peer.ip(),
-            headers: req.headers(),
-        };
-        let Some((endpoint, in_flight)) = upstream.pick(&ctx) else {
-            return fail(ex, Failure::NoEndpoint);
-        };
-        ex.endpoint = Some(endpoint);
-        ex.in_flight = Some(in_flight);
+        use dispa_proto::config::model::RetryOn;
+        upstream.retry_budget.on_request();
         let (mut parts, body) = req.into_parts();
         let path = route.rewrite_path(parts.uri.path());
-        let target = match parts.uri.query() {
-            Some(q) => format!("http://{endpoint}{path}?{q}"),
-            None => format!("http://{endpoint}{path}"),
+        let path_and_query = match parts.uri.query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path.into_owned(),
         };
-        let Ok(uri) = target.parse::<Uri>() else {
-            return fail(ex, Failure::BadRequest);
-        };
-        parts.uri = uri;
-        parts.version = http::Version::HTTP_11;
         headers::strip_hop_by_hop(&mut parts.headers);
         headers::set_forwarded(&mut parts.headers, peer, &raw_host, "http");
         route.request_headers.apply(&mut parts.headers);
-        let upstream_req = Request::from_parts(parts, CountedBody::new(body, bytes_in));
+        // Only a request without a body can be sent again: a streamed body is gone once sent.
+        let replayable = hyper::body::Body::is_end_stream(&body);
+        let idempotent = matches!(
+            parts.method.as_str(),
+            "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE"
+        );
+        let mut body = Some(body);
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut last_failure = Failure::NoEndpoint;
+        loop {
+            let ctx = crate::upstream::PickCtx {
+                client_ip: peer.ip(),
+                headers: &parts.headers,
+            };
+            let Some(picked) = upstream.pick(&ctx, &tried) else {
+                return fail(ex, last_failure);
+            };
+            let endpoint = picked.addr;
+            tried.push(endpoint);
+            ex.attempts += 1;
+            ex.endpoint = Some(endpoint);
+            let Ok(uri) = format!("http://{endpoint}{path_and_query}").parse::<Uri>() else {
+                return fail(ex, Failure::BadRequest);
+            };
+            let mut upstream_req = Request::new(CountedBody::new(body.take(), bytes_in.clone()));
+            *upstream_req.method_mut() = parts.method.clone();
+            *upstream_req.uri_mut() = uri;
+            *upstream_req.version_mut() = http::Version::HTTP_11;
+            *upstream_req.headers_mut() = parts.headers.clone();
 
-        let sent_at = Instant::now();
-        let sent =
-            tokio::time::timeout(route.timeout, upstream.pool.client().request(upstream_req)).await;
-        ex.upstream_us = Some(u64::try_from(sent_at.elapsed().as_micros()).unwrap_or(u64::MAX));
-        let mut resp = match sent {
-            Err(_) => return fail(ex, Failure::UpstreamTimeout),
-            Ok(Err(e)) => {
-                let f = classify(&e);
-                tracing::debug!(route = %route.name, %endpoint, "upstream request failed: {e:#}");
-                return fail(ex, f);
+            let sent_at = Instant::now();
+            let sent =
+                tokio::time::timeout(route.timeout, upstream.pool.client().request(upstream_req))
+                    .await;
+            ex.upstream_us = Some(u64::try_from(sent_at.elapsed().as_micros()).unwrap_or(u64::MAX));
+            // What went wrong, if anything, and whether the route retries it.
+            let (outcome, retry_on) = match sent {
+                Err(_) => (Err(Failure::UpstreamTimeout), None),
+                Ok(Err(e)) => {
+                    let f = classify(&e);
+                    tracing::debug!(route = %route.name, %endpoint, "upstream request failed: {e:#}");
+                    let on = if e.is_connect() {
+                        RetryOn::ConnectFailure
+                    } else {
+                        RetryOn::Reset
+                    };
+                    (Err(f), Some(on))
+                }
+                Ok(Ok(r)) => {
+                    let s = r.status().as_u16();
+                    let on = matches!(s, 502..=504).then_some(RetryOn::Status(s));
+                    (Ok(r), on)
+                }
+            };
+            let healthy = match &outcome {
+                Ok(r) => !r.status().is_server_error(),
+                Err(Failure::UpstreamTimeout) => true,
+                Err(_) => false,
+            };
+            if let Some(crate::upstream::health::Transition::Ejected(d)) = picked.health.passive(
+                healthy,
+                &upstream.outlier,
+                crate::upstream::health::now_ms(),
+            ) {
+                tracing::warn!(upstream = %upstream.name, %endpoint, "ejecting endpoint for {d:?} after consecutive failures");
             }
-            Ok(Ok(r)) => r,
-        };
-        headers::strip_hop_by_hop(resp.headers_mut());
-        route.response_headers.apply(resp.headers_mut());
-        (ex, resp.map(Either::Left))
+            let may_retry = retry_on.is_some_and(|on| {
+                route.retry.on.contains(&on)
+                    && (idempotent || route.retry.non_idempotent || on == RetryOn::ConnectFailure)
+            }) && replayable
+                && ex.attempts <= route.retry.retries
+                && upstream.retry_budget.try_retry();
+            match outcome {
+                Ok(mut resp) if !may_retry => {
+                    ex.in_flight = Some(picked.in_flight);
+                    headers::strip_hop_by_hop(resp.headers_mut());
+                    route.response_headers.apply(resp.headers_mut());
+                    return (ex, resp.map(Either::Left));
+                }
+                Err(f) if !may_retry => return fail(ex, f),
+                Ok(_) => last_failure = Failure::UpstreamFailed,
+                Err(f) => last_failure = f,
+            }
+            self.metrics.retries.inc();
+            body = None;
+        }
     }
 }
 

@@ -138,6 +138,7 @@ impl RouteAction {
 pub struct CompiledRoute {
     pub name: RouteName,
     pub action: RouteAction,
+    pub retry: dispa_proto::config::model::RetryPolicy,
     pub timeout: std::time::Duration,
     pub request_headers: CompiledHeaderOps,
     pub response_headers: CompiledHeaderOps,
@@ -265,6 +266,7 @@ fn compile_route(r: &Route, upstreams: &Upstreams) -> Result<CompiledRoute, Comp
     Ok(CompiledRoute {
         name: r.name.clone(),
         action,
+        retry: r.retry.clone(),
         timeout: r.timeout,
         request_headers: CompiledHeaderOps::compile(&r.request_headers, &r.name)?,
         response_headers: CompiledHeaderOps::compile(&r.response_headers, &r.name)?,
@@ -312,7 +314,7 @@ mod tests {
             client_ip: "127.0.0.1".parse().unwrap(),
             headers: &headers,
         };
-        u.pick(&ctx).map(|(a, _)| a)
+        u.pick(&ctx, &[]).map(|p| p.addr)
     }
 
     #[test]
@@ -358,7 +360,8 @@ mod tests {
             client_ip: "127.0.0.1".parse().unwrap(),
             headers: &headers,
         };
-        let (first, _guard) = s1.upstreams[&name].pick(&ctx).unwrap();
+        let picked = s1.upstreams[&name].pick(&ctx, &[]).unwrap();
+        let first = picked.addr;
         // A push that adds an endpoint keeps the busy one's count: the next picks avoid it.
         let s2 = snapshot(
             &a.replace("\"127.0.0.1:2\"]", "\"127.0.0.1:2\",\"127.0.0.1:3\"]"),

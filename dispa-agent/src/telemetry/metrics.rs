@@ -32,6 +32,13 @@ pub struct UpstreamLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub upstream: String,
+    /// The endpoint's address, from config (bounded by it).
+    pub endpoint: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: String,
 }
@@ -51,6 +58,9 @@ pub struct Metrics {
     /// Requests the agent answered itself, by reason ("no_route", "upstream_timeout", ...).
     pub denied: Family<ReasonLabels, Counter>,
     pub in_flight: Gauge,
+    pub retries: Counter,
+    /// 1 while an endpoint takes traffic (not down by checks, not ejected).
+    pub endpoint_healthy: Family<EndpointLabels, Gauge>,
     pub connections_open: Gauge,
     pub connections_accepted: Counter,
     pub config_version: Gauge,
@@ -81,6 +91,8 @@ impl Metrics {
             upstream_duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             denied: Family::default(),
             in_flight: Gauge::default(),
+            retries: Counter::default(),
+            endpoint_healthy: Family::default(),
             connections_open: Gauge::default(),
             connections_accepted: Counter::default(),
             config_version: Gauge::default(),
@@ -180,6 +192,16 @@ impl Metrics {
                 reason: reason.to_string(),
             }));
         }
+        r.register(
+            "upstream_retries",
+            "Upstream attempts after the first",
+            m.retries.clone(),
+        );
+        r.register(
+            "endpoint_healthy",
+            "1 while an endpoint takes traffic, 0 while down or ejected",
+            m.endpoint_healthy.clone(),
+        );
         Metrics { registry: r, ..m }
     }
 

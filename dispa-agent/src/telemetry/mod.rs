@@ -8,5 +8,5 @@ pub mod spool;
 pub mod window;
 
 pub use metrics::{
-    Metrics, ReasonLabels, RequestLabels, RouteLabels, UpstreamLabels, status_class,
+    EndpointLabels, Metrics, ReasonLabels, RequestLabels, RouteLabels, UpstreamLabels, status_class,
 };

@@ -30,6 +30,7 @@ pub struct Shipper {
     pub notify: Arc<Notify>,
     pub window: Arc<Window>,
     pub metrics: Arc<Metrics>,
+    pub current: Arc<crate::snapshot::Current>,
 }
 
 impl Shipper {
@@ -56,6 +57,25 @@ impl Shipper {
                 _ = stop.changed() => return,
             }
         }
+    }
+
+    fn endpoints_down(&self) -> Vec<String> {
+        let Some(s) = self.current.load() else {
+            return Vec::new();
+        };
+        let now = crate::upstream::health::now_ms();
+        let mut out = Vec::new();
+        for u in s.upstreams.values() {
+            for e in &u.endpoints {
+                if e.health.is_down() {
+                    out.push(format!("{}/{} (down)", u.name, e.addr));
+                } else if e.health.is_ejected(now) {
+                    out.push(format!("{}/{} (ejected)", u.name, e.addr));
+                }
+            }
+        }
+        out.sort();
+        out
     }
 
     async fn session(&self) -> Result<(), String> {
@@ -150,6 +170,7 @@ impl Shipper {
                         in_flight: self.metrics.in_flight.get(),
                         log_records_dropped: self.metrics.log_dropped_total(),
                         config_version: u64::try_from(self.metrics.config_version.get()).unwrap_or(0),
+                        endpoints_down: self.endpoints_down(),
                     };
                     tx.send(AgentReport { kind: Some(agent_report::Kind::Metrics(m)) }).await.map_err(|e| e.to_string())?;
                 }

@@ -3,7 +3,10 @@
 //! identity: upstream name, and endpoint address within it.
 
 pub mod balancer;
+pub mod checker;
+pub mod health;
 mod pool;
+mod retry_budget;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -12,10 +15,11 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use dispa_proto::UpstreamName;
-use dispa_proto::config::model::Upstream;
+use dispa_proto::config::model::{HealthCheck, Outlier, Upstream};
 
 pub use balancer::{Balancer, Endpoint, InFlight, PickCtx};
 pub use pool::{Pool, PoolKey};
+pub use retry_budget::RetryBudget;
 
 /// A resolved endpoint, before it gets run-time state.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -32,21 +36,43 @@ pub struct UpstreamRuntime {
     pub balancer: Balancer,
     pub pool: Arc<Pool>,
     pub connect_timeout: Duration,
+    pub health: Option<HealthCheck>,
+    pub outlier: Outlier,
+    pub retry_budget: Arc<RetryBudget>,
+}
+
+/// The endpoint a request goes to, counted in flight until dropped.
+#[derive(Debug)]
+pub struct Picked {
+    pub addr: SocketAddr,
+    pub health: Arc<health::EndpointHealth>,
+    pub in_flight: InFlight,
 }
 
 impl UpstreamRuntime {
-    /// The endpoint for a request, counted in flight until the guard drops.
-    pub fn pick(&self, ctx: &PickCtx<'_>) -> Option<(SocketAddr, InFlight)> {
-        let e = self
-            .endpoints
-            .get(self.balancer.pick(&self.endpoints, ctx)?)?;
-        Some((e.addr, InFlight::start(&e.in_flight)))
+    /// The balancer's choice among endpoints that are up and not in `avoid` (earlier
+    /// attempts); when its choice is not usable, the next usable endpoint after it.
+    /// `None` when no endpoint is usable: the caller answers 503 at once.
+    pub fn pick(&self, ctx: &PickCtx<'_>, avoid: &[SocketAddr]) -> Option<Picked> {
+        let now = health::now_ms();
+        let usable = |e: &Endpoint| e.health.available(now) && !avoid.contains(&e.addr);
+        let first = self.balancer.pick(&self.endpoints, ctx)?;
+        let n = self.endpoints.len();
+        let i = (0..n)
+            .map(|k| (first + k) % n)
+            .find(|&i| usable(&self.endpoints[i]))?;
+        let e = &self.endpoints[i];
+        Some(Picked {
+            addr: e.addr,
+            health: e.health.clone(),
+            in_flight: InFlight::start(&e.in_flight),
+        })
     }
 }
 
 /// Builds an upstream, reusing the previous snapshot's state where identity is unchanged:
-/// the pool when the connect settings match, each endpoint's in-flight counter by address,
-/// the balancer's position when the balance and endpoints are the same.
+/// the pool when the connect settings match, each endpoint's in-flight counter and health by
+/// address, the retry budget, and the balancer's position when balance and endpoints match.
 pub fn build(
     spec: &Upstream,
     resolved: Vec<ResolvedEndpoint>,
@@ -60,8 +86,8 @@ pub fn build(
         Some(p) if p.pool.key() == &key => p.pool.clone(),
         _ => Arc::new(Pool::new(key)),
     };
-    let old: HashMap<SocketAddr, &Arc<AtomicU64>> = previous
-        .map(|p| p.endpoints.iter().map(|e| (e.addr, &e.in_flight)).collect())
+    let old: HashMap<SocketAddr, &Endpoint> = previous
+        .map(|p| p.endpoints.iter().map(|e| (e.addr, e)).collect())
         .unwrap_or_default();
     let endpoints: Vec<Endpoint> = resolved
         .iter()
@@ -70,7 +96,10 @@ pub fn build(
             weight: r.weight,
             in_flight: old
                 .get(&r.addr)
-                .map_or_else(|| Arc::new(AtomicU64::new(0)), |c| Arc::clone(c)),
+                .map_or_else(|| Arc::new(AtomicU64::new(0)), |e| e.in_flight.clone()),
+            health: old
+                .get(&r.addr)
+                .map_or_else(Arc::default, |e| e.health.clone()),
         })
         .collect();
     let same = previous.is_some_and(|p| {
@@ -90,6 +119,9 @@ pub fn build(
         balancer,
         pool,
         connect_timeout: spec.connect_timeout,
+        health: spec.health.clone(),
+        outlier: spec.outlier.clone(),
+        retry_budget: previous.map_or_else(Arc::default, |p| p.retry_budget.clone()),
     }
 }
 

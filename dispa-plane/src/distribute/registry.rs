@@ -127,7 +127,7 @@ impl AgentRegistry {
                 last_error: prev.map(|p| p.last_error.clone()).unwrap_or_default(),
                 last_seen: now,
                 connected_since: now,
-                metrics: prev.and_then(|p| p.metrics),
+                metrics: prev.and_then(|p| p.metrics.clone()),
             };
             inner.agents.insert(hello.id, rec);
             (conn, replaced)

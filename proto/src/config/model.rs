@@ -103,6 +103,91 @@ pub struct Upstream {
     pub balance: Balance,
     pub endpoints: Vec<Endpoint>,
     pub connect_timeout: Duration,
+    /// Active HTTP health checks; none when absent.
+    pub health: Option<HealthCheck>,
+    /// Passive outlier detection (always on unless `consecutive_failures = 0`).
+    pub outlier: Outlier,
+}
+
+/// Active checks: `GET path` every `interval`; 2xx/3xx within `timeout` is a success.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive successes that make a down endpoint healthy again.
+    pub healthy: u32,
+    /// Consecutive failures that take an endpoint down.
+    pub unhealthy: u32,
+}
+
+/// Ejects an endpoint after consecutive connect failures or 5xx answers, for
+/// `base_ejection * 2^(ejections so far)`, at most `max_ejection`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outlier {
+    pub consecutive_failures: u32,
+    pub base_ejection: Duration,
+    pub max_ejection: Duration,
+}
+
+impl Default for Outlier {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            base_ejection: Duration::from_secs(10),
+            max_ejection: Duration::from_secs(300),
+        }
+    }
+}
+
+/// What a failed attempt may be retried on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RetryOn {
+    ConnectFailure,
+    /// The connection failed after the request was sent (reset, closed).
+    Reset,
+    Status(u16),
+}
+
+impl RetryOn {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "connect_failure" => Ok(RetryOn::ConnectFailure),
+            "reset" => Ok(RetryOn::Reset),
+            "502" => Ok(RetryOn::Status(502)),
+            "503" => Ok(RetryOn::Status(503)),
+            "504" => Ok(RetryOn::Status(504)),
+            _ => Err(format!(
+                "invalid retry_on {s:?}: use \"connect_failure\", \"reset\", \"502\", \"503\" or \"504\""
+            )),
+        }
+    }
+
+    pub fn name(self) -> String {
+        match self {
+            RetryOn::ConnectFailure => "connect_failure".into(),
+            RetryOn::Reset => "reset".into(),
+            RetryOn::Status(s) => s.to_string(),
+        }
+    }
+
+    pub const DEFAULT: [RetryOn; 5] = [
+        RetryOn::ConnectFailure,
+        RetryOn::Reset,
+        RetryOn::Status(502),
+        RetryOn::Status(503),
+        RetryOn::Status(504),
+    ];
+}
+
+/// Retries of one route.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Extra attempts after the first (0 = none).
+    pub retries: u32,
+    pub on: Vec<RetryOn>,
+    /// Retry methods that are not idempotent too (connect failures are always retried).
+    pub non_idempotent: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -293,6 +378,7 @@ pub struct Route {
     pub request_headers: HeaderOps,
     pub response_headers: HeaderOps,
     pub rewrite_prefix: Option<String>,
+    pub retry: RetryPolicy,
 }
 
 #[cfg(test)]

@@ -24,6 +24,26 @@ pub(crate) struct RawUpstream {
     pub hash_on: Option<Spanned<String>>,
     pub endpoints: Spanned<Vec<Spanned<RawEndpoint>>>,
     pub connect_timeout: Option<Spanned<String>>,
+    pub health: Option<Spanned<RawHealth>>,
+    pub outlier: Option<Spanned<RawOutlier>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawHealth {
+    pub path: Option<String>,
+    pub interval: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<String>>,
+    pub healthy: Option<i64>,
+    pub unhealthy: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawOutlier {
+    pub consecutive_failures: Option<i64>,
+    pub base_ejection: Option<Spanned<String>>,
+    pub max_ejection: Option<Spanned<String>>,
 }
 
 /// An endpoint: `"host:port"` or `{ addr = "host:port", weight = 3 }`.
@@ -87,6 +107,9 @@ pub(crate) struct RawRoute {
     pub request_headers: Option<Spanned<RawHeaderOps>>,
     pub response_headers: Option<Spanned<RawHeaderOps>>,
     pub rewrite_prefix: Option<Spanned<String>>,
+    pub retries: Option<Spanned<i64>>,
+    pub retry_on: Option<Vec<Spanned<String>>>,
+    pub retry_non_idempotent: Option<bool>,
 }
 
 /// `"value"` (exact), `{ regex = "..." }` or `{ present = true }`.

@@ -6,13 +6,17 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::diagnostic::{Diagnostics, Positions};
-use super::model::{Action, Redirect, Respond, ValueMatch, is_dns_name};
+use super::model::{
+    Action, HealthCheck, Outlier, Redirect, Respond, RetryOn, RetryPolicy, ValueMatch, is_dns_name,
+};
 use super::model::{
     Balance, Config, DEFAULT_CONNECT_TIMEOUT, DEFAULT_ROUTE_TIMEOUT, Endpoint, EndpointAddr,
     HashOn, HeaderOps, HostPattern, MAX_ENDPOINTS, MAX_TIMEOUT, MAX_WEIGHT, PathMatch, Route,
     Upstream,
 };
-use super::raw::{RawConfig, RawHeaderOps, RawRoute, RawUpstream, RawValueMatch};
+use super::raw::{
+    RawConfig, RawHeaderOps, RawHealth, RawOutlier, RawRoute, RawUpstream, RawValueMatch,
+};
 use crate::{RouteName, UpstreamName};
 
 /// Largest config file accepted, so a mistaken upload cannot exhaust memory.
@@ -223,11 +227,113 @@ impl Validator<'_> {
                 Err(m) => self.err(e, &k, m),
             }
         }
+        let health = raw
+            .health
+            .as_ref()
+            .map(|h| self.health(h, &format!("{key}.health")));
+        let outlier = raw.outlier.as_ref().map_or_else(Outlier::default, |o| {
+            self.outlier(o, &format!("{key}.outlier"))
+        });
         Upstream {
             name,
             balance,
             endpoints,
             connect_timeout,
+            health,
+            outlier,
+        }
+    }
+
+    fn count(
+        &mut self,
+        at: &Spanned<impl Sized>,
+        v: Option<i64>,
+        key: &str,
+        default: u32,
+        range: std::ops::RangeInclusive<u32>,
+    ) -> u32 {
+        match v {
+            None => default,
+            Some(n) => match u32::try_from(n) {
+                Ok(n) if range.contains(&n) => n,
+                _ => {
+                    self.err(
+                        at,
+                        key,
+                        format!("{n} is out of range {}-{}", range.start(), range.end()),
+                    );
+                    default
+                }
+            },
+        }
+    }
+
+    fn health(&mut self, h: &Spanned<RawHealth>, key: &str) -> HealthCheck {
+        let raw = h.get_ref();
+        let path = raw.path.clone().unwrap_or_else(|| "/".into());
+        if !path.starts_with('/') || path.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+            self.err(
+                h,
+                &format!("{key}.path"),
+                format!("health path {path:?} must start with '/' and have no spaces"),
+            );
+        }
+        let interval = raw
+            .interval
+            .as_ref()
+            .and_then(|d| self.duration(d, &format!("{key}.interval")))
+            .unwrap_or(Duration::from_secs(5));
+        let timeout = raw
+            .timeout
+            .as_ref()
+            .and_then(|d| self.duration(d, &format!("{key}.timeout")))
+            .unwrap_or(Duration::from_secs(1));
+        if interval < Duration::from_millis(100) {
+            self.err(
+                h,
+                &format!("{key}.interval"),
+                "interval must be at least 100ms",
+            );
+        }
+        HealthCheck {
+            path,
+            interval,
+            timeout,
+            healthy: self.count(h, raw.healthy, &format!("{key}.healthy"), 2, 1..=100),
+            unhealthy: self.count(h, raw.unhealthy, &format!("{key}.unhealthy"), 2, 1..=100),
+        }
+    }
+
+    fn outlier(&mut self, o: &Spanned<RawOutlier>, key: &str) -> Outlier {
+        let raw = o.get_ref();
+        let d = Outlier::default();
+        let base_ejection = raw
+            .base_ejection
+            .as_ref()
+            .and_then(|v| self.duration(v, &format!("{key}.base_ejection")))
+            .unwrap_or(d.base_ejection);
+        let max_ejection = raw
+            .max_ejection
+            .as_ref()
+            .and_then(|v| self.duration(v, &format!("{key}.max_ejection")))
+            .unwrap_or(d.max_ejection);
+        if max_ejection < base_ejection {
+            self.err(
+                o,
+                &format!("{key}.max_ejection"),
+                "max_ejection must be at least base_ejection",
+            );
+        }
+        Outlier {
+            consecutive_failures: self.count(
+                o,
+                raw.consecutive_failures,
+                &format!("{key}.consecutive_failures"),
+                5,
+                0..=1000,
+            ),
+            base_ejection,
+            max_ejection,
         }
     }
 
@@ -348,7 +454,9 @@ impl Validator<'_> {
             }
             None => None,
         };
+        let retry = self.retry(&r, at, key);
         Some(Route {
+            retry,
             name,
             hosts,
             path: path?,
@@ -553,6 +661,50 @@ impl Validator<'_> {
             body: raw.body.clone(),
             headers,
         }))
+    }
+
+    fn retry(&mut self, r: &RawRoute, at: usize, key: &str) -> RetryPolicy {
+        let retries = match &r.retries {
+            None => 0,
+            Some(n) => match u32::try_from(*n.get_ref()) {
+                Ok(v) if v <= 10 => v,
+                _ => {
+                    self.err(
+                        n,
+                        &format!("{key}.retries"),
+                        format!("retries {} is out of range 0-10", n.get_ref()),
+                    );
+                    0
+                }
+            },
+        };
+        let on = match &r.retry_on {
+            None => RetryOn::DEFAULT.to_vec(),
+            Some(list) => {
+                let mut out = Vec::new();
+                for (i, v) in list.iter().enumerate() {
+                    match RetryOn::parse(v.get_ref()) {
+                        Ok(o) if !out.contains(&o) => out.push(o),
+                        Ok(_) => {}
+                        Err(m) => self.err(v, &format!("{key}.retry_on[{i}]"), m),
+                    }
+                }
+                out
+            }
+        };
+        if retries == 0 && (r.retry_on.is_some() || r.retry_non_idempotent.is_some()) {
+            let d = self.pos.diagnostic(
+                at,
+                &format!("{key}.retries"),
+                "retry_on and retry_non_idempotent need retries > 0".into(),
+            );
+            self.problems.push(d);
+        }
+        RetryPolicy {
+            retries,
+            on,
+            non_idempotent: r.retry_non_idempotent.unwrap_or(false),
+        }
     }
 
     fn regex(&mut self, p: &Spanned<String>, key: &str) -> Option<String> {

@@ -9,8 +9,9 @@ use std::time::Duration;
 use prost::Message;
 
 use super::model::{
-    Action, Balance, Config, Endpoint, EndpointAddr, HashOn, HeaderOps, HostPattern, MAX_TIMEOUT,
-    PathMatch, Redirect, Respond, Route, Upstream, ValueMatch,
+    Action, Balance, Config, Endpoint, EndpointAddr, HashOn, HeaderOps, HealthCheck, HostPattern,
+    MAX_TIMEOUT, Outlier, PathMatch, Redirect, Respond, RetryOn, RetryPolicy, Route, Upstream,
+    ValueMatch,
 };
 use crate::v1;
 use crate::{RouteName, UpstreamName};
@@ -57,6 +58,18 @@ fn upstream_to_wire(u: &Upstream) -> v1::Upstream {
             Balance::P2c => v1::Balance::P2c,
             Balance::Hash(_) => v1::Balance::Hash,
         } as i32,
+        health: u.health.as_ref().map(|h| v1::HealthCheck {
+            path: h.path.clone(),
+            interval_ms: ms(h.interval),
+            timeout_ms: ms(h.timeout),
+            healthy: h.healthy,
+            unhealthy: h.unhealthy,
+        }),
+        outlier: Some(v1::Outlier {
+            consecutive_failures: u.outlier.consecutive_failures,
+            base_ejection_ms: ms(u.outlier.base_ejection),
+            max_ejection_ms: ms(u.outlier.max_ejection),
+        }),
         hash_on: match &u.balance {
             Balance::Hash(on) => on.to_string(),
             _ => String::new(),
@@ -165,6 +178,9 @@ fn route_to_wire(r: &Route) -> v1::Route {
         request_headers: ops_to_wire(&r.request_headers),
         response_headers: ops_to_wire(&r.response_headers),
         rewrite_prefix: r.rewrite_prefix.clone(),
+        retries: r.retry.retries,
+        retry_on: r.retry.on.iter().map(|o| o.name()).collect(),
+        retry_non_idempotent: r.retry.non_idempotent,
     }
 }
 
@@ -211,6 +227,24 @@ pub fn from_snapshot(s: v1::Snapshot) -> Result<Config, WireError> {
         upstreams.insert(
             name.clone(),
             Upstream {
+                health: match u.health {
+                    Some(h) => Some(HealthCheck {
+                        path: h.path,
+                        interval: duration(&what, h.interval_ms)?,
+                        timeout: duration(&what, h.timeout_ms)?,
+                        healthy: h.healthy.max(1),
+                        unhealthy: h.unhealthy.max(1),
+                    }),
+                    None => None,
+                },
+                outlier: match u.outlier {
+                    Some(o) => Outlier {
+                        consecutive_failures: o.consecutive_failures,
+                        base_ejection: duration(&what, o.base_ejection_ms)?,
+                        max_ejection: duration(&what, o.max_ejection_ms)?,
+                    },
+                    None => Outlier::default(),
+                },
                 name,
                 balance,
                 endpoints,
@@ -288,7 +322,18 @@ pub fn from_snapshot(s: v1::Snapshot) -> Result<Config, WireError> {
                 remove: o.remove,
             }
         };
+        let retry = RetryPolicy {
+            retries: r.retries.min(10),
+            on: r
+                .retry_on
+                .iter()
+                .map(|o| RetryOn::parse(o))
+                .collect::<Result<_, _>>()
+                .map_err(|m| invalid(&what, m))?,
+            non_idempotent: r.retry_non_idempotent,
+        };
         routes.push(Route {
+            retry,
             name: RouteName::new(r.name),
             hosts,
             path,

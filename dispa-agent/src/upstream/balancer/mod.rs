@@ -26,6 +26,7 @@ pub struct Endpoint {
     pub addr: std::net::SocketAddr,
     pub weight: u32,
     pub in_flight: Arc<AtomicU64>,
+    pub health: Arc<super::health::EndpointHealth>,
 }
 
 impl Endpoint {
@@ -144,6 +145,7 @@ pub(crate) mod test_support {
                 addr: format!("127.0.0.1:{}", 9000 + i).parse().unwrap(),
                 weight: w,
                 in_flight: Arc::new(AtomicU64::new(0)),
+                health: Arc::default(),
             })
             .collect()
     }

@@ -1,0 +1,109 @@
+//! Active health checks: every tick, endpoints of the current snapshot whose check is due get
+//! `GET path`; the result feeds [`EndpointHealth::active`]. Due times live in the shared
+//! endpoint state, so a config push does not cause a burst of re-probes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::sync::watch;
+
+use super::health::{EndpointHealth, Transition, now_ms};
+use crate::snapshot::Current;
+use crate::telemetry::{EndpointLabels, Metrics};
+
+const TICK: Duration = Duration::from_millis(100);
+
+pub async fn run(current: Arc<Current>, metrics: Arc<Metrics>, mut stop: watch::Receiver<bool>) {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(Duration::from_secs(2)));
+    connector.set_nodelay(true);
+    // No pooling: a check must prove a fresh connection works.
+    let client: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build(connector);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(TICK) => {}
+            _ = stop.changed() => return,
+        }
+        let Some(snapshot) = current.load() else {
+            continue;
+        };
+        let now = now_ms();
+        for up in snapshot.upstreams.values() {
+            for e in &up.endpoints {
+                let labels = EndpointLabels {
+                    upstream: up.name.to_string(),
+                    endpoint: e.addr.to_string(),
+                };
+                let usable = e.health.available(now);
+                metrics
+                    .endpoint_healthy
+                    .get_or_create(&labels)
+                    .set(i64::from(usable));
+                let Some(hc) = &up.health else { continue };
+                if e.health
+                    .next_check
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    > now
+                    || e.health
+                        .checking
+                        .swap(true, std::sync::atomic::Ordering::Relaxed)
+                {
+                    continue;
+                }
+                let interval = u64::try_from(hc.interval.as_millis()).unwrap_or(u64::MAX);
+                e.health.next_check.store(
+                    now.saturating_add(interval),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+                let (client, health, hc) = (client.clone(), e.health.clone(), hc.clone());
+                let uri = format!("http://{}{}", e.addr, hc.path);
+                let name = (up.name.to_string(), e.addr);
+                tokio::spawn(async move {
+                    let ok = check(&client, &uri, hc.timeout).await;
+                    report(&health, ok, &hc, &name);
+                    health
+                        .checking
+                        .store(false, std::sync::atomic::Ordering::Relaxed);
+                });
+            }
+        }
+    }
+}
+
+async fn check(client: &Client<HttpConnector, Empty<Bytes>>, uri: &str, timeout: Duration) -> bool {
+    let Ok(uri) = uri.parse::<http::Uri>() else {
+        return false;
+    };
+    let req = http::Request::get(uri)
+        .header("user-agent", "dispa-health-check")
+        .body(Empty::new());
+    let Ok(req) = req else { return false };
+    match tokio::time::timeout(timeout, client.request(req)).await {
+        Ok(Ok(resp)) => resp.status().is_success() || resp.status().is_redirection(),
+        _ => false,
+    }
+}
+
+fn report(
+    h: &EndpointHealth,
+    ok: bool,
+    hc: &dispa_proto::config::model::HealthCheck,
+    (up, addr): &(String, std::net::SocketAddr),
+) {
+    match h.active(ok, hc) {
+        Some(Transition::WentDown) => {
+            tracing::warn!(upstream = %up, endpoint = %addr, "endpoint failed its health checks: down")
+        }
+        Some(Transition::CameBack) => {
+            tracing::info!(upstream = %up, endpoint = %addr, "endpoint passes its health checks again: up")
+        }
+        _ => {}
+    }
+}
