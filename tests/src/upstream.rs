@@ -21,11 +21,13 @@ pub struct TestUpstream {
     pub addr: SocketAddr,
     pub hits: Arc<AtomicU64>,
     task: JoinHandle<()>,
+    kill: tokio::sync::watch::Sender<bool>,
 }
 
 impl Drop for TestUpstream {
     fn drop(&mut self) {
         self.task.abort();
+        let _ = self.kill.send(true);
     }
 }
 
@@ -65,24 +67,33 @@ async fn answer(
 
 impl TestUpstream {
     pub async fn start(name: &str) -> TestUpstream {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind upstream");
+        Self::start_at(name, "127.0.0.1:0".parse().expect("addr")).await
+    }
+
+    /// Starts on a given address (to bring a stopped upstream back where it was).
+    pub async fn start_at(name: &str, addr: SocketAddr) -> TestUpstream {
+        let listener = TcpListener::bind(addr).await.expect("bind upstream");
         let addr = listener.local_addr().expect("upstream addr");
         let hits = Arc::new(AtomicU64::new(0));
         let name_arc: Arc<str> = name.into();
         let h = hits.clone();
+        let (kill, killed) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let (name, hits) = (name_arc.clone(), h.clone());
+                let (name, hits, mut killed) = (name_arc.clone(), h.clone(), killed.clone());
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| answer(name.clone(), hits.clone(), req));
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                    // Stopping the upstream drops its open connections too, like a crash.
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = killed.changed() => {}
+                    }
                 });
             }
         });
@@ -91,6 +102,7 @@ impl TestUpstream {
             addr,
             hits,
             task,
+            kill,
         }
     }
 }
