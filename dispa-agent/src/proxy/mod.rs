@@ -276,13 +276,19 @@ impl Proxy {
         mut ex: Exchange,
         route: &CompiledRoute,
         upstream: &UpstreamRuntime,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         peer: SocketAddr,
         raw_host: String,
         bytes_in: Arc<AtomicU64>,
     ) -> (Exchange, Response<ProxyBody>) {
         use dispa_proto::config::model::RetryOn;
         upstream.retry_budget.on_request();
+        let h2 = upstream.pool.key().h2;
+        // WebSocket and other HTTP/1.1 upgrades: kept, then tunnelled if the upstream agrees.
+        let upgrade = headers::upgrade_request(&req)
+            .filter(|_| !h2)
+            .map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
+        let wants_trailers = headers::wants_trailers(req.headers());
         let (mut parts, body) = req.into_parts();
         let path = route.rewrite_path(parts.uri.path());
         let path_and_query = match parts.uri.query() {
@@ -291,6 +297,18 @@ impl Proxy {
         };
         headers::strip_hop_by_hop(&mut parts.headers);
         headers::set_forwarded(&mut parts.headers, peer, &raw_host, "http");
+        if let Some((protocol, _)) = &upgrade {
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(header::UPGRADE, protocol.clone());
+        }
+        if wants_trailers {
+            // gRPC needs it, and it is the one TE value a proxy may pass on.
+            parts
+                .headers
+                .insert(header::TE, HeaderValue::from_static("trailers"));
+        }
         route.request_headers.apply(&mut parts.headers);
         // Only a request without a body can be sent again: a streamed body is gone once sent.
         let replayable = hyper::body::Body::is_end_stream(&body);
@@ -319,7 +337,11 @@ impl Proxy {
             let mut upstream_req = Request::new(CountedBody::new(body.take(), bytes_in.clone()));
             *upstream_req.method_mut() = parts.method.clone();
             *upstream_req.uri_mut() = uri;
-            *upstream_req.version_mut() = http::Version::HTTP_11;
+            *upstream_req.version_mut() = if h2 {
+                http::Version::HTTP_2
+            } else {
+                http::Version::HTTP_11
+            };
             *upstream_req.headers_mut() = parts.headers.clone();
 
             let sent_at = Instant::now();
@@ -365,6 +387,27 @@ impl Proxy {
                 && ex.attempts <= route.retry.retries
                 && upstream.retry_budget.try_retry();
             match outcome {
+                Ok(mut resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                    let Some((_, client_side)) = upgrade else {
+                        return fail(ex, Failure::UpstreamFailed);
+                    };
+                    let upstream_side = hyper::upgrade::on(&mut resp);
+                    let in_flight = picked.in_flight;
+                    tokio::spawn(async move {
+                        let _in_flight = in_flight;
+                        match tokio::try_join!(client_side, upstream_side) {
+                            Ok((c, u)) => {
+                                let (mut c, mut u) = (
+                                    hyper_util::rt::TokioIo::new(c),
+                                    hyper_util::rt::TokioIo::new(u),
+                                );
+                                let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+                            }
+                            Err(e) => tracing::debug!("upgrade failed: {e}"),
+                        }
+                    });
+                    return (ex, resp.map(Either::Left));
+                }
                 Ok(mut resp) if !may_retry => {
                     ex.in_flight = Some(picked.in_flight);
                     headers::strip_hop_by_hop(resp.headers_mut());

@@ -81,6 +81,7 @@ pub fn build(
     let key = PoolKey {
         name: spec.name.clone(),
         connect_timeout: spec.connect_timeout,
+        h2: spec.h2,
     };
     let pool = match previous {
         Some(p) if p.pool.key() == &key => p.pool.clone(),

@@ -16,6 +16,7 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct PoolKey {
     pub name: UpstreamName,
     pub connect_timeout: Duration,
+    pub h2: bool,
 }
 
 #[derive(Debug)]
@@ -31,6 +32,7 @@ impl Pool {
         connector.set_nodelay(true);
         connector.enforce_http(true);
         let client = Client::builder(TokioExecutor::new())
+            .http2_only(key.h2)
             .pool_max_idle_per_host(MAX_IDLE_PER_ENDPOINT)
             .pool_idle_timeout(IDLE_TIMEOUT)
             // The proxy sets Host itself (the client's Host is preserved).

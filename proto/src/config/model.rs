@@ -103,6 +103,8 @@ pub struct Upstream {
     pub balance: Balance,
     pub endpoints: Vec<Endpoint>,
     pub connect_timeout: Duration,
+    /// HTTP/2 (prior knowledge) to the endpoints instead of HTTP/1.1; needed for gRPC.
+    pub h2: bool,
     /// Active HTTP health checks; none when absent.
     pub health: Option<HealthCheck>,
     /// Passive outlier detection (always on unless `consecutive_failures = 0`).

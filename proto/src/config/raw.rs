@@ -24,6 +24,7 @@ pub(crate) struct RawUpstream {
     pub hash_on: Option<Spanned<String>>,
     pub endpoints: Spanned<Vec<Spanned<RawEndpoint>>>,
     pub connect_timeout: Option<Spanned<String>>,
+    pub protocol: Option<Spanned<String>>,
     pub health: Option<Spanned<RawHealth>>,
     pub outlier: Option<Spanned<RawOutlier>>,
 }

@@ -227,6 +227,21 @@ impl Validator<'_> {
                 Err(m) => self.err(e, &k, m),
             }
         }
+        let h2 = match &raw.protocol {
+            None => false,
+            Some(p) => match p.get_ref().as_str() {
+                "http1" => false,
+                "h2" => true,
+                other => {
+                    self.err(
+                        p,
+                        &format!("{key}.protocol"),
+                        format!("unknown protocol {other:?} (\"http1\" or \"h2\")"),
+                    );
+                    false
+                }
+            },
+        };
         let health = raw
             .health
             .as_ref()
@@ -239,6 +254,7 @@ impl Validator<'_> {
             balance,
             endpoints,
             connect_timeout,
+            h2,
             health,
             outlier,
         }

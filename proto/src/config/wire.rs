@@ -58,6 +58,7 @@ fn upstream_to_wire(u: &Upstream) -> v1::Upstream {
             Balance::P2c => v1::Balance::P2c,
             Balance::Hash(_) => v1::Balance::Hash,
         } as i32,
+        h2: u.h2,
         health: u.health.as_ref().map(|h| v1::HealthCheck {
             path: h.path.clone(),
             interval_ms: ms(h.interval),
@@ -227,6 +228,7 @@ pub fn from_snapshot(s: v1::Snapshot) -> Result<Config, WireError> {
         upstreams.insert(
             name.clone(),
             Upstream {
+                h2: u.h2,
                 health: match u.health {
                     Some(h) => Some(HealthCheck {
                         path: h.path,

@@ -1,0 +1,261 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! Protocols through the agent with real peers: gRPC (unary and bidirectional streaming,
+//! trailers) to an HTTP/2 upstream, and WebSocket upgrades.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use dispa_proto::v1;
+use dispa_tests::*;
+use futures_util::{SinkExt, Stream, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+
+/// A gRPC upstream: Admin.Status (unary) and ConfigDiscovery.Stream (one envelope per request).
+struct Grpc;
+
+#[tonic::async_trait]
+impl v1::admin_server::Admin for Grpc {
+    type QueryLogsStream = Pin<Box<dyn Stream<Item = Result<v1::LogRecord, tonic::Status>> + Send>>;
+
+    async fn status(
+        &self,
+        r: tonic::Request<v1::StatusRequest>,
+    ) -> Result<tonic::Response<v1::StatusResponse>, tonic::Status> {
+        let via = r
+            .metadata()
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        Ok(tonic::Response::new(v1::StatusResponse {
+            version: 42,
+            hash: via,
+            ..Default::default()
+        }))
+    }
+
+    async fn query_logs(
+        &self,
+        _: tonic::Request<v1::LogQuery>,
+    ) -> Result<tonic::Response<Self::QueryLogsStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("test server"))
+    }
+
+    async fn apply(
+        &self,
+        _: tonic::Request<v1::ApplyRequest>,
+    ) -> Result<tonic::Response<v1::ApplyResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("test server"))
+    }
+
+    async fn validate(
+        &self,
+        _: tonic::Request<v1::ValidateRequest>,
+    ) -> Result<tonic::Response<v1::ValidateResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("test server"))
+    }
+
+    async fn diff(
+        &self,
+        _: tonic::Request<v1::DiffRequest>,
+    ) -> Result<tonic::Response<v1::DiffResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("test server"))
+    }
+
+    async fn get(
+        &self,
+        _: tonic::Request<v1::GetRequest>,
+    ) -> Result<tonic::Response<v1::GetResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("test server"))
+    }
+
+    async fn history(
+        &self,
+        _: tonic::Request<v1::HistoryRequest>,
+    ) -> Result<tonic::Response<v1::HistoryResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("test server"))
+    }
+
+    async fn rollback(
+        &self,
+        _: tonic::Request<v1::RollbackRequest>,
+    ) -> Result<tonic::Response<v1::ApplyResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("test server"))
+    }
+
+    async fn list_agents(
+        &self,
+        _: tonic::Request<v1::ListAgentsRequest>,
+    ) -> Result<tonic::Response<v1::ListAgentsResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("test server"))
+    }
+
+    async fn query_log_stats(
+        &self,
+        _: tonic::Request<v1::LogQuery>,
+    ) -> Result<tonic::Response<v1::LogStats>, tonic::Status> {
+        Err(tonic::Status::unimplemented("test server"))
+    }
+}
+
+#[tonic::async_trait]
+impl v1::config_discovery_server::ConfigDiscovery for Grpc {
+    type StreamStream =
+        Pin<Box<dyn Stream<Item = Result<v1::SnapshotEnvelope, tonic::Status>> + Send>>;
+
+    async fn stream(
+        &self,
+        r: tonic::Request<tonic::Streaming<v1::DiscoveryRequest>>,
+    ) -> Result<tonic::Response<Self::StreamStream>, tonic::Status> {
+        let inbound = r.into_inner();
+        // Echo: one envelope per request, carrying the request's ack version; then a trailer
+        // status the client must see.
+        let out = inbound
+            .map(|m| {
+                let m = m?;
+                let v = match m.response {
+                    Some(v1::discovery_request::Response::Ack(a)) => a.version,
+                    _ => 0,
+                };
+                Ok(v1::SnapshotEnvelope {
+                    version: v * 10,
+                    ..Default::default()
+                })
+            })
+            .chain(futures_util::stream::once(async {
+                Err(tonic::Status::data_loss("done: trailer status"))
+            }));
+        Ok(tonic::Response::new(Box::pin(out)))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_unary_and_bidirectional_streaming_through_the_agent() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let grpc_addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(v1::admin_server::AdminServer::new(Grpc))
+            .add_service(v1::config_discovery_server::ConfigDiscoveryServer::new(
+                Grpc,
+            ))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let plane = PlaneProc::start(dir.path()).await;
+    let agent = AgentProc::start(dir.path(), &plane.url(), "edge").await;
+    let cfg = format!(
+        "[upstreams.grpc]\nprotocol = \"h2\"\nendpoints = [\"{grpc_addr}\"]\n\n[[routes]]\nname = \"grpc\"\nhosts = [\"grpc.test\"]\nupstream = \"grpc\"\n"
+    );
+    let f = write_config(dir.path(), "r.toml", &cfg);
+    ctl(&plane.url(), &["apply", "-f", &f]).await.ok();
+    wait_synced(&plane.url(), &["edge"], 1).await;
+
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", agent.proxy))
+        .unwrap()
+        .origin("http://grpc.test".parse().unwrap())
+        .connect()
+        .await
+        .unwrap();
+    let mut admin = v1::admin_client::AdminClient::new(channel.clone());
+    let status = admin
+        .status(v1::StatusRequest {})
+        .await
+        .expect("unary call")
+        .into_inner();
+    assert_eq!(status.version, 42);
+    assert_eq!(
+        status.hash, "127.0.0.1",
+        "the upstream saw X-Forwarded-For set by the agent"
+    );
+
+    let mut disco = v1::config_discovery_client::ConfigDiscoveryClient::new(channel);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut replies = disco
+        .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    for v in 1..=5u64 {
+        let ack = v1::DiscoveryRequest {
+            node: None,
+            response: Some(v1::discovery_request::Response::Ack(v1::Ack {
+                version: v,
+                nonce: String::new(),
+            })),
+        };
+        tx.send(ack).await.unwrap();
+        let env = tokio::time::timeout(Duration::from_secs(10), replies.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            env.version,
+            v * 10,
+            "each message answered in turn, both ways streaming"
+        );
+    }
+    drop(tx);
+    let end = tokio::time::timeout(Duration::from_secs(10), replies.message())
+        .await
+        .unwrap();
+    let status = end.expect_err("the trailer status reaches the client");
+    assert_eq!(status.code(), tonic::Code::DataLoss);
+    assert_eq!(status.message(), "done: trailer status");
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_echo_through_the_agent() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ws_addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                while let Some(Ok(m)) = ws.next().await {
+                    if m.is_text() || m.is_binary() {
+                        let _ = ws.send(m).await;
+                    }
+                }
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let plane = PlaneProc::start(dir.path()).await;
+    let agent = AgentProc::start(dir.path(), &plane.url(), "edge").await;
+    let cfg = format!(
+        "[upstreams.ws]\nendpoints = [\"{ws_addr}\"]\n\n[[routes]]\nname = \"ws\"\nhosts = [\"ws.test\"]\nupstream = \"ws\"\n"
+    );
+    let f = write_config(dir.path(), "r.toml", &cfg);
+    ctl(&plane.url(), &["apply", "-f", &f]).await.ok();
+    wait_synced(&plane.url(), &["edge"], 1).await;
+
+    let tcp = tokio::net::TcpStream::connect(agent.proxy).await.unwrap();
+    let (mut ws, resp) = tokio_tungstenite::client_async("ws://ws.test/chat", tcp)
+        .await
+        .expect("handshake through the agent");
+    assert_eq!(resp.status(), 101);
+    for i in 0..20 {
+        ws.send(Message::text(format!("hello {i}"))).await.unwrap();
+        let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(m.into_text().unwrap().as_str(), format!("hello {i}"));
+    }
+    ws.send(Message::binary(vec![0u8, 1, 2, 255]))
+        .await
+        .unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.into_data().as_ref(), &[0u8, 1, 2, 255]);
+    server.abort();
+}
