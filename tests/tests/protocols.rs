@@ -259,3 +259,82 @@ async fn websocket_echo_through_the_agent() {
     assert_eq!(m.into_data().as_ref(), &[0u8, 1, 2, 255]);
     server.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_mib_up_and_down_stream_without_buffering() {
+    use http_body_util::BodyExt;
+    const SIZE: u64 = 100 * 1024 * 1024;
+    let up = TestUpstream::start("big").await;
+    let dir = tempfile::tempdir().unwrap();
+    let plane = PlaneProc::start(dir.path()).await;
+    let agent = AgentProc::start(dir.path(), &plane.url(), "edge").await;
+    let cfg = format!(
+        "[upstreams.u]\nendpoints = [\"{}\"]\n\n[[routes]]\nname = \"r\"\ntimeout = \"60s\"\nupstream = \"u\"\n",
+        up.addr
+    );
+    let f = write_config(dir.path(), "r.toml", &cfg);
+    ctl(&plane.url(), &["apply", "-f", &f]).await.ok();
+    wait_synced(&plane.url(), &["edge"], 1).await;
+    let pid = agent.child.id().unwrap();
+    let baseline = dispa_tests::process::rss_kib(pid).unwrap();
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(baseline));
+    let sampler = {
+        let peak = peak.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Some(r) = dispa_tests::process::rss_kib(pid) {
+                    peak.fetch_max(r, std::sync::atomic::Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+
+    // Upload: 100 MiB generated on the fly by the client, counted by the upstream.
+    let chunk = bytes::Bytes::from(vec![b'u'; 64 * 1024]);
+    let chunks =
+        futures_util::stream::iter((0..SIZE / chunk.len() as u64).map(move |_| {
+            Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(chunk.clone()))
+        }));
+    let body = BodyExt::boxed(http_body_util::StreamBody::new(chunks));
+    let stream = tokio::net::TcpStream::connect(agent.proxy).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post("/upload")
+        .header("host", "h")
+        .body(body)
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let text = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(
+        String::from_utf8_lossy(&text),
+        SIZE.to_string(),
+        "the upstream got every byte"
+    );
+
+    // Download: 100 MiB streamed from the upstream, counted by the client.
+    send.ready().await.unwrap();
+    let req = http::Request::get(format!("/?bytes={SIZE}"))
+        .header("host", "h")
+        .body(BodyExt::boxed(http_body_util::Empty::<bytes::Bytes>::new()))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let mut body = resp.into_body();
+    let mut got = 0u64;
+    while let Some(frame) = body.frame().await {
+        got += frame.unwrap().data_ref().map_or(0, |d| d.len() as u64);
+    }
+    assert_eq!(got, SIZE);
+    sampler.abort();
+    let growth_mib = (peak
+        .load(std::sync::atomic::Ordering::Relaxed)
+        .saturating_sub(baseline))
+        / 1024;
+    assert!(
+        growth_mib < 64,
+        "agent RSS grew {growth_mib} MiB while streaming 200 MiB"
+    );
+}
