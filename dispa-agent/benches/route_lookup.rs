@@ -4,6 +4,8 @@
 //! Run: `cargo bench -p dispa-agent --bench route_lookup`
 //! Recorded in docs/BENCHMARKS.md ("Route lookup").
 
+#![allow(clippy::expect_used)]
+
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -27,12 +29,23 @@ fn bench(c: &mut Criterion) {
         let t = table(n);
         let exact = format!("host{}.example.com", n / 2);
         let wild = format!("a.b.tenant{}.example.net", n / 2);
-        let view = RequestView { path: "/v1/items", method: "GET", headers: &headers, query: None };
+        let view = RequestView {
+            path: "/v1/items",
+            method: "GET",
+            headers: &headers,
+            query: None,
+        };
         c.bench_function(&format!("exact host, {n} hosts"), |b| {
-            b.iter(|| t.lookup(black_box(&normalize_host(&exact)), &view).map(String::len))
+            b.iter(|| {
+                t.lookup(black_box(&normalize_host(&exact)), &view)
+                    .map(String::len)
+            })
         });
         c.bench_function(&format!("wildcard host, {n} hosts"), |b| {
-            b.iter(|| t.lookup(black_box(&normalize_host(&wild)), &view).map(String::len))
+            b.iter(|| {
+                t.lookup(black_box(&normalize_host(&wild)), &view)
+                    .map(String::len)
+            })
         });
     }
 }
