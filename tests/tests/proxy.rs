@@ -673,3 +673,51 @@ respond = {{ status = 503, body = "down for maintenance\n", headers = {{ "retry-
     assert_eq!(r.text(), "down for maintenance\n");
     assert_eq!(r.header("retry-after"), Some("120"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_rewrite_and_expect_100_continue() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = TestUpstream::start("u").await;
+    let cfg = format!(
+        "[upstreams.u]\nendpoints = [\"{}\"]\n\n[[routes]]\nname = \"r\"\nhost_rewrite = \"internal.svc:8080\"\nupstream = \"u\"\n",
+        up.addr
+    );
+    let (_plane, agent) = fleet_with(dir.path(), &cfg).await;
+    let r = HttpClient::new()
+        .get(
+            &format!("http://{}/", agent.proxy),
+            Some("public.example.com"),
+        )
+        .await
+        .unwrap();
+    let j = r.json();
+    assert_eq!(j["headers"]["host"], "internal.svc:8080");
+    assert_eq!(j["headers"]["x-forwarded-host"], "public.example.com");
+
+    // curl sends `Expect: 100-continue` for this body and waits for the 100 before sending it.
+    let body = "x".repeat(2 * 1024 * 1024);
+    let file = dir.path().join("body.bin");
+    std::fs::write(&file, &body).unwrap();
+    let out = tokio::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "20",
+            "-H",
+            "Expect: 100-continue",
+            "-H",
+            "Host: h",
+            "--data-binary",
+        ])
+        .arg(format!("@{}", file.display()))
+        .arg(format!("http://{}/upload", agent.proxy))
+        .output()
+        .await
+        .expect("curl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), body.len().to_string());
+}

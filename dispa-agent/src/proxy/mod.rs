@@ -309,6 +309,10 @@ impl Proxy {
                 .headers
                 .insert(header::TE, HeaderValue::from_static("trailers"));
         }
+        if let Some(h) = &route.host_rewrite {
+            // X-Forwarded-Host keeps what the client asked for.
+            parts.headers.insert(header::HOST, h.clone());
+        }
         route.request_headers.apply(&mut parts.headers);
         // Only a request without a body can be sent again: a streamed body is gone once sent.
         let replayable = hyper::body::Body::is_end_stream(&body);

@@ -139,6 +139,8 @@ pub struct CompiledRoute {
     pub name: RouteName,
     pub action: RouteAction,
     pub retry: dispa_proto::config::model::RetryPolicy,
+    /// The Host sent upstream instead of the client's.
+    pub host_rewrite: Option<HeaderValue>,
     pub timeout: std::time::Duration,
     pub request_headers: CompiledHeaderOps,
     pub response_headers: CompiledHeaderOps,
@@ -267,6 +269,13 @@ fn compile_route(r: &Route, upstreams: &Upstreams) -> Result<CompiledRoute, Comp
         name: r.name.clone(),
         action,
         retry: r.retry.clone(),
+        host_rewrite: match &r.host_rewrite {
+            Some(h) => Some(HeaderValue::from_str(h).map_err(|_| CompileError::Route {
+                route: r.name.to_string(),
+                detail: format!("invalid host_rewrite {h:?}"),
+            })?),
+            None => None,
+        },
         timeout: r.timeout,
         request_headers: CompiledHeaderOps::compile(&r.request_headers, &r.name)?,
         response_headers: CompiledHeaderOps::compile(&r.response_headers, &r.name)?,

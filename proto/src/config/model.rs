@@ -380,6 +380,8 @@ pub struct Route {
     pub request_headers: HeaderOps,
     pub response_headers: HeaderOps,
     pub rewrite_prefix: Option<String>,
+    /// The Host sent upstream instead of the client's.
+    pub host_rewrite: Option<String>,
     pub retry: RetryPolicy,
 }
 

@@ -108,6 +108,7 @@ pub(crate) struct RawRoute {
     pub request_headers: Option<Spanned<RawHeaderOps>>,
     pub response_headers: Option<Spanned<RawHeaderOps>>,
     pub rewrite_prefix: Option<Spanned<String>>,
+    pub host_rewrite: Option<Spanned<String>>,
     pub retries: Option<Spanned<i64>>,
     pub retry_on: Option<Vec<Spanned<String>>>,
     pub retry_non_idempotent: Option<bool>,

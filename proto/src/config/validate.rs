@@ -455,6 +455,23 @@ impl Validator<'_> {
             r.response_headers.as_ref(),
             &format!("{key}.response_headers"),
         );
+        let host_rewrite = r.host_rewrite.as_ref().and_then(|h| {
+            let host = h
+                .get_ref()
+                .rsplit_once(':')
+                .filter(|(_, p)| p.parse::<u16>().is_ok())
+                .map_or(h.get_ref().as_str(), |(h, _)| h);
+            if is_dns_name(host) || host.parse::<std::net::IpAddr>().is_ok() {
+                Some(h.get_ref().clone())
+            } else {
+                self.err(
+                    h,
+                    &format!("{key}.host_rewrite"),
+                    format!("invalid host {:?}", h.get_ref()),
+                );
+                None
+            }
+        });
         let rewrite_prefix = match &r.rewrite_prefix {
             Some(p) => {
                 let k = format!("{key}.rewrite_prefix");
@@ -472,6 +489,7 @@ impl Validator<'_> {
         };
         let retry = self.retry(&r, at, key);
         Some(Route {
+            host_rewrite,
             retry,
             name,
             hosts,

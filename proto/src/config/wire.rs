@@ -179,6 +179,7 @@ fn route_to_wire(r: &Route) -> v1::Route {
         request_headers: ops_to_wire(&r.request_headers),
         response_headers: ops_to_wire(&r.response_headers),
         rewrite_prefix: r.rewrite_prefix.clone(),
+        host_rewrite: r.host_rewrite.clone(),
         retries: r.retry.retries,
         retry_on: r.retry.on.iter().map(|o| o.name()).collect(),
         retry_non_idempotent: r.retry.non_idempotent,
@@ -347,6 +348,7 @@ pub fn from_snapshot(s: v1::Snapshot) -> Result<Config, WireError> {
             request_headers: ops(r.request_headers),
             response_headers: ops(r.response_headers),
             rewrite_prefix: r.rewrite_prefix,
+            host_rewrite: r.host_rewrite,
         });
     }
     Ok(Config { upstreams, routes })
