@@ -271,3 +271,51 @@ async fn a_config_push_keeps_health_state_of_untouched_endpoints() {
         "{m}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn circuit_breaker_answers_503_beyond_max_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = TestUpstream::start("slow").await;
+    let plane = PlaneProc::start(dir.path()).await;
+    let agent = AgentProc::start(dir.path(), &plane.url(), "edge").await;
+    let cfg = format!(
+        "[upstreams.u]\nendpoints = [\"{}\"]\nmax_requests = 2\n\n[[routes]]\nname = \"r\"\ntimeout = \"20s\"\nupstream = \"u\"\n",
+        up.addr
+    );
+    let f = write_config(dir.path(), "r.toml", &cfg);
+    ctl(&plane.url(), &["apply", "-f", &f]).await.ok();
+    wait_synced(&plane.url(), &["edge"], 1).await;
+    let proxy = agent.proxy;
+    let slow: Vec<_> = (0..2)
+        .map(|_| {
+            tokio::spawn(async move {
+                HttpClient::new()
+                    .get(&format!("http://{proxy}/?sleep_ms=2000"), Some("h"))
+                    .await
+            })
+        })
+        .collect();
+    eventually(
+        "two requests in flight",
+        Duration::from_secs(10),
+        || async { (up.hits.load(Ordering::Relaxed) == 2).then_some(()) },
+    )
+    .await;
+    let r = HttpClient::new()
+        .get(&format!("http://{proxy}/"), Some("h"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 503);
+    assert_eq!(
+        r.text(),
+        "upstream overloaded: too many requests in flight\n"
+    );
+    for s in slow {
+        assert_eq!(s.await.unwrap().unwrap().status, 200);
+    }
+    let r = HttpClient::new()
+        .get(&format!("http://{proxy}/"), Some("h"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "the circuit closes again");
+}

@@ -42,12 +42,15 @@ enum Failure {
     UpstreamRefused,
     UpstreamTimeout,
     UpstreamFailed,
+    CircuitOpen,
 }
 
 impl Failure {
     fn status(self) -> StatusCode {
         match self {
-            Failure::NoSnapshot | Failure::NoEndpoint => StatusCode::SERVICE_UNAVAILABLE,
+            Failure::NoSnapshot | Failure::NoEndpoint | Failure::CircuitOpen => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Failure::BadRequest => StatusCode::BAD_REQUEST,
             Failure::NoRoute => StatusCode::NOT_FOUND,
             Failure::UpstreamRefused | Failure::UpstreamFailed => StatusCode::BAD_GATEWAY,
@@ -65,6 +68,7 @@ impl Failure {
             Failure::UpstreamRefused => "upstream refused the connection\n",
             Failure::UpstreamTimeout => "upstream timed out\n",
             Failure::UpstreamFailed => "upstream connection failed\n",
+            Failure::CircuitOpen => "upstream overloaded: too many requests in flight\n",
         }
     }
 
@@ -77,6 +81,7 @@ impl Failure {
             Failure::UpstreamRefused => "upstream_refused",
             Failure::UpstreamTimeout => "upstream_timeout",
             Failure::UpstreamFailed => "upstream_failed",
+            Failure::CircuitOpen => "circuit_open",
         }
     }
 
@@ -282,6 +287,9 @@ impl Proxy {
         bytes_in: Arc<AtomicU64>,
     ) -> (Exchange, Response<ProxyBody>) {
         use dispa_proto::config::model::RetryOn;
+        if upstream.saturated() {
+            return fail(ex, Failure::CircuitOpen);
+        }
         upstream.retry_budget.on_request();
         let h2 = upstream.pool.key().h2;
         // WebSocket and other HTTP/1.1 upgrades: kept, then tunnelled if the upstream agrees.

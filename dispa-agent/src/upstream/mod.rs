@@ -39,6 +39,8 @@ pub struct UpstreamRuntime {
     pub health: Option<HealthCheck>,
     pub outlier: Outlier,
     pub retry_budget: Arc<RetryBudget>,
+    /// Circuit breaker: most requests in flight at once (0 = no limit).
+    pub max_requests: u32,
 }
 
 /// The endpoint a request goes to, counted in flight until dropped.
@@ -50,6 +52,13 @@ pub struct Picked {
 }
 
 impl UpstreamRuntime {
+    /// Whether the circuit breaker refuses another request now.
+    pub fn saturated(&self) -> bool {
+        self.max_requests > 0
+            && self.endpoints.iter().map(Endpoint::load).sum::<u64>()
+                >= u64::from(self.max_requests)
+    }
+
     /// The balancer's choice among endpoints that are up and not in `avoid` (earlier
     /// attempts); when its choice is not usable, the next usable endpoint after it.
     /// `None` when no endpoint is usable: the caller answers 503 at once.
@@ -123,6 +132,7 @@ pub fn build(
         health: spec.health.clone(),
         outlier: spec.outlier.clone(),
         retry_budget: previous.map_or_else(Arc::default, |p| p.retry_budget.clone()),
+        max_requests: spec.max_requests,
     }
 }
 

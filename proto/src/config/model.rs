@@ -105,6 +105,8 @@ pub struct Upstream {
     pub connect_timeout: Duration,
     /// HTTP/2 (prior knowledge) to the endpoints instead of HTTP/1.1; needed for gRPC.
     pub h2: bool,
+    /// Circuit breaker: most requests in flight to the upstream at once (0 = no limit).
+    pub max_requests: u32,
     /// Active HTTP health checks; none when absent.
     pub health: Option<HealthCheck>,
     /// Passive outlier detection (always on unless `consecutive_failures = 0`).

@@ -25,6 +25,8 @@ pub(crate) struct RawUpstream {
     pub endpoints: Spanned<Vec<Spanned<RawEndpoint>>>,
     pub connect_timeout: Option<Spanned<String>>,
     pub protocol: Option<Spanned<String>>,
+    /// Most requests in flight to the upstream at once (per agent).
+    pub max_requests: Option<Spanned<i64>>,
     pub health: Option<Spanned<RawHealth>>,
     pub outlier: Option<Spanned<RawOutlier>>,
 }

@@ -242,6 +242,20 @@ impl Validator<'_> {
                 }
             },
         };
+        let max_requests = match &raw.max_requests {
+            None => 0,
+            Some(n) => match u32::try_from(*n.get_ref()) {
+                Ok(v) if v >= 1 => v,
+                _ => {
+                    self.err(
+                        n,
+                        &format!("{key}.max_requests"),
+                        format!("max_requests {} must be at least 1", n.get_ref()),
+                    );
+                    0
+                }
+            },
+        };
         let health = raw
             .health
             .as_ref()
@@ -255,6 +269,7 @@ impl Validator<'_> {
             endpoints,
             connect_timeout,
             h2,
+            max_requests,
             health,
             outlier,
         }

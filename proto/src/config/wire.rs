@@ -59,6 +59,7 @@ fn upstream_to_wire(u: &Upstream) -> v1::Upstream {
             Balance::Hash(_) => v1::Balance::Hash,
         } as i32,
         h2: u.h2,
+        max_requests: u.max_requests,
         health: u.health.as_ref().map(|h| v1::HealthCheck {
             path: h.path.clone(),
             interval_ms: ms(h.interval),
@@ -230,6 +231,7 @@ pub fn from_snapshot(s: v1::Snapshot) -> Result<Config, WireError> {
             name.clone(),
             Upstream {
                 h2: u.h2,
+                max_requests: u.max_requests,
                 health: match u.health {
                     Some(h) => Some(HealthCheck {
                         path: h.path,
