@@ -319,3 +319,56 @@ async fn circuit_breaker_answers_503_beyond_max_requests() {
         .unwrap();
     assert_eq!(r.status, 200, "the circuit closes again");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn circuit_breaker_queues_up_to_max_pending_then_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = TestUpstream::start("slow").await;
+    let plane = PlaneProc::start(dir.path()).await;
+    let agent = AgentProc::start(dir.path(), &plane.url(), "edge").await;
+    let cfg = format!(
+        "[upstreams.u]\nendpoints = [\"{}\"]\nmax_connections = 1\nmax_pending = 1\nidle_timeout = \"30s\"\n\n[[routes]]\nname = \"r\"\ntimeout = \"20s\"\nupstream = \"u\"\n",
+        up.addr
+    );
+    let f = write_config(dir.path(), "r.toml", &cfg);
+    ctl(&plane.url(), &["apply", "-f", &f]).await.ok();
+    wait_synced(&plane.url(), &["edge"], 1).await;
+    let proxy = agent.proxy;
+    let slow = |ms: u64| {
+        tokio::spawn(async move {
+            HttpClient::new()
+                .get(&format!("http://{proxy}/?sleep_ms={ms}"), Some("h"))
+                .await
+        })
+    };
+    let first = slow(1500);
+    eventually(
+        "one request on the connection",
+        Duration::from_secs(10),
+        || async { (up.hits.load(Ordering::Relaxed) == 1).then_some(()) },
+    )
+    .await;
+    let queued = slow(10);
+    // Let the second request reach the queue; it cannot reach the upstream yet.
+    let m = eventually("one request waiting", Duration::from_secs(10), || async {
+        let t = HttpClient::new()
+            .get(&format!("http://{}/metrics", agent.admin), None)
+            .await
+            .ok()?
+            .text();
+        t.contains("dispa_requests_in_flight 2").then_some(t)
+    })
+    .await;
+    drop(m);
+    let r = HttpClient::new()
+        .get(&format!("http://{proxy}/"), Some("h"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 503, "a third request is refused at once");
+    assert_eq!(first.await.unwrap().unwrap().status, 200);
+    assert_eq!(
+        queued.await.unwrap().unwrap().status,
+        200,
+        "the queued request ran once a slot freed"
+    );
+}

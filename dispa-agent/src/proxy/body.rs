@@ -72,6 +72,7 @@ pub struct Finish {
     pub span: tracing::Span,
     /// Released when the response ends, so least_conn and p2c see streaming responses as busy.
     pub in_flight: Option<crate::upstream::InFlight>,
+    pub conn_permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Finish {

@@ -110,6 +110,8 @@ struct Exchange {
     /// Counts the request against its endpoint until the response ends.
     in_flight: Option<crate::upstream::InFlight>,
     attempts: u32,
+    /// A connection slot of the upstream's circuit breaker, held until the response ends.
+    conn_permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// Shared by every connection of the proxy listener.
@@ -176,6 +178,7 @@ impl Proxy {
             window: self.window.clone(),
             span: span.clone(),
             in_flight: None,
+            conn_permit: None,
         });
         let (ex, mut resp) = self
             .handle(req, peer, bytes_in.clone())
@@ -222,6 +225,7 @@ impl Proxy {
         record.attempts = ex.attempts;
         record.upstream_duration_us = ex.upstream_us.unwrap_or(0);
         finish.in_flight = ex.in_flight;
+        finish.conn_permit = ex.conn_permit;
         Ok(resp.map(|b| LoggedBody::new(b, finish)))
     }
 
@@ -289,6 +293,12 @@ impl Proxy {
         use dispa_proto::config::model::RetryOn;
         if upstream.saturated() {
             return fail(ex, Failure::CircuitOpen);
+        }
+        if let Some(gate) = &upstream.gate {
+            match gate.enter().await {
+                Some(p) => ex.conn_permit = Some(p),
+                None => return fail(ex, Failure::CircuitOpen),
+            }
         }
         upstream.retry_budget.on_request();
         let h2 = upstream.pool.key().h2;

@@ -41,6 +41,45 @@ pub struct UpstreamRuntime {
     pub retry_budget: Arc<RetryBudget>,
     /// Circuit breaker: most requests in flight at once (0 = no limit).
     pub max_requests: u32,
+    /// Circuit breaker on connections in use and requests waiting for one.
+    pub gate: Option<Arc<ConnGate>>,
+}
+
+/// At most `max_connections` requests use an upstream connection at once; up to
+/// `max_pending` more wait for one; the rest are refused.
+#[derive(Debug)]
+pub struct ConnGate {
+    permits: Arc<tokio::sync::Semaphore>,
+    max_connections: u32,
+    waiting: std::sync::atomic::AtomicU32,
+    max_pending: u32,
+}
+
+impl ConnGate {
+    fn new(max_connections: u32, max_pending: u32) -> Self {
+        Self {
+            permits: Arc::new(tokio::sync::Semaphore::new(max_connections as usize)),
+            max_connections,
+            waiting: std::sync::atomic::AtomicU32::new(0),
+            max_pending,
+        }
+    }
+
+    /// A connection slot, waiting if allowed; `None` when the breaker is open.
+    pub async fn enter(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        use std::sync::atomic::Ordering;
+        if let Ok(p) = self.permits.clone().try_acquire_owned() {
+            return Some(p);
+        }
+        let waiting = self.waiting.fetch_add(1, Ordering::Relaxed);
+        let permit = if waiting < self.max_pending {
+            self.permits.clone().acquire_owned().await.ok()
+        } else {
+            None
+        };
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        permit
+    }
 }
 
 /// The endpoint a request goes to, counted in flight until dropped.
@@ -91,6 +130,7 @@ pub fn build(
         name: spec.name.clone(),
         connect_timeout: spec.connect_timeout,
         h2: spec.h2,
+        idle_timeout: spec.idle_timeout,
     };
     let pool = match previous {
         Some(p) if p.pool.key() == &key => p.pool.clone(),
@@ -133,6 +173,16 @@ pub fn build(
         outlier: spec.outlier.clone(),
         retry_budget: previous.map_or_else(Arc::default, |p| p.retry_budget.clone()),
         max_requests: spec.max_requests,
+        gate: (spec.max_connections > 0).then(|| match previous.and_then(|p| p.gate.as_ref()) {
+            // Same limits: keep the gate, so requests in flight across a push still count.
+            Some(g)
+                if g.max_connections == spec.max_connections
+                    && g.max_pending == spec.max_pending =>
+            {
+                g.clone()
+            }
+            _ => Arc::new(ConnGate::new(spec.max_connections, spec.max_pending)),
+        }),
     }
 }
 

@@ -10,13 +10,13 @@ use hyper_util::rt::TokioExecutor;
 
 /// Idle upstream connections kept per endpoint; more are closed when released.
 const MAX_IDLE_PER_ENDPOINT: usize = 256;
-const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PoolKey {
     pub name: UpstreamName,
     pub connect_timeout: Duration,
     pub h2: bool,
+    pub idle_timeout: Duration,
 }
 
 #[derive(Debug)]
@@ -34,7 +34,7 @@ impl Pool {
         let client = Client::builder(TokioExecutor::new())
             .http2_only(key.h2)
             .pool_max_idle_per_host(MAX_IDLE_PER_ENDPOINT)
-            .pool_idle_timeout(IDLE_TIMEOUT)
+            .pool_idle_timeout(key.idle_timeout)
             // The proxy sets Host itself (the client's Host is preserved).
             .set_host(false)
             .build(connector);

@@ -107,6 +107,13 @@ pub struct Upstream {
     pub h2: bool,
     /// Circuit breaker: most requests in flight to the upstream at once (0 = no limit).
     pub max_requests: u32,
+    /// Circuit breaker: most requests using an upstream connection at once (0 = no limit);
+    /// more wait, up to `max_pending` of them.
+    pub max_connections: u32,
+    /// Requests allowed to wait for one of `max_connections`; beyond, 503.
+    pub max_pending: u32,
+    /// How long an idle pooled connection to an endpoint is kept.
+    pub idle_timeout: Duration,
     /// Active HTTP health checks; none when absent.
     pub health: Option<HealthCheck>,
     /// Passive outlier detection (always on unless `consecutive_failures = 0`).

@@ -27,6 +27,9 @@ pub(crate) struct RawUpstream {
     pub protocol: Option<Spanned<String>>,
     /// Most requests in flight to the upstream at once (per agent).
     pub max_requests: Option<Spanned<i64>>,
+    pub max_connections: Option<Spanned<i64>>,
+    pub max_pending: Option<Spanned<i64>>,
+    pub idle_timeout: Option<Spanned<String>>,
     pub health: Option<Spanned<RawHealth>>,
     pub outlier: Option<Spanned<RawOutlier>>,
 }

@@ -256,6 +256,36 @@ impl Validator<'_> {
                 }
             },
         };
+        let mut limit = |v: &Option<Spanned<i64>>, name: &str, min: i64| match v {
+            None => 0,
+            Some(n) => match u32::try_from(*n.get_ref()) {
+                Ok(v) if i64::from(v) >= min => v,
+                _ => {
+                    self.err(
+                        n,
+                        &format!("{key}.{name}"),
+                        format!("{name} {} must be at least {min}", n.get_ref()),
+                    );
+                    0
+                }
+            },
+        };
+        let max_connections = limit(&raw.max_connections, "max_connections", 1);
+        let max_pending = limit(&raw.max_pending, "max_pending", 0);
+        if raw.max_pending.is_some() && raw.max_connections.is_none() {
+            let p = raw.max_pending.as_ref().map_or(0, |p| p.span().start);
+            let d = self.pos.diagnostic(
+                p,
+                &format!("{key}.max_pending"),
+                "max_pending needs max_connections".into(),
+            );
+            self.problems.push(d);
+        }
+        let idle_timeout = raw
+            .idle_timeout
+            .as_ref()
+            .and_then(|d| self.duration(d, &format!("{key}.idle_timeout")))
+            .unwrap_or(Duration::from_secs(60));
         let health = raw
             .health
             .as_ref()
@@ -270,6 +300,9 @@ impl Validator<'_> {
             connect_timeout,
             h2,
             max_requests,
+            max_connections,
+            max_pending,
+            idle_timeout,
             health,
             outlier,
         }

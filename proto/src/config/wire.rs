@@ -60,6 +60,9 @@ fn upstream_to_wire(u: &Upstream) -> v1::Upstream {
         } as i32,
         h2: u.h2,
         max_requests: u.max_requests,
+        max_connections: u.max_connections,
+        max_pending: u.max_pending,
+        idle_timeout_ms: ms(u.idle_timeout),
         health: u.health.as_ref().map(|h| v1::HealthCheck {
             path: h.path.clone(),
             interval_ms: ms(h.interval),
@@ -232,6 +235,9 @@ pub fn from_snapshot(s: v1::Snapshot) -> Result<Config, WireError> {
             Upstream {
                 h2: u.h2,
                 max_requests: u.max_requests,
+                max_connections: u.max_connections,
+                max_pending: u.max_pending,
+                idle_timeout: duration(&what, u.idle_timeout_ms)?,
                 health: match u.health {
                     Some(h) => Some(HealthCheck {
                         path: h.path,
