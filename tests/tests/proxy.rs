@@ -721,3 +721,52 @@ async fn host_rewrite_and_expect_100_continue() {
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), body.len().to_string());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirrored_requests_reach_the_shadow_without_affecting_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let (main, shadow) = (
+        TestUpstream::start("main").await,
+        TestUpstream::start("shadow").await,
+    );
+    let cfg = format!(
+        "[upstreams.main]\nendpoints = [\"{}\"]\n[upstreams.shadow]\nendpoints = [\"{}\"]\n[upstreams.dead]\nendpoints = [\"{}\"]\n\n[[routes]]\nname = \"r\"\npath_prefix = \"/api/\"\nupstream = \"main\"\nmirror = {{ upstream = \"shadow\" }}\n\n[[routes]]\nname = \"to-dead\"\npath_prefix = \"/other/\"\nupstream = \"main\"\nmirror = {{ upstream = \"dead\", percent = 100 }}\n",
+        main.addr,
+        shadow.addr,
+        refused_addr()
+    );
+    let (_plane, agent) = fleet_with(dir.path(), &cfg).await;
+    let http = HttpClient::new();
+    for i in 0..20 {
+        let r = http
+            .get(&format!("http://{}/api/{i}", agent.proxy), Some("h"))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            r.json()["upstream"],
+            "main",
+            "the client gets the main upstream's answer"
+        );
+    }
+    eventually(
+        "all 20 copies reached the shadow",
+        Duration::from_secs(10),
+        || async { (shadow.hits.load(Ordering::Relaxed) == 20).then_some(()) },
+    )
+    .await;
+    // A dead mirror never shows to clients.
+    for _ in 0..5 {
+        let r = http
+            .get(&format!("http://{}/other/x", agent.proxy), Some("h"))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200);
+    }
+    let m = http
+        .get(&format!("http://{}/metrics", agent.admin), None)
+        .await
+        .unwrap()
+        .text();
+    assert!(m.contains("dispa_mirrored_requests_total 25"), "{m}");
+}

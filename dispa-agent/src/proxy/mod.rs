@@ -29,6 +29,9 @@ use crate::upstream::UpstreamRuntime;
 
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
 
+/// Mirror copies in flight per agent.
+const MAX_MIRRORS_IN_FLIGHT: usize = 64;
+
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
@@ -116,6 +119,8 @@ struct Exchange {
 
 /// Shared by every connection of the proxy listener.
 pub struct Proxy {
+    /// Bounds mirror copies in flight; more are dropped and counted.
+    mirror_slots: Arc<tokio::sync::Semaphore>,
     current: Arc<Current>,
     metrics: Arc<Metrics>,
     logs: LogSink,
@@ -130,6 +135,7 @@ impl Proxy {
         window: Arc<Window>,
     ) -> Self {
         Self {
+            mirror_slots: Arc::new(tokio::sync::Semaphore::new(MAX_MIRRORS_IN_FLIGHT)),
             current,
             metrics,
             logs,
@@ -227,6 +233,52 @@ impl Proxy {
         finish.in_flight = ex.in_flight;
         finish.conn_permit = ex.conn_permit;
         Ok(resp.map(|b| LoggedBody::new(b, finish)))
+    }
+
+    /// Sends a copy of a bodyless request to the mirror upstream; fire and forget, bounded.
+    fn mirror(
+        &self,
+        shadow: Arc<UpstreamRuntime>,
+        parts: &http::request::Parts,
+        path_and_query: &str,
+        peer: SocketAddr,
+        timeout: std::time::Duration,
+    ) {
+        let Ok(permit) = self.mirror_slots.clone().try_acquire_owned() else {
+            self.metrics.mirror_dropped.inc();
+            return;
+        };
+        let ctx = crate::upstream::PickCtx {
+            client_ip: peer.ip(),
+            headers: &parts.headers,
+        };
+        let Some(picked) = shadow.pick(&ctx, &[]) else {
+            return;
+        };
+        let Ok(uri) = format!("http://{}{path_and_query}", picked.addr).parse::<Uri>() else {
+            return;
+        };
+        let mut req = Request::new(CountedBody::new(None, Arc::default()));
+        *req.method_mut() = parts.method.clone();
+        *req.uri_mut() = uri;
+        *req.version_mut() = if shadow.pool.key().h2 {
+            http::Version::HTTP_2
+        } else {
+            http::Version::HTTP_11
+        };
+        *req.headers_mut() = parts.headers.clone();
+        self.metrics.mirrored.inc();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _in_flight = picked.in_flight;
+            // The answer is read and dropped: a mirror never affects the client.
+            if let Ok(Ok(resp)) =
+                tokio::time::timeout(timeout, shadow.pool.client().request(req)).await
+            {
+                use http_body_util::BodyExt;
+                let _ = tokio::time::timeout(timeout, resp.into_body().collect()).await;
+            }
+        });
     }
 
     async fn handle(
@@ -338,6 +390,12 @@ impl Proxy {
             parts.method.as_str(),
             "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE"
         );
+        if let Some((shadow, percent)) = &route.mirror
+            && replayable
+            && fastrand::u32(0..100) < *percent
+        {
+            self.mirror(shadow.clone(), &parts, &path_and_query, peer, route.timeout);
+        }
         let mut body = Some(body);
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut last_failure = Failure::NoEndpoint;

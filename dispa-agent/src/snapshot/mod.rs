@@ -141,6 +141,8 @@ pub struct CompiledRoute {
     pub retry: dispa_proto::config::model::RetryPolicy,
     /// The Host sent upstream instead of the client's.
     pub host_rewrite: Option<HeaderValue>,
+    /// Where a copy of bodyless requests goes, and for what percent of them.
+    pub mirror: Option<(Arc<UpstreamRuntime>, u32)>,
     pub timeout: std::time::Duration,
     pub request_headers: CompiledHeaderOps,
     pub response_headers: CompiledHeaderOps,
@@ -269,6 +271,10 @@ fn compile_route(r: &Route, upstreams: &Upstreams) -> Result<CompiledRoute, Comp
         name: r.name.clone(),
         action,
         retry: r.retry.clone(),
+        mirror: match &r.mirror {
+            Some(m) => Some((get(&m.upstream)?, m.percent)),
+            None => None,
+        },
         host_rewrite: match &r.host_rewrite {
             Some(h) => Some(HeaderValue::from_str(h).map_err(|_| CompileError::Route {
                 route: r.name.to_string(),

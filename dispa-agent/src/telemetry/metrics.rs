@@ -59,6 +59,9 @@ pub struct Metrics {
     pub denied: Family<ReasonLabels, Counter>,
     pub in_flight: Gauge,
     pub retries: Counter,
+    pub mirrored: Counter,
+    /// Mirror copies not sent because too many were already in flight.
+    pub mirror_dropped: Counter,
     /// 1 while an endpoint takes traffic (not down by checks, not ejected).
     pub endpoint_healthy: Family<EndpointLabels, Gauge>,
     pub connections_open: Gauge,
@@ -92,6 +95,8 @@ impl Metrics {
             denied: Family::default(),
             in_flight: Gauge::default(),
             retries: Counter::default(),
+            mirrored: Counter::default(),
+            mirror_dropped: Counter::default(),
             endpoint_healthy: Family::default(),
             connections_open: Gauge::default(),
             connections_accepted: Counter::default(),
@@ -192,6 +197,16 @@ impl Metrics {
                 reason: reason.to_string(),
             }));
         }
+        r.register(
+            "mirrored_requests",
+            "Request copies sent to mirror upstreams",
+            m.mirrored.clone(),
+        );
+        r.register(
+            "mirror_dropped",
+            "Request copies not sent: too many mirror requests in flight",
+            m.mirror_dropped.clone(),
+        );
         r.register(
             "upstream_retries",
             "Upstream attempts after the first",

@@ -352,6 +352,13 @@ pub struct Redirect {
     pub path: Option<String>,
 }
 
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mirror {
+    pub upstream: UpstreamName,
+    /// 1-100: the share of requests copied.
+    pub percent: u32,
+}
+
 /// A fixed answer from the agent itself.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Respond {
@@ -391,6 +398,8 @@ pub struct Route {
     pub rewrite_prefix: Option<String>,
     /// The Host sent upstream instead of the client's.
     pub host_rewrite: Option<String>,
+    /// A copy of requests (without a body) sent to another upstream, answer ignored.
+    pub mirror: Option<Mirror>,
     pub retry: RetryPolicy,
 }
 

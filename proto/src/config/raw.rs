@@ -114,6 +114,7 @@ pub(crate) struct RawRoute {
     pub response_headers: Option<Spanned<RawHeaderOps>>,
     pub rewrite_prefix: Option<Spanned<String>>,
     pub host_rewrite: Option<Spanned<String>>,
+    pub mirror: Option<Spanned<RawMirror>>,
     pub retries: Option<Spanned<i64>>,
     pub retry_on: Option<Vec<Spanned<String>>>,
     pub retry_non_idempotent: Option<bool>,
@@ -151,6 +152,13 @@ impl<'de> Deserialize<'de> for RawValueMatch {
         }
         d.deserialize_any(V)
     }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawMirror {
+    pub upstream: Spanned<String>,
+    pub percent: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]

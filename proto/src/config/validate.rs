@@ -7,7 +7,8 @@ use toml::Spanned;
 
 use super::diagnostic::{Diagnostics, Positions};
 use super::model::{
-    Action, HealthCheck, Outlier, Redirect, Respond, RetryOn, RetryPolicy, ValueMatch, is_dns_name,
+    Action, HealthCheck, Mirror, Outlier, Redirect, Respond, RetryOn, RetryPolicy, ValueMatch,
+    is_dns_name,
 };
 use super::model::{
     Balance, Config, DEFAULT_CONNECT_TIMEOUT, DEFAULT_ROUTE_TIMEOUT, Endpoint, EndpointAddr,
@@ -536,7 +537,26 @@ impl Validator<'_> {
             None => None,
         };
         let retry = self.retry(&r, at, key);
+        let mirror = r.mirror.as_ref().map(|m| {
+            let raw = m.get_ref();
+            let k = format!("{key}.mirror");
+            let upstream = self.upstream_ref(&raw.upstream, &format!("{k}.upstream"), upstreams);
+            let percent = match raw.percent {
+                None => 100,
+                Some(p) if (1..=100).contains(&p) => p as u32,
+                Some(p) => {
+                    self.err(
+                        m,
+                        &format!("{k}.percent"),
+                        format!("percent {p} is out of range 1-100"),
+                    );
+                    100
+                }
+            };
+            Mirror { upstream, percent }
+        });
         Some(Route {
+            mirror,
             host_rewrite,
             retry,
             name,

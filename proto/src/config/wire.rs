@@ -10,8 +10,8 @@ use prost::Message;
 
 use super::model::{
     Action, Balance, Config, Endpoint, EndpointAddr, HashOn, HeaderOps, HealthCheck, HostPattern,
-    MAX_TIMEOUT, Outlier, PathMatch, Redirect, Respond, RetryOn, RetryPolicy, Route, Upstream,
-    ValueMatch,
+    MAX_TIMEOUT, Mirror, Outlier, PathMatch, Redirect, Respond, RetryOn, RetryPolicy, Route,
+    Upstream, ValueMatch,
 };
 use crate::v1;
 use crate::{RouteName, UpstreamName};
@@ -184,6 +184,10 @@ fn route_to_wire(r: &Route) -> v1::Route {
         response_headers: ops_to_wire(&r.response_headers),
         rewrite_prefix: r.rewrite_prefix.clone(),
         host_rewrite: r.host_rewrite.clone(),
+        mirror: r.mirror.as_ref().map(|m| v1::Mirror {
+            upstream: m.upstream.to_string(),
+            percent: m.percent,
+        }),
         retries: r.retry.retries,
         retry_on: r.retry.on.iter().map(|o| o.name()).collect(),
         retry_non_idempotent: r.retry.non_idempotent,
@@ -314,6 +318,13 @@ pub fn from_snapshot(s: v1::Snapshot) -> Result<Config, WireError> {
         } else {
             return Err(invalid(&what, "no action"));
         };
+        let mirror = match r.mirror {
+            Some(m) => Some(Mirror {
+                upstream: known(&m.upstream)?,
+                percent: m.percent.clamp(1, 100),
+            }),
+            None => None,
+        };
         let headers = r
             .headers
             .into_iter()
@@ -357,6 +368,7 @@ pub fn from_snapshot(s: v1::Snapshot) -> Result<Config, WireError> {
             response_headers: ops(r.response_headers),
             rewrite_prefix: r.rewrite_prefix,
             host_rewrite: r.host_rewrite,
+            mirror,
         });
     }
     Ok(Config { upstreams, routes })
