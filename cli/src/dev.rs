@@ -90,6 +90,7 @@ pub async fn run(a: DevArgs) -> Result<()> {
         drain_timeout: Duration::from_secs(5),
         access_log: Default::default(),
         log_spool_max: dispa_agent::DEFAULT_LOG_SPOOL_MAX,
+        dns_refresh: Duration::from_secs(30),
     })
     .await?;
     let proxy = agent.proxy_addr().context("proxy address")?;

@@ -115,6 +115,10 @@ struct AgentArgs {
     /// Bound on the on-disk access-log spool, e.g. "1GiB", "64MiB", "100000" (bytes).
     #[arg(long, default_value = "1GiB", value_parser = parse_bytes)]
     log_spool_max: u64,
+    /// How often endpoint DNS names are re-resolved (addresses that appear or vanish take
+    /// effect without a config push).
+    #[arg(long, default_value = "30s", value_parser = humantime_duration)]
+    dns_refresh: Duration,
 }
 
 fn parse_bytes(s: &str) -> Result<u64, String> {
@@ -238,6 +242,7 @@ async fn run_agent(a: AgentArgs) -> Result<()> {
             redact_query: a.log_redact_query,
         },
         log_spool_max: a.log_spool_max,
+        dns_refresh: a.dns_refresh,
     })
     .await?;
     let addrs = [agent.proxy_addr(), agent.admin_addr()];

@@ -47,6 +47,8 @@ pub struct AgentOptions {
     /// Bound on the on-disk log spool (under `cache_dir/spool`); batches beyond it are dropped
     /// and counted.
     pub log_spool_max: u64,
+    /// How often endpoint DNS names are re-resolved.
+    pub dns_refresh: Duration,
 }
 
 /// On exit, how long the agent waits for the plane to ack its last log batches.
@@ -159,6 +161,18 @@ impl Agent {
             }
             .run(ship_stop_rx),
         );
+        let dns = {
+            let (applier, every, mut stop) =
+                (self.applier.clone(), self.opts.dns_refresh, stop_rx.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(every) => applier.refresh_dns().await,
+                        _ = stop.changed() => return,
+                    }
+                }
+            })
+        };
         let checks = tokio::spawn(upstream::checker::run(
             current.clone(),
             self.metrics.clone(),
@@ -211,7 +225,7 @@ impl Agent {
         ));
         shutdown.await;
         let _ = stop_tx.send(true);
-        let _ = tokio::join!(proxy_task, admin_task, sync, checks);
+        let _ = tokio::join!(proxy_task, admin_task, sync, checks, dns);
         // Requests are drained: write every queued record to the spool, then give the shipper a
         // moment to deliver it (what it cannot deliver stays spooled for the next start).
         let _ = log_stop_tx.send(true);

@@ -71,6 +71,34 @@ impl Applier {
         Ok(())
     }
 
+    /// Re-resolves the current snapshot's endpoint names; when addresses changed, rebuilds the
+    /// snapshot through the same `compile` (state carried by identity) and swaps it in.
+    pub async fn refresh_dns(&self) {
+        let Some(current) = self.current.load() else {
+            return;
+        };
+        let Some(resolved) =
+            super::refresh_names(&current.resolved, super::resolve::system_lookup).await
+        else {
+            return;
+        };
+        match compile(
+            current.version,
+            current.hash.clone(),
+            &current.config,
+            &resolved,
+            Some(&current),
+        ) {
+            // Only if no newer snapshot arrived meanwhile.
+            Ok(next) => {
+                self.current.replace_if(&current, Arc::new(next));
+            }
+            Err(e) => {
+                tracing::warn!("cannot rebuild the snapshot with new endpoint addresses: {e}")
+            }
+        }
+    }
+
     /// Applies a snapshot from the plane and makes it the last-known-good on disk.
     pub async fn apply_and_cache(&self, env: &SnapshotEnvelope) -> Result<(), CompileError> {
         if let Err(e) = self.apply(env).await {

@@ -21,7 +21,7 @@ use crate::upstream::{self, ResolvedEndpoint, UpstreamRuntime, Upstreams};
 
 pub use applier::Applier;
 pub use cache::{CacheError, SnapshotCache};
-pub use resolve::{ResolveError, resolve_endpoints};
+pub use resolve::{ResolveError, refresh_names, resolve_endpoints};
 
 /// Why a snapshot cannot be served (sent to the plane as the NACK reason).
 #[derive(Debug, thiserror::Error)]
@@ -177,7 +177,13 @@ pub struct RuntimeSnapshot {
     pub hash: String,
     pub routes: RouteTable<CompiledRoute>,
     pub upstreams: Upstreams,
+    /// What it was built from, so a DNS refresh can rebuild it through the same `compile`.
+    pub config: Arc<Config>,
+    pub resolved: Resolved,
 }
+
+/// Endpoint names and the addresses they resolved to.
+pub type Resolved = HashMap<EndpointAddr, Vec<std::net::SocketAddr>>;
 
 /// Compiles a validated config with resolved endpoints. Pure: no I/O, no clock.
 /// State of upstreams whose identity is unchanged is carried over from `previous`.
@@ -221,6 +227,8 @@ pub fn compile(
         hash,
         routes: RouteTable::build(compiled).map_err(CompileError::Matcher)?,
         upstreams,
+        config: Arc::new(config.clone()),
+        resolved: resolved.clone(),
     })
 }
 
@@ -302,6 +310,14 @@ impl Current {
 
     pub fn swap(&self, s: Arc<RuntimeSnapshot>) {
         self.inner.store(Some(s));
+    }
+
+    /// Swaps in `next` only if `expected` is still current (a newer snapshot wins).
+    pub fn replace_if(&self, expected: &Arc<RuntimeSnapshot>, next: Arc<RuntimeSnapshot>) -> bool {
+        let prev = self
+            .inner
+            .compare_and_swap(&Some(expected.clone()), Some(next));
+        prev.as_ref().is_some_and(|p| Arc::ptr_eq(p, expected))
     }
 }
 
