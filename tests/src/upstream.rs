@@ -66,9 +66,14 @@ async fn answer(
     }
     if let Some(total) = query_u64(&req, "bytes") {
         let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+        // `stall_ms`: pause that long after the first chunk (an upstream gone quiet).
+        let stall = query_u64(&req, "stall_ms").map(Duration::from_millis);
         let chunks = futures_util::stream::unfold(total, move |left| {
             let chunk = chunk.clone();
             async move {
+                if let Some(d) = stall.filter(|_| left < total) {
+                    tokio::time::sleep(d).await;
+                }
                 (left > 0).then(|| {
                     let n = left.min(chunk.len() as u64);
                     (

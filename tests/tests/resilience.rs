@@ -372,3 +372,51 @@ async fn circuit_breaker_queues_up_to_max_pending_then_refuses() {
         "the queued request ran once a slot freed"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_idle_timeout_cuts_a_stalled_body_and_expect_status_is_honoured() {
+    use http_body_util::BodyExt;
+    let dir = tempfile::tempdir().unwrap();
+    let up = TestUpstream::start("u").await;
+    let plane = PlaneProc::start(dir.path()).await;
+    let agent = AgentProc::start(dir.path(), &plane.url(), "edge").await;
+    let cfg = format!(
+        "[upstreams.u]\nendpoints = [\"{a}\"]\n[upstreams.picky]\nendpoints = [\"{a}\"]\nhealth = {{ path = \"/\", interval = \"200ms\", expect_status = [204] }}\n\n[[routes]]\nname = \"r\"\nhosts = [\"h\"]\nidle_timeout = \"300ms\"\nupstream = \"u\"\n\n[[routes]]\nname = \"p\"\nhosts = [\"picky\"]\nupstream = \"picky\"\n",
+        a = up.addr
+    );
+    let f = write_config(dir.path(), "r.toml", &cfg);
+    ctl(&plane.url(), &["apply", "-f", &f]).await.ok();
+    wait_synced(&plane.url(), &["edge"], 1).await;
+
+    let stream = tokio::net::TcpStream::connect(agent.proxy).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get("/?bytes=200000&stall_ms=5000")
+        .header("host", "h")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let started = std::time::Instant::now();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await;
+    assert!(body.is_err(), "the stalled body is cut off");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "cut after the idle timeout, not the stall: {:?}",
+        started.elapsed()
+    );
+
+    // The upstream answers 200 where 204 is expected: checks take it down.
+    let http = HttpClient::new();
+    eventually("picky endpoint down", Duration::from_secs(10), || async {
+        let r = http
+            .get(&format!("http://{}/", agent.proxy), Some("picky"))
+            .await
+            .ok()?;
+        (r.status == 503).then_some(())
+    })
+    .await;
+}

@@ -2,6 +2,7 @@
 //! other counts response bytes and, when the response ends (or the client goes away), finishes
 //! the access-log record and the request's metrics. Neither buffers.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -132,7 +133,13 @@ pub struct LoggedBody {
     inner: ProxyBody,
     bytes_out: u64,
     finish: Option<Finish>,
+    /// The route's idle timeout: the longest wait for the next frame.
+    idle: Option<(std::time::Duration, Pin<Box<tokio::time::Sleep>>)>,
 }
+
+#[derive(Debug, thiserror::Error)]
+#[error("upstream response body idle for longer than {0:?}")]
+struct IdleTimeout(std::time::Duration);
 
 impl LoggedBody {
     /// A body with no record attached (nothing to log).
@@ -141,7 +148,14 @@ impl LoggedBody {
             inner,
             bytes_out: 0,
             finish: None,
+            idle: None,
         }
+    }
+
+    /// Cuts the response off when the next frame takes longer than `d`.
+    pub fn with_idle_timeout(mut self, d: Option<std::time::Duration>) -> Self {
+        self.idle = d.map(|d| (d, Box::pin(tokio::time::sleep(d))));
+        self
     }
 
     pub fn new(inner: ProxyBody, finish: Finish) -> Self {
@@ -149,6 +163,7 @@ impl LoggedBody {
             inner,
             bytes_out: 0,
             finish: Some(finish),
+            idle: None,
         };
         if b.inner.is_end_stream() {
             b.complete();
@@ -179,6 +194,18 @@ impl Body for LoggedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let p = Pin::new(&mut self.inner).poll_frame(cx);
+        if p.is_pending() {
+            if let Some((d, sleep)) = self.idle.as_mut()
+                && sleep.as_mut().poll(cx).is_ready()
+            {
+                let d = *d;
+                self.complete();
+                return Poll::Ready(Some(Err(Box::new(IdleTimeout(d)))));
+            }
+        } else if let Some((d, sleep)) = self.idle.as_mut() {
+            let next = tokio::time::Instant::now() + *d;
+            sleep.as_mut().reset(next);
+        }
         match &p {
             Poll::Ready(Some(Ok(f))) => {
                 if let Some(d) = f.data_ref() {

@@ -115,6 +115,8 @@ struct Exchange {
     attempts: u32,
     /// A connection slot of the upstream's circuit breaker, held until the response ends.
     conn_permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// The route's limit on waiting for the next piece of a response body.
+    idle_timeout: Option<std::time::Duration>,
 }
 
 /// Shared by every connection of the proxy listener.
@@ -232,7 +234,8 @@ impl Proxy {
         record.upstream_duration_us = ex.upstream_us.unwrap_or(0);
         finish.in_flight = ex.in_flight;
         finish.conn_permit = ex.conn_permit;
-        Ok(resp.map(|b| LoggedBody::new(b, finish)))
+        let idle = ex.idle_timeout;
+        Ok(resp.map(|b| LoggedBody::new(b, finish).with_idle_timeout(idle)))
     }
 
     /// Sends a copy of a bodyless request to the mirror upstream; fire and forget, bounded.
@@ -306,6 +309,7 @@ impl Proxy {
             return fail(ex, Failure::NoRoute);
         };
         ex.route = route.name.to_string();
+        ex.idle_timeout = route.idle_timeout;
         let upstream = match &route.action {
             RouteAction::Redirect(rd) => return (ex, redirect(rd, &req, &raw_host)),
             RouteAction::Respond {

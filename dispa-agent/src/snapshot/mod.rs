@@ -141,6 +141,7 @@ pub struct CompiledRoute {
     pub retry: dispa_proto::config::model::RetryPolicy,
     /// The Host sent upstream instead of the client's.
     pub host_rewrite: Option<HeaderValue>,
+    pub idle_timeout: Option<std::time::Duration>,
     /// Where a copy of bodyless requests goes, and for what percent of them.
     pub mirror: Option<(Arc<UpstreamRuntime>, u32)>,
     pub timeout: std::time::Duration,
@@ -279,6 +280,7 @@ fn compile_route(r: &Route, upstreams: &Upstreams) -> Result<CompiledRoute, Comp
         name: r.name.clone(),
         action,
         retry: r.retry.clone(),
+        idle_timeout: r.idle_timeout,
         mirror: match &r.mirror {
             Some(m) => Some((get(&m.upstream)?, m.percent)),
             None => None,

@@ -66,7 +66,7 @@ pub async fn run(current: Arc<Current>, metrics: Arc<Metrics>, mut stop: watch::
                 let uri = format!("http://{}{}", e.addr, hc.path);
                 let name = (up.name.to_string(), e.addr);
                 tokio::spawn(async move {
-                    let ok = check(&client, &uri, hc.timeout).await;
+                    let ok = check(&client, &uri, hc.timeout, &hc.expect_status).await;
                     report(&health, ok, &hc, &name);
                     health
                         .checking
@@ -77,7 +77,12 @@ pub async fn run(current: Arc<Current>, metrics: Arc<Metrics>, mut stop: watch::
     }
 }
 
-async fn check(client: &Client<HttpConnector, Empty<Bytes>>, uri: &str, timeout: Duration) -> bool {
+async fn check(
+    client: &Client<HttpConnector, Empty<Bytes>>,
+    uri: &str,
+    timeout: Duration,
+    expect: &[u16],
+) -> bool {
     let Ok(uri) = uri.parse::<http::Uri>() else {
         return false;
     };
@@ -86,7 +91,10 @@ async fn check(client: &Client<HttpConnector, Empty<Bytes>>, uri: &str, timeout:
         .body(Empty::new());
     let Ok(req) = req else { return false };
     match tokio::time::timeout(timeout, client.request(req)).await {
-        Ok(Ok(resp)) => resp.status().is_success() || resp.status().is_redirection(),
+        Ok(Ok(resp)) if expect.is_empty() => {
+            resp.status().is_success() || resp.status().is_redirection()
+        }
+        Ok(Ok(resp)) => expect.contains(&resp.status().as_u16()),
         _ => false,
     }
 }

@@ -104,6 +104,7 @@ mod tests {
             timeout: Duration::from_secs(1),
             healthy: 2,
             unhealthy: 2,
+            expect_status: vec![],
         }
     }
 

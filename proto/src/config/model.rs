@@ -130,6 +130,8 @@ pub struct HealthCheck {
     pub healthy: u32,
     /// Consecutive failures that take an endpoint down.
     pub unhealthy: u32,
+    /// Statuses that count as healthy; empty = any 2xx or 3xx.
+    pub expect_status: Vec<u16>,
 }
 
 /// Ejects an endpoint after consecutive connect failures or 5xx answers, for
@@ -398,6 +400,9 @@ pub struct Route {
     pub rewrite_prefix: Option<String>,
     /// The Host sent upstream instead of the client's.
     pub host_rewrite: Option<String>,
+    /// Longest wait for the next piece of the upstream's response body; then the response is
+    /// cut off. None: no limit.
+    pub idle_timeout: Option<Duration>,
     /// A copy of requests (without a body) sent to another upstream, answer ignored.
     pub mirror: Option<Mirror>,
     pub retry: RetryPolicy,

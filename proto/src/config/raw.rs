@@ -42,6 +42,7 @@ pub(crate) struct RawHealth {
     pub timeout: Option<Spanned<String>>,
     pub healthy: Option<i64>,
     pub unhealthy: Option<i64>,
+    pub expect_status: Option<Vec<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -114,6 +115,7 @@ pub(crate) struct RawRoute {
     pub response_headers: Option<Spanned<RawHeaderOps>>,
     pub rewrite_prefix: Option<Spanned<String>>,
     pub host_rewrite: Option<Spanned<String>>,
+    pub idle_timeout: Option<Spanned<String>>,
     pub mirror: Option<Spanned<RawMirror>>,
     pub retries: Option<Spanned<i64>>,
     pub retry_on: Option<Vec<Spanned<String>>>,

@@ -360,7 +360,19 @@ impl Validator<'_> {
                 "interval must be at least 100ms",
             );
         }
+        let mut expect_status = Vec::new();
+        for s in raw.expect_status.iter().flatten() {
+            match u16::try_from(*s) {
+                Ok(v) if (100..=599).contains(&v) => expect_status.push(v),
+                _ => self.err(
+                    h,
+                    &format!("{key}.expect_status"),
+                    format!("status {s} is out of range 100-599"),
+                ),
+            }
+        }
         HealthCheck {
+            expect_status,
             path,
             interval,
             timeout,
@@ -555,7 +567,12 @@ impl Validator<'_> {
             };
             Mirror { upstream, percent }
         });
+        let idle_timeout = r
+            .idle_timeout
+            .as_ref()
+            .and_then(|d| self.duration(d, &format!("{key}.idle_timeout")));
         Some(Route {
+            idle_timeout,
             mirror,
             host_rewrite,
             retry,

@@ -69,6 +69,7 @@ fn upstream_to_wire(u: &Upstream) -> v1::Upstream {
             timeout_ms: ms(h.timeout),
             healthy: h.healthy,
             unhealthy: h.unhealthy,
+            expect_status: h.expect_status.iter().map(|s| u32::from(*s)).collect(),
         }),
         outlier: Some(v1::Outlier {
             consecutive_failures: u.outlier.consecutive_failures,
@@ -184,6 +185,7 @@ fn route_to_wire(r: &Route) -> v1::Route {
         response_headers: ops_to_wire(&r.response_headers),
         rewrite_prefix: r.rewrite_prefix.clone(),
         host_rewrite: r.host_rewrite.clone(),
+        idle_timeout_ms: r.idle_timeout.map_or(0, ms),
         mirror: r.mirror.as_ref().map(|m| v1::Mirror {
             upstream: m.upstream.to_string(),
             percent: m.percent,
@@ -249,6 +251,11 @@ pub fn from_snapshot(s: v1::Snapshot) -> Result<Config, WireError> {
                         timeout: duration(&what, h.timeout_ms)?,
                         healthy: h.healthy.max(1),
                         unhealthy: h.unhealthy.max(1),
+                        expect_status: h
+                            .expect_status
+                            .iter()
+                            .filter_map(|s| u16::try_from(*s).ok())
+                            .collect(),
                     }),
                     None => None,
                 },
@@ -368,6 +375,8 @@ pub fn from_snapshot(s: v1::Snapshot) -> Result<Config, WireError> {
             response_headers: ops(r.response_headers),
             rewrite_prefix: r.rewrite_prefix,
             host_rewrite: r.host_rewrite,
+            idle_timeout: (r.idle_timeout_ms > 0)
+                .then(|| Duration::from_millis(r.idle_timeout_ms.min(3_600_000))),
             mirror,
         });
     }
