@@ -420,3 +420,36 @@ async fn route_idle_timeout_cuts_a_stalled_body_and_expect_status_is_honoured() 
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_with_a_small_body_is_retried_on_another_endpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = TestUpstream::start("good").await;
+    let plane = PlaneProc::start(dir.path()).await;
+    let agent = AgentProc::start(dir.path(), &plane.url(), "edge").await;
+    let cfg = format!(
+        "[upstreams.u]\nendpoints = [\"{}\", \"{}\"]\noutlier = {{ consecutive_failures = 0 }}\n\n[[routes]]\nname = \"r\"\nupstream = \"u\"\nretries = 1\nretry_non_idempotent = true\n",
+        refused_addr(),
+        up.addr
+    );
+    let f = write_config(dir.path(), "r.toml", &cfg);
+    ctl(&plane.url(), &["apply", "-f", &f]).await.ok();
+    wait_synced(&plane.url(), &["edge"], 1).await;
+    let http = HttpClient::new();
+    for _ in 0..6 {
+        let req = http::Request::post(format!("http://{}/upload", agent.proxy))
+            .header("host", "h")
+            .body(http_body_util::Full::new(bytes::Bytes::from(vec![
+                b'p';
+                10_000
+            ])))
+            .unwrap();
+        let r = http.send(req).await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(
+            r.text(),
+            "10000",
+            "the retried request carried its whole body"
+        );
+    }
+}

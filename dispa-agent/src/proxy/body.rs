@@ -20,14 +20,32 @@ use crate::telemetry::{Metrics, RouteLabels};
 
 /// The client's request body on its way upstream, counted.
 pub struct CountedBody {
-    /// `None`: an empty body (a retry of a request that had none).
-    inner: Option<Incoming>,
+    inner: Source,
     count: Arc<AtomicU64>,
 }
 
+enum Source {
+    Stream(Incoming),
+    /// A small body read ahead so a retry can send it again.
+    Buffered(Option<Bytes>),
+    Empty,
+}
+
 impl CountedBody {
+    /// The client's body as it streams; `None`: an empty body.
     pub fn new(inner: Option<Incoming>, count: Arc<AtomicU64>) -> Self {
-        Self { inner, count }
+        Self {
+            inner: inner.map_or(Source::Empty, Source::Stream),
+            count,
+        }
+    }
+
+    /// A body already read into memory (counted once, when it was read).
+    pub fn buffered(bytes: Bytes) -> Self {
+        Self {
+            inner: Source::Buffered(Some(bytes)),
+            count: Arc::default(),
+        }
     }
 }
 
@@ -39,8 +57,10 @@ impl Body for CountedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let Some(inner) = self.inner.as_mut() else {
-            return Poll::Ready(None);
+        let inner = match &mut self.inner {
+            Source::Empty => return Poll::Ready(None),
+            Source::Buffered(b) => return Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Source::Stream(inner) => inner,
         };
         let p = Pin::new(inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(f))) = &p
@@ -52,13 +72,19 @@ impl Body for CountedBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(Body::is_end_stream)
+        match &self.inner {
+            Source::Stream(i) => i.is_end_stream(),
+            Source::Buffered(b) => b.is_none(),
+            Source::Empty => true,
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner
-            .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+        match &self.inner {
+            Source::Stream(i) => i.size_hint(),
+            Source::Buffered(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Source::Empty => SizeHint::with_exact(0),
+        }
     }
 }
 

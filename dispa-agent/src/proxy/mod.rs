@@ -29,6 +29,9 @@ use crate::upstream::UpstreamRuntime;
 
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
 
+/// Largest request body read ahead so that a retry can resend it.
+const MAX_RETRY_BODY: u64 = 64 * 1024;
+
 /// Mirror copies in flight per agent.
 const MAX_MIRRORS_IN_FLIGHT: usize = 64;
 
@@ -388,19 +391,44 @@ impl Proxy {
             parts.headers.insert(header::HOST, h.clone());
         }
         route.request_headers.apply(&mut parts.headers);
-        // Only a request without a body can be sent again: a streamed body is gone once sent.
-        let replayable = hyper::body::Body::is_end_stream(&body);
+        // A request can be sent again if it has no body, or a small one (by Content-Length)
+        // that is read ahead when the route retries; a streamed body is gone once sent.
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        let mut buffered: Option<Bytes> = None;
+        let mut body = Some(body);
+        if route.retry.retries > 0 && declared.is_some_and(|n| n > 0 && n <= MAX_RETRY_BODY) {
+            if let Some(b) = body.take() {
+                use http_body_util::BodyExt;
+                match http_body_util::Limited::new(b, MAX_RETRY_BODY as usize)
+                    .collect()
+                    .await
+                {
+                    Ok(c) => {
+                        let bytes = c.to_bytes();
+                        bytes_in
+                            .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                        buffered = Some(bytes);
+                    }
+                    Err(_) => return fail(ex, Failure::BadRequest),
+                }
+            }
+        }
+        let replayable =
+            buffered.is_some() || body.as_ref().is_some_and(hyper::body::Body::is_end_stream);
         let idempotent = matches!(
             parts.method.as_str(),
             "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE"
         );
         if let Some((shadow, percent)) = &route.mirror
             && replayable
+            && buffered.is_none()
             && fastrand::u32(0..100) < *percent
         {
             self.mirror(shadow.clone(), &parts, &path_and_query, peer, route.timeout);
         }
-        let mut body = Some(body);
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut last_failure = Failure::NoEndpoint;
         loop {
@@ -418,7 +446,11 @@ impl Proxy {
             let Ok(uri) = format!("http://{endpoint}{path_and_query}").parse::<Uri>() else {
                 return fail(ex, Failure::BadRequest);
             };
-            let mut upstream_req = Request::new(CountedBody::new(body.take(), bytes_in.clone()));
+            let upstream_body = match &buffered {
+                Some(b) => CountedBody::buffered(b.clone()),
+                None => CountedBody::new(body.take(), bytes_in.clone()),
+            };
+            let mut upstream_req = Request::new(upstream_body);
             *upstream_req.method_mut() = parts.method.clone();
             *upstream_req.uri_mut() = uri;
             *upstream_req.version_mut() = if h2 {
