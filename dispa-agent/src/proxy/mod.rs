@@ -399,21 +399,21 @@ impl Proxy {
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         let mut buffered: Option<Bytes> = None;
         let mut body = Some(body);
-        if route.retry.retries > 0 && declared.is_some_and(|n| n > 0 && n <= MAX_RETRY_BODY) {
-            if let Some(b) = body.take() {
-                use http_body_util::BodyExt;
-                match http_body_util::Limited::new(b, MAX_RETRY_BODY as usize)
-                    .collect()
-                    .await
-                {
-                    Ok(c) => {
-                        let bytes = c.to_bytes();
-                        bytes_in
-                            .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                        buffered = Some(bytes);
-                    }
-                    Err(_) => return fail(ex, Failure::BadRequest),
+        if route.retry.retries > 0
+            && declared.is_some_and(|n| n > 0 && n <= MAX_RETRY_BODY)
+            && let Some(b) = body.take()
+        {
+            use http_body_util::BodyExt;
+            match http_body_util::Limited::new(b, MAX_RETRY_BODY as usize)
+                .collect()
+                .await
+            {
+                Ok(c) => {
+                    let bytes = c.to_bytes();
+                    bytes_in.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    buffered = Some(bytes);
                 }
+                Err(_) => return fail(ex, Failure::BadRequest),
             }
         }
         let replayable =
