@@ -80,3 +80,13 @@ pub fn write_config(dir: &std::path::Path, name: &str, content: &str) -> String 
     std::fs::write(&p, content).expect("write config");
     p.display().to_string()
 }
+
+/// A plane and one agent ("edge") serving `config` (applied as version 1).
+pub async fn fleet_with(dir: &std::path::Path, config: &str) -> (PlaneProc, AgentProc) {
+    let plane = PlaneProc::start(dir).await;
+    let agent = AgentProc::start(dir, &plane.url(), "edge").await;
+    let f = write_config(dir, "routes.toml", config);
+    ctl(&plane.url(), &["apply", "-f", &f]).await.ok();
+    wait_synced(&plane.url(), &["edge"], 1).await;
+    (plane, agent)
+}

@@ -142,14 +142,10 @@ async fn grpc_unary_and_bidirectional_streaming_through_the_agent() {
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
     let dir = tempfile::tempdir().unwrap();
-    let plane = PlaneProc::start(dir.path()).await;
-    let agent = AgentProc::start(dir.path(), &plane.url(), "edge").await;
     let cfg = format!(
         "[upstreams.grpc]\nprotocol = \"h2\"\nendpoints = [\"{grpc_addr}\"]\n\n[[routes]]\nname = \"grpc\"\nhosts = [\"grpc.test\"]\nupstream = \"grpc\"\n"
     );
-    let f = write_config(dir.path(), "r.toml", &cfg);
-    ctl(&plane.url(), &["apply", "-f", &f]).await.ok();
-    wait_synced(&plane.url(), &["edge"], 1).await;
+    let (_plane, agent) = fleet_with(dir.path(), &cfg).await;
 
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", agent.proxy))
         .unwrap()
@@ -225,14 +221,10 @@ async fn websocket_echo_through_the_agent() {
         }
     });
     let dir = tempfile::tempdir().unwrap();
-    let plane = PlaneProc::start(dir.path()).await;
-    let agent = AgentProc::start(dir.path(), &plane.url(), "edge").await;
     let cfg = format!(
         "[upstreams.ws]\nendpoints = [\"{ws_addr}\"]\n\n[[routes]]\nname = \"ws\"\nhosts = [\"ws.test\"]\nupstream = \"ws\"\n"
     );
-    let f = write_config(dir.path(), "r.toml", &cfg);
-    ctl(&plane.url(), &["apply", "-f", &f]).await.ok();
-    wait_synced(&plane.url(), &["edge"], 1).await;
+    let (_plane, agent) = fleet_with(dir.path(), &cfg).await;
 
     let tcp = tokio::net::TcpStream::connect(agent.proxy).await.unwrap();
     let (mut ws, resp) = tokio_tungstenite::client_async("ws://ws.test/chat", tcp)
@@ -266,15 +258,11 @@ async fn hundred_mib_up_and_down_stream_without_buffering() {
     const SIZE: u64 = 100 * 1024 * 1024;
     let up = TestUpstream::start("big").await;
     let dir = tempfile::tempdir().unwrap();
-    let plane = PlaneProc::start(dir.path()).await;
-    let agent = AgentProc::start(dir.path(), &plane.url(), "edge").await;
     let cfg = format!(
         "[upstreams.u]\nendpoints = [\"{}\"]\n\n[[routes]]\nname = \"r\"\ntimeout = \"60s\"\nupstream = \"u\"\n",
         up.addr
     );
-    let f = write_config(dir.path(), "r.toml", &cfg);
-    ctl(&plane.url(), &["apply", "-f", &f]).await.ok();
-    wait_synced(&plane.url(), &["edge"], 1).await;
+    let (_plane, agent) = fleet_with(dir.path(), &cfg).await;
     let pid = agent.child.id().unwrap();
     let baseline = dispa_tests::process::rss_kib(pid).unwrap();
     let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(baseline));

@@ -10,15 +10,6 @@ use dispa_proto::v1::config_discovery_client::ConfigDiscoveryClient;
 use dispa_proto::v1::{DiscoveryRequest, Node};
 use dispa_tests::*;
 
-async fn fleet_with(dir: &std::path::Path, config: &str) -> (PlaneProc, AgentProc) {
-    let plane = PlaneProc::start(dir).await;
-    let agent = AgentProc::start(dir, &plane.url(), "edge").await;
-    let f = write_config(dir, "routes.toml", config);
-    ctl(&plane.url(), &["apply", "-f", &f]).await.ok();
-    wait_synced(&plane.url(), &["edge"], 1).await;
-    (plane, agent)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_matching_is_exact_wildcard_case_insensitive_and_ignores_port() {
     let dir = tempfile::tempdir().unwrap();

@@ -276,15 +276,11 @@ async fn a_config_push_keeps_health_state_of_untouched_endpoints() {
 async fn circuit_breaker_answers_503_beyond_max_requests() {
     let dir = tempfile::tempdir().unwrap();
     let up = TestUpstream::start("slow").await;
-    let plane = PlaneProc::start(dir.path()).await;
-    let agent = AgentProc::start(dir.path(), &plane.url(), "edge").await;
     let cfg = format!(
         "[upstreams.u]\nendpoints = [\"{}\"]\nmax_requests = 2\n\n[[routes]]\nname = \"r\"\ntimeout = \"20s\"\nupstream = \"u\"\n",
         up.addr
     );
-    let f = write_config(dir.path(), "r.toml", &cfg);
-    ctl(&plane.url(), &["apply", "-f", &f]).await.ok();
-    wait_synced(&plane.url(), &["edge"], 1).await;
+    let (_plane, agent) = fleet_with(dir.path(), &cfg).await;
     let proxy = agent.proxy;
     let slow: Vec<_> = (0..2)
         .map(|_| {
@@ -324,15 +320,11 @@ async fn circuit_breaker_answers_503_beyond_max_requests() {
 async fn circuit_breaker_queues_up_to_max_pending_then_refuses() {
     let dir = tempfile::tempdir().unwrap();
     let up = TestUpstream::start("slow").await;
-    let plane = PlaneProc::start(dir.path()).await;
-    let agent = AgentProc::start(dir.path(), &plane.url(), "edge").await;
     let cfg = format!(
         "[upstreams.u]\nendpoints = [\"{}\"]\nmax_connections = 1\nmax_pending = 1\nidle_timeout = \"30s\"\n\n[[routes]]\nname = \"r\"\ntimeout = \"20s\"\nupstream = \"u\"\n",
         up.addr
     );
-    let f = write_config(dir.path(), "r.toml", &cfg);
-    ctl(&plane.url(), &["apply", "-f", &f]).await.ok();
-    wait_synced(&plane.url(), &["edge"], 1).await;
+    let (_plane, agent) = fleet_with(dir.path(), &cfg).await;
     let proxy = agent.proxy;
     let slow = |ms: u64| {
         tokio::spawn(async move {
@@ -378,15 +370,11 @@ async fn route_idle_timeout_cuts_a_stalled_body_and_expect_status_is_honoured() 
     use http_body_util::BodyExt;
     let dir = tempfile::tempdir().unwrap();
     let up = TestUpstream::start("u").await;
-    let plane = PlaneProc::start(dir.path()).await;
-    let agent = AgentProc::start(dir.path(), &plane.url(), "edge").await;
     let cfg = format!(
         "[upstreams.u]\nendpoints = [\"{a}\"]\n[upstreams.picky]\nendpoints = [\"{a}\"]\nhealth = {{ path = \"/\", interval = \"200ms\", expect_status = [204] }}\n\n[[routes]]\nname = \"r\"\nhosts = [\"h\"]\nidle_timeout = \"300ms\"\nupstream = \"u\"\n\n[[routes]]\nname = \"p\"\nhosts = [\"picky\"]\nupstream = \"picky\"\n",
         a = up.addr
     );
-    let f = write_config(dir.path(), "r.toml", &cfg);
-    ctl(&plane.url(), &["apply", "-f", &f]).await.ok();
-    wait_synced(&plane.url(), &["edge"], 1).await;
+    let (_plane, agent) = fleet_with(dir.path(), &cfg).await;
 
     let stream = tokio::net::TcpStream::connect(agent.proxy).await.unwrap();
     let (mut send, conn) =
@@ -425,16 +413,12 @@ async fn route_idle_timeout_cuts_a_stalled_body_and_expect_status_is_honoured() 
 async fn a_post_with_a_small_body_is_retried_on_another_endpoint() {
     let dir = tempfile::tempdir().unwrap();
     let up = TestUpstream::start("good").await;
-    let plane = PlaneProc::start(dir.path()).await;
-    let agent = AgentProc::start(dir.path(), &plane.url(), "edge").await;
     let cfg = format!(
         "[upstreams.u]\nendpoints = [\"{}\", \"{}\"]\noutlier = {{ consecutive_failures = 0 }}\n\n[[routes]]\nname = \"r\"\nupstream = \"u\"\nretries = 1\nretry_non_idempotent = true\n",
         refused_addr(),
         up.addr
     );
-    let f = write_config(dir.path(), "r.toml", &cfg);
-    ctl(&plane.url(), &["apply", "-f", &f]).await.ok();
-    wait_synced(&plane.url(), &["edge"], 1).await;
+    let (_plane, agent) = fleet_with(dir.path(), &cfg).await;
     let http = HttpClient::new();
     for _ in 0..6 {
         let req = http::Request::post(format!("http://{}/upload", agent.proxy))
