@@ -29,7 +29,7 @@ impl TestSchema {
             eprintln!("skipping: {msg}");
             return None;
         }
-        let schema = format!("{prefix}_{:016x}", fastrand_u64());
+        let schema = format!("{prefix}_{:016x}", fastrand::u64(..));
         Some(TestSchema { url, schema })
     }
 
@@ -45,15 +45,4 @@ impl TestSchema {
                 .await;
         }
     }
-}
-
-fn fastrand_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    h.finish()
 }

@@ -566,9 +566,8 @@ async fn plane_exits_zero_on_sigterm_with_agents_and_followers_connected() {
         .expect("plane exits")
         .unwrap();
     assert_eq!(status.code(), Some(0), "{}", plane.log_text());
-    let f = tokio::time::timeout(Duration::from_secs(10), follow.wait())
+    tokio::time::timeout(Duration::from_secs(10), follow.wait())
         .await
-        .expect("follow ends")
+        .expect("the follow ends with the plane")
         .unwrap();
-    let _ = f;
 }

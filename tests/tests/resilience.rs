@@ -199,18 +199,13 @@ async fn without_retries_failures_stop_once_the_endpoint_is_down() {
         all.then_some(())
     })
     .await;
-    let started = std::time::Instant::now();
     let r = http
         .get(&format!("http://{}/", agent.proxy), Some("h"))
         .await
         .unwrap();
+    // Answered without trying an endpoint: a connect attempt would have been a 502.
     assert_eq!(r.status, 503);
     assert_eq!(r.text(), "no healthy upstream endpoint\n");
-    assert!(
-        started.elapsed() < Duration::from_millis(500),
-        "fast: {:?}",
-        started.elapsed()
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -252,24 +247,25 @@ async fn a_config_push_keeps_health_state_of_untouched_endpoints() {
         assert_eq!(r.status, 200);
         assert_eq!(r.header("x-marker"), Some("b"));
     }
-    let m = http
-        .get(&format!("http://{}/metrics", agent.admin), None)
-        .await
-        .unwrap()
-        .text();
-    assert!(
-        m.contains(&format!(
-            "dispa_endpoint_healthy{{upstream=\"u\",endpoint=\"{dead}\"}} 0"
-        )),
-        "{m}"
+    // The gauges are refreshed once a second.
+    let down = format!("dispa_endpoint_healthy{{upstream=\"u\",endpoint=\"{dead}\"}} 0");
+    let up = format!(
+        "dispa_endpoint_healthy{{upstream=\"u\",endpoint=\"{}\"}} 1",
+        e0.addr
     );
-    assert!(
-        m.contains(&format!(
-            "dispa_endpoint_healthy{{upstream=\"u\",endpoint=\"{}\"}} 1",
-            e0.addr
-        )),
-        "{m}"
-    );
+    eventually(
+        "endpoint health gauges",
+        Duration::from_secs(10),
+        || async {
+            let m = http
+                .get(&format!("http://{}/metrics", agent.admin), None)
+                .await
+                .ok()?
+                .text();
+            (m.contains(&down) && m.contains(&up)).then_some(())
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -386,16 +382,11 @@ async fn route_idle_timeout_cuts_a_stalled_body_and_expect_status_is_honoured() 
         .header("host", "h")
         .body(http_body_util::Empty::<bytes::Bytes>::new())
         .unwrap();
-    let started = std::time::Instant::now();
     let resp = send.send_request(req).await.unwrap();
     assert_eq!(resp.status(), 200);
+    // Without the idle timeout the body would arrive whole once the stall ends.
     let body = resp.into_body().collect().await;
     assert!(body.is_err(), "the stalled body is cut off");
-    assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "cut after the idle timeout, not the stall: {:?}",
-        started.elapsed()
-    );
 
     // The upstream answers 200 where 204 is expected: checks take it down.
     let http = HttpClient::new();

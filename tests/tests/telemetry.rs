@@ -274,14 +274,15 @@ upstream = "dead"
             404
         );
     }
-    let count = |args: Vec<&'static str>| {
+    let count = |args: Vec<&str>| {
+        let args: Vec<String> = args.into_iter().map(str::to_string).collect();
         let url = plane.url();
         async move {
             let mut full = vec!["logs", "-o", "json"];
-            if !args.contains(&"--limit") {
+            if !args.iter().any(|a| a == "--limit") {
                 full.extend(["--limit", "1000"]);
             }
-            full.extend(args);
+            full.extend(args.iter().map(String::as_str));
             let out = ctl(&url, &full).await.ok();
             out.stdout
                 .lines()
@@ -309,11 +310,12 @@ upstream = "dead"
     assert_eq!(count(vec!["--path-prefix", "/v1/"]).await.len(), 3);
     assert_eq!(count(vec!["--client", "127.0.0.2"]).await.len(), 2);
     assert_eq!(count(vec!["--since", "1h"]).await.len(), 8);
-    let until = vec!["--until"];
-    let mut until_args = until.clone();
-    let before: &'static str = Box::leak(before_web.into_boxed_str());
-    until_args.push(before);
-    assert_eq!(count(until_args).await.len(), 3, "--until an RFC 3339 time");
+    let before = before_web.as_str();
+    assert_eq!(
+        count(vec!["--until", before]).await.len(),
+        3,
+        "--until an RFC 3339 time"
+    );
     assert_eq!(
         count(vec!["--since", before]).await.len(),
         5,
@@ -392,7 +394,6 @@ upstream = "dead"
         "the newest existing record first: {first}"
     );
     let fresh = send(&local, a.proxy, "GET", "api.example.com", "/v1/fresh").await;
-    let started = std::time::Instant::now();
     let line = tokio::time::timeout(Duration::from_secs(2), lines.next_line())
         .await
         .expect("within 2 s")
@@ -402,7 +403,6 @@ upstream = "dead"
         line.contains(fresh.header("x-request-id").unwrap()) && line.contains("/v1/fresh"),
         "{line}"
     );
-    assert!(started.elapsed() < Duration::from_secs(2));
     let _ = follow.kill().await;
 }
 

@@ -177,7 +177,7 @@ impl Proxy {
             traceparent: tp.to_str().unwrap_or_default().to_string(),
             ..Default::default()
         };
-        let span = tracing::info_span!("request", id = %rid_str, method = %record.method, path = %record.path);
+        let span = tracing::debug_span!("request", id = %rid_str, method = %record.method, path = %record.path);
         let bytes_in = Arc::new(AtomicU64::new(0));
         // Finishes the record (499, client_closed) if the client goes away before a response.
         let mut pending = body::Pending::new(body::Finish {
@@ -458,7 +458,12 @@ impl Proxy {
             } else {
                 http::Version::HTTP_11
             };
-            *upstream_req.headers_mut() = parts.headers.clone();
+            // The last possible attempt takes the headers; earlier ones copy them.
+            *upstream_req.headers_mut() = if replayable && ex.attempts <= route.retry.retries {
+                parts.headers.clone()
+            } else {
+                std::mem::take(&mut parts.headers)
+            };
 
             let sent_at = Instant::now();
             let sent =

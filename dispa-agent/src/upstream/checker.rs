@@ -17,6 +17,7 @@ use crate::snapshot::Current;
 use crate::telemetry::{EndpointLabels, Metrics};
 
 const TICK: Duration = Duration::from_millis(100);
+const GAUGE_EVERY: u64 = 10;
 
 pub async fn run(current: Arc<Current>, metrics: Arc<Metrics>, mut stop: watch::Receiver<bool>) {
     let mut connector = HttpConnector::new();
@@ -26,7 +27,11 @@ pub async fn run(current: Arc<Current>, metrics: Arc<Metrics>, mut stop: watch::
     let client: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(0)
         .build(connector);
+    let mut tick = 0u64;
     loop {
+        tick += 1;
+        // Checks are due at a 100ms resolution; the health gauges need only a second's.
+        let refresh_gauges = tick.is_multiple_of(GAUGE_EVERY);
         tokio::select! {
             _ = tokio::time::sleep(TICK) => {}
             _ = stop.changed() => return,
@@ -37,15 +42,17 @@ pub async fn run(current: Arc<Current>, metrics: Arc<Metrics>, mut stop: watch::
         let now = now_ms();
         for up in snapshot.upstreams.values() {
             for e in &up.endpoints {
-                let labels = EndpointLabels {
-                    upstream: up.name.to_string(),
-                    endpoint: e.addr.to_string(),
-                };
-                let usable = e.health.available(now);
-                metrics
-                    .endpoint_healthy
-                    .get_or_create(&labels)
-                    .set(i64::from(usable));
+                if refresh_gauges {
+                    let labels = EndpointLabels {
+                        upstream: up.name.to_string(),
+                        endpoint: e.addr.to_string(),
+                    };
+                    let usable = e.health.available(now);
+                    metrics
+                        .endpoint_healthy
+                        .get_or_create(&labels)
+                        .set(i64::from(usable));
+                }
                 let Some(hc) = &up.health else { continue };
                 if e.health
                     .next_check

@@ -159,9 +159,8 @@ pub fn build(
                 .zip(&endpoints)
                 .all(|(a, b)| a.addr == b.addr && a.weight == b.weight)
     });
-    let carried = previous
-        .filter(|_| same && previous_balance_is(previous, spec))
-        .map(|p| &p.balancer);
+    // Balancer::new carries a round-robin position only from a round-robin balancer.
+    let carried = previous.filter(|_| same).map(|p| &p.balancer);
     let balancer = Balancer::new(&spec.balance, &endpoints, carried);
     UpstreamRuntime {
         name: spec.name.clone(),
@@ -184,17 +183,6 @@ pub fn build(
             _ => Arc::new(ConnGate::new(spec.max_connections, spec.max_pending)),
         }),
     }
-}
-
-fn previous_balance_is(previous: Option<&UpstreamRuntime>, spec: &Upstream) -> bool {
-    use dispa_proto::config::model::Balance;
-    matches!(
-        (previous.map(|p| &p.balancer), &spec.balance),
-        (
-            Some(Balancer::RoundRobin(_)),
-            Balance::RoundRobin | Balance::Weighted
-        )
-    )
 }
 
 pub type Upstreams = HashMap<UpstreamName, Arc<UpstreamRuntime>>;
