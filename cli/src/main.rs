@@ -73,7 +73,7 @@ struct PlaneArgs {
     #[arg(long)]
     log_store_schema: Option<String>,
     /// Traffic-log records older than this are deleted.
-    #[arg(long, default_value = "7d", value_parser = humantime_duration)]
+    #[arg(long, default_value = "7d", value_parser = dispa_proto::config::parse_duration)]
     log_retention: Duration,
     /// sled log store: the most records kept (oldest deleted first).
     #[arg(long, default_value_t = 10_000_000)]
@@ -101,7 +101,7 @@ struct AgentArgs {
     #[arg(long = "label", value_parser = parse_label)]
     labels: Vec<(String, String)>,
     /// How long SIGTERM waits for in-flight requests.
-    #[arg(long, default_value = "30s", value_parser = humantime_duration)]
+    #[arg(long, default_value = "30s", value_parser = dispa_proto::config::parse_duration)]
     drain_timeout: Duration,
     /// Write {"proxy": ADDR, "admin": ADDR} here once listening.
     #[arg(long)]
@@ -117,7 +117,7 @@ struct AgentArgs {
     log_spool_max: u64,
     /// How often endpoint DNS names are re-resolved (addresses that appear or vanish take
     /// effect without a config push).
-    #[arg(long, default_value = "30s", value_parser = humantime_duration)]
+    #[arg(long, default_value = "30s", value_parser = dispa_proto::config::parse_duration)]
     dns_refresh: Duration,
 }
 
@@ -146,10 +146,6 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
         return Err(format!("label {s:?} has an empty key"));
     }
     Ok((k.to_string(), v.to_string()))
-}
-
-pub(crate) fn humantime_duration(s: &str) -> Result<Duration, String> {
-    dispa_proto::config::parse_duration(s)
 }
 
 fn init_logging(level: &str, format: LogFormat) {

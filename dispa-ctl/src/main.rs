@@ -148,8 +148,7 @@ fn parse_time(flag: &str, s: &str) -> Result<i64, Failure> {
             ))
         })?
     };
-    Ok(t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX)))
+    Ok(dispa_proto::logs::unix_us(t))
 }
 
 impl LogsArgs {
@@ -253,31 +252,37 @@ fn author() -> String {
     }
 }
 
+/// `validate` runs offline, with the same code the plane runs.
+fn validate(file: &Path, f: Format) -> Result<String, Failure> {
+    let src = read_file(file)?;
+    match dispa_proto::config::parse(&src.name, &src.content) {
+        Ok(c) => Ok(match f {
+            Format::Json => output::pretty(
+                &serde_json::json!({ "valid": true, "file": src.name, "diagnostics": [] }),
+            ),
+            Format::Table => format!(
+                "{}: valid ({} upstreams, {} routes)\n",
+                src.name,
+                c.upstreams.len(),
+                c.routes.len()
+            ),
+        }),
+        Err(d) => Err(Failure {
+            code: 1,
+            message: d.to_string(),
+        }),
+    }
+}
+
 async fn run(cli: Cli) -> Result<String, Failure> {
     let f = cli.output;
+    // Offline: no plane needed.
     if let Command::Validate { file } = &cli.command {
-        let src = read_file(file)?;
-        return match dispa_proto::config::parse(&src.name, &src.content) {
-            Ok(c) => Ok(match f {
-                Format::Json => output::pretty(
-                    &serde_json::json!({ "valid": true, "file": src.name, "diagnostics": [] }),
-                ),
-                Format::Table => format!(
-                    "{}: valid ({} upstreams, {} routes)\n",
-                    src.name,
-                    c.upstreams.len(),
-                    c.routes.len()
-                ),
-            }),
-            Err(d) => Err(Failure {
-                code: 1,
-                message: d.to_string(),
-            }),
-        };
+        return validate(file, f);
     }
     let mut client = Client::connect(&cli.plane).await?;
     Ok(match cli.command {
-        Command::Validate { .. } => String::new(),
+        Command::Validate { file } => validate(&file, f)?,
         Command::Apply {
             file,
             dry_run,

@@ -323,7 +323,7 @@ pub fn history(list: &[v1::VersionInfo], f: Format) -> String {
                         v.version.to_string(),
                         rfc3339_ms(v.created_at_ms),
                         v.author.clone(),
-                        v.hash.chars().take(12).collect(),
+                        short(&v.hash),
                         v.message.clone(),
                     ]
                 })
@@ -388,17 +388,11 @@ pub fn applied(r: &v1::ApplyResponse, dry_run: bool, f: Format) -> String {
     }
 }
 
+/// The plane's diagnostics, one per line, exactly as offline `validate` prints them.
 pub fn diagnostics(list: &[v1::Diagnostic]) -> String {
-    let mut s = String::new();
-    for d in list {
-        s.push_str(&format!("{}:{}:{}: ", d.file, d.line, d.column));
-        if !d.key.is_empty() {
-            s.push_str(&format!("{}: ", d.key));
-        }
-        s.push_str(&d.message);
-        s.push('\n');
-    }
-    s
+    list.iter()
+        .map(|d| format!("{}\n", dispa_proto::config::Diagnostic::from(d.clone())))
+        .collect()
 }
 
 fn short(hash: &str) -> String {

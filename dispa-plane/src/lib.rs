@@ -126,14 +126,11 @@ impl PlaneState {
     /// The plane's /metrics text, with fleet gauges refreshed from the registry.
     pub fn render_metrics(&self) -> String {
         let current = self.current_version();
-        let agents = self.registry.list();
-        let connected = agents.iter().filter(|a| a.connection.is_some()).count();
-        let synced = agents
-            .iter()
-            .filter(|a| a.state(current) == distribute::SyncState::Synced)
-            .count();
-        self.metrics.agents_connected.set(connected as i64);
-        self.metrics.agents_synced.set(synced as i64);
+        let c = self.registry.counts(current);
+        self.metrics
+            .agents_connected
+            .set(i64::from(c.synced + c.pending + c.nacked));
+        self.metrics.agents_synced.set(i64::from(c.synced));
         self.metrics.render()
     }
 
@@ -324,9 +321,7 @@ async fn retain_logs(logs: SharedLogStore, retention: Duration, mut stop: watch:
         let cutoff = SystemTime::now()
             .checked_sub(retention)
             .unwrap_or(SystemTime::UNIX_EPOCH);
-        let cutoff_us = cutoff
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+        let cutoff_us = dispa_proto::logs::unix_us(cutoff);
         match logs.retain(cutoff_us).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(removed = n, "expired traffic-log records removed"),

@@ -5,6 +5,13 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use crate::v1::LogRecord;
 
+/// A time as Unix microseconds (0 before the epoch, saturating far in the future): the one
+/// conversion records, queries and stores use.
+pub fn unix_us(t: std::time::SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
 /// RFC 3339 with microseconds, UTC.
 pub fn format_ts(ts_us: i64) -> String {
     let t = UNIX_EPOCH + Duration::from_micros(ts_us.max(0).unsigned_abs());

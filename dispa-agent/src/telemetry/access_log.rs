@@ -3,7 +3,7 @@
 //! turns the queue into batches on the disk spool (and, when asked, JSON lines on stdout).
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use dispa_proto::v1::{LogBatch, LogRecord};
 use http::{HeaderMap, HeaderValue};
@@ -61,9 +61,7 @@ impl LogSink {
 }
 
 pub fn now_us() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+    dispa_proto::logs::unix_us(SystemTime::now())
 }
 
 /// The inbound `x-request-id` if it is sane, else a new random one.

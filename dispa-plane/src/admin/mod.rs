@@ -1,7 +1,7 @@
 //! The Admin gRPC service: decode, call the plain functions in [`crate::versions`], encode.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use dispa_proto::config::{self, Diagnostics};
 use dispa_proto::v1::admin_server::Admin;
@@ -26,8 +26,7 @@ impl AdminService {
 }
 
 pub(crate) fn now_ms(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    dispa_proto::logs::unix_us(t) / 1000
 }
 
 fn status(e: VersionsError) -> Status {
@@ -48,15 +47,7 @@ fn status(e: VersionsError) -> Status {
 }
 
 fn diagnostics_to_wire(d: &Diagnostics) -> Vec<v1::Diagnostic> {
-    d.0.iter()
-        .map(|d| v1::Diagnostic {
-            file: d.file.clone(),
-            line: d.line,
-            column: d.column,
-            key: d.key.clone(),
-            message: d.message.clone(),
-        })
-        .collect()
+    d.0.iter().map(v1::Diagnostic::from).collect()
 }
 
 fn info(version: Version, m: &VersionMeta) -> v1::VersionInfo {

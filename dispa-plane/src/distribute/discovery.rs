@@ -75,7 +75,7 @@ impl Outbound {
                     self.seq += 1;
                     let nonce = format!("{}-{}", self.conn, self.seq);
                     self.registry
-                        .sent(&self.id, self.conn, p.version, &nonce, SystemTime::now());
+                        .sent(&self.id, self.conn, p.version, SystemTime::now());
                     self.last = Some((p.version, p.hash.clone()));
                     let env = SnapshotEnvelope {
                         version: p.version.0,

@@ -12,7 +12,7 @@ use dispa_proto::Version;
 use tokio::sync::watch;
 
 pub use discovery::{DiscoveryService, valid_agent_id};
-pub use registry::{AgentRecord, AgentRegistry, SyncState};
+pub use registry::{AgentRecord, AgentRegistry, StateCounts, SyncState};
 
 /// A version ready to send: encoded once, shared by every stream.
 #[derive(Debug)]

@@ -21,17 +21,6 @@ pub enum SyncState {
     Disconnected,
 }
 
-impl SyncState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SyncState::Synced => "SYNCED",
-            SyncState::Pending => "PENDING",
-            SyncState::Nacked => "NACKED",
-            SyncState::Disconnected => "DISCONNECTED",
-        }
-    }
-}
-
 #[derive(Clone, Debug)]
 pub struct AgentRecord {
     pub id: AgentId,
@@ -42,7 +31,6 @@ pub struct AgentRecord {
     /// The open stream's id; `None` when disconnected.
     pub connection: Option<u64>,
     pub sent_version: Version,
-    pub sent_nonce: String,
     pub acked_version: Version,
     pub nacked_version: Version,
     pub last_error: String,
@@ -52,7 +40,35 @@ pub struct AgentRecord {
     pub metrics: Option<MetricsSummary>,
 }
 
+/// Agents per sync state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StateCounts {
+    pub synced: u32,
+    pub pending: u32,
+    pub nacked: u32,
+    pub disconnected: u32,
+}
+
 impl AgentRecord {
+    /// A record for an agent the plane knows nothing else about yet.
+    fn blank(id: AgentId, now: SystemTime) -> Self {
+        AgentRecord {
+            id,
+            labels: BTreeMap::new(),
+            build_version: String::new(),
+            protocol_version: String::new(),
+            peer: String::new(),
+            connection: None,
+            sent_version: Version::NONE,
+            acked_version: Version::NONE,
+            nacked_version: Version::NONE,
+            last_error: String::new(),
+            last_seen: now,
+            connected_since: now,
+            metrics: None,
+        }
+    }
+
     pub fn state(&self, current: Version) -> SyncState {
         if self.connection.is_none() {
             SyncState::Disconnected
@@ -105,32 +121,40 @@ impl AgentRegistry {
         self.with(|inner| {
             inner.next_connection += 1;
             let conn = inner.next_connection;
-            if inner.agents.len() >= MAX_AGENTS && !inner.agents.contains_key(&hello.id) {
-                evict_oldest_disconnected(&mut inner.agents);
+            make_room(&mut inner.agents, &hello.id);
+            let prev = inner.agents.remove(&hello.id);
+            let replaced = prev.as_ref().is_some_and(|a| a.connection.is_some());
+            let mut rec = AgentRecord::blank(hello.id.clone(), now);
+            if let Some(p) = prev {
+                // What the agent was told to fix survives its reconnect.
+                rec.nacked_version = p.nacked_version;
+                rec.last_error = p.last_error;
+                rec.metrics = p.metrics;
             }
-            let replaced = inner
-                .agents
-                .get(&hello.id)
-                .is_some_and(|a| a.connection.is_some());
-            let prev = inner.agents.get(&hello.id);
-            let rec = AgentRecord {
-                id: hello.id.clone(),
-                labels: hello.labels,
-                build_version: hello.build_version,
-                protocol_version: hello.protocol_version,
-                peer: hello.peer,
-                connection: Some(conn),
-                sent_version: Version::NONE,
-                sent_nonce: String::new(),
-                acked_version: hello.serving,
-                nacked_version: prev.map_or(Version::NONE, |p| p.nacked_version),
-                last_error: prev.map(|p| p.last_error.clone()).unwrap_or_default(),
-                last_seen: now,
-                connected_since: now,
-                metrics: prev.and_then(|p| p.metrics.clone()),
-            };
+            rec.labels = hello.labels;
+            rec.build_version = hello.build_version;
+            rec.protocol_version = hello.protocol_version;
+            rec.peer = hello.peer;
+            rec.connection = Some(conn);
+            rec.acked_version = hello.serving;
             inner.agents.insert(hello.id, rec);
             (conn, replaced)
+        })
+    }
+
+    /// Agents per sync state relative to `current`.
+    pub fn counts(&self, current: Version) -> StateCounts {
+        self.with(|inner| {
+            let mut c = StateCounts::default();
+            for a in inner.agents.values() {
+                match a.state(current) {
+                    SyncState::Synced => c.synced += 1,
+                    SyncState::Pending => c.pending += 1,
+                    SyncState::Nacked => c.nacked += 1,
+                    SyncState::Disconnected => c.disconnected += 1,
+                }
+            }
+            c
         })
     }
 
@@ -145,11 +169,8 @@ impl AgentRegistry {
         });
     }
 
-    pub fn sent(&self, id: &AgentId, conn: u64, version: Version, nonce: &str, now: SystemTime) {
-        self.update(id, conn, now, |a| {
-            a.sent_version = version;
-            a.sent_nonce = nonce.to_string();
-        });
+    pub fn sent(&self, id: &AgentId, conn: u64, version: Version, now: SystemTime) {
+        self.update(id, conn, now, |a| a.sent_version = version);
     }
 
     pub fn acked(&self, id: &AgentId, conn: u64, version: Version, now: SystemTime) {
@@ -187,28 +208,11 @@ impl AgentRegistry {
     /// Records an agent the plane refused (e.g. protocol mismatch) so operators can see why.
     pub fn refused(&self, hello: Hello, error: String, now: SystemTime) {
         self.with(|inner| {
-            if inner.agents.len() >= MAX_AGENTS && !inner.agents.contains_key(&hello.id) {
-                evict_oldest_disconnected(&mut inner.agents);
-            }
+            make_room(&mut inner.agents, &hello.id);
             let e = inner
                 .agents
                 .entry(hello.id.clone())
-                .or_insert_with(|| AgentRecord {
-                    id: hello.id.clone(),
-                    labels: BTreeMap::new(),
-                    build_version: String::new(),
-                    protocol_version: String::new(),
-                    peer: String::new(),
-                    connection: None,
-                    sent_version: Version::NONE,
-                    sent_nonce: String::new(),
-                    acked_version: Version::NONE,
-                    nacked_version: Version::NONE,
-                    last_error: String::new(),
-                    last_seen: now,
-                    connected_since: now,
-                    metrics: None,
-                });
+                .or_insert_with(|| AgentRecord::blank(hello.id.clone(), now));
             if e.connection.is_none() {
                 e.labels = hello.labels;
                 e.build_version = hello.build_version;
@@ -225,6 +229,13 @@ impl AgentRegistry {
         let mut v: Vec<_> = self.with(|inner| inner.agents.values().cloned().collect());
         v.sort_by(|a, b| a.id.cmp(&b.id));
         v
+    }
+}
+
+/// Keeps the registry under its bound before `id` is added.
+fn make_room(agents: &mut HashMap<AgentId, AgentRecord>, id: &AgentId) {
+    if agents.len() >= MAX_AGENTS && !agents.contains_key(id) {
+        evict_oldest_disconnected(agents);
     }
 }
 

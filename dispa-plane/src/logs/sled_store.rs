@@ -3,7 +3,7 @@
 //! records and its marker are written in one transaction and flushed before the ack.
 
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use dispa_proto::v1::{LogBatch, LogRecord};
 use prost::Message;
@@ -46,9 +46,7 @@ fn batch_key(b: &LogBatch) -> Vec<u8> {
 }
 
 fn now_us() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+    dispa_proto::logs::unix_us(SystemTime::now())
 }
 
 impl SledLogStore {

@@ -23,6 +23,30 @@ impl fmt::Display for Diagnostic {
     }
 }
 
+impl From<&Diagnostic> for crate::v1::Diagnostic {
+    fn from(d: &Diagnostic) -> Self {
+        crate::v1::Diagnostic {
+            file: d.file.clone(),
+            line: d.line,
+            column: d.column,
+            key: d.key.clone(),
+            message: d.message.clone(),
+        }
+    }
+}
+
+impl From<crate::v1::Diagnostic> for Diagnostic {
+    fn from(d: crate::v1::Diagnostic) -> Self {
+        Diagnostic {
+            file: d.file,
+            line: d.line,
+            column: d.column,
+            key: d.key,
+            message: d.message,
+        }
+    }
+}
+
 /// Every problem found in one file, in file order.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub struct Diagnostics(pub Vec<Diagnostic>);

@@ -110,7 +110,7 @@ impl Validator<'_> {
     }
 
     fn duration(&mut self, d: &Spanned<String>, key: &str) -> Option<Duration> {
-        match humantime::parse_duration(d.get_ref()) {
+        match super::parse_duration(d.get_ref()) {
             Ok(v) if v.is_zero() => {
                 self.err(d, key, "duration must be greater than zero");
                 None
@@ -124,15 +124,8 @@ impl Validator<'_> {
                 None
             }
             Ok(v) => Some(v),
-            Err(e) => {
-                self.err(
-                    d,
-                    key,
-                    format!(
-                        "invalid duration {:?} ({e}); write e.g. \"250ms\", \"5s\", \"1m\"",
-                        d.get_ref()
-                    ),
-                );
+            Err(m) => {
+                self.err(d, key, m);
                 None
             }
         }
@@ -171,7 +164,6 @@ impl Validator<'_> {
             },
         };
         if let Some(h) = &raw.hash_on
-            && !matches!(balance, Balance::Hash(_))
             && raw.balance.as_ref().is_none_or(|b| b.get_ref() != "hash")
         {
             self.err(
@@ -243,20 +235,6 @@ impl Validator<'_> {
                 }
             },
         };
-        let max_requests = match &raw.max_requests {
-            None => 0,
-            Some(n) => match u32::try_from(*n.get_ref()) {
-                Ok(v) if v >= 1 => v,
-                _ => {
-                    self.err(
-                        n,
-                        &format!("{key}.max_requests"),
-                        format!("max_requests {} must be at least 1", n.get_ref()),
-                    );
-                    0
-                }
-            },
-        };
         let mut limit = |v: &Option<Spanned<i64>>, name: &str, min: i64| match v {
             None => 0,
             Some(n) => match u32::try_from(*n.get_ref()) {
@@ -271,16 +249,15 @@ impl Validator<'_> {
                 }
             },
         };
+        let max_requests = limit(&raw.max_requests, "max_requests", 1);
         let max_connections = limit(&raw.max_connections, "max_connections", 1);
         let max_pending = limit(&raw.max_pending, "max_pending", 0);
-        if raw.max_pending.is_some() && raw.max_connections.is_none() {
-            let p = raw.max_pending.as_ref().map_or(0, |p| p.span().start);
-            let d = self.pos.diagnostic(
+        if let (Some(p), None) = (&raw.max_pending, &raw.max_connections) {
+            self.err(
                 p,
                 &format!("{key}.max_pending"),
-                "max_pending needs max_connections".into(),
+                "max_pending needs max_connections",
             );
-            self.problems.push(d);
         }
         let idle_timeout = raw
             .idle_timeout
