@@ -5,17 +5,34 @@
 //! The plane is the validation authority; dispactl runs this same code offline.
 
 mod diagnostic;
+mod files;
 pub mod model;
 mod raw;
 mod validate;
 pub mod wire;
 
 pub use diagnostic::{Diagnostic, Diagnostics};
+pub use files::Attachments;
 pub use model::Config;
 
-/// Parses and validates a routes.toml. `name` is the file name diagnostics report.
+/// Parses and validates a routes.toml that names no files. `name` is the file name
+/// diagnostics report.
 pub fn parse(name: &str, content: &str) -> Result<Config, Diagnostics> {
-    validate::parse_and_validate(name, content)
+    parse_with_files(name, content, &Attachments::default())
+}
+
+/// Parses and validates a routes.toml with the files it names (see [`referenced_files`]).
+pub fn parse_with_files(
+    name: &str,
+    content: &str,
+    files: &Attachments,
+) -> Result<Config, Diagnostics> {
+    validate::parse_and_validate(name, content, files)
+}
+
+/// The paths (as written) of every file a routes.toml names, so a client can upload them.
+pub fn referenced_files(name: &str, content: &str) -> Result<Vec<String>, Diagnostics> {
+    validate::referenced_files(name, content)
 }
 
 /// A validated config compiled to its wire form: the encoded snapshot and its content hash.
@@ -28,7 +45,16 @@ pub struct Compiled {
 
 /// Parses, validates and encodes a routes.toml into the snapshot agents receive.
 pub fn compile(name: &str, content: &str) -> Result<Compiled, Diagnostics> {
-    let config = parse(name, content)?;
+    compile_with_files(name, content, &Attachments::default())
+}
+
+/// [`compile`] for a routes.toml that names files.
+pub fn compile_with_files(
+    name: &str,
+    content: &str,
+    files: &Attachments,
+) -> Result<Compiled, Diagnostics> {
+    let config = parse_with_files(name, content, files)?;
     let snapshot = wire::encode(&config);
     let hash = crate::content_hash(&snapshot);
     Ok(Compiled {

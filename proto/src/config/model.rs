@@ -18,6 +18,9 @@ pub struct Config {
     pub upstreams: BTreeMap<UpstreamName, Upstream>,
     /// In file order; the agent computes precedence from this.
     pub routes: Vec<Route>,
+    /// Paths (as written) of uploaded files that hold secrets (private keys): never shown
+    /// without an admin's `--show-secrets`.
+    pub secret_files: std::collections::BTreeSet<String>,
 }
 
 /// How an upstream spreads requests over its endpoints.

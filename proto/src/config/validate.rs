@@ -23,7 +23,11 @@ use crate::{RouteName, UpstreamName};
 /// Largest config file accepted, so a mistaken upload cannot exhaust memory.
 pub const MAX_CONFIG_BYTES: usize = 16 * 1024 * 1024;
 
-pub(crate) fn parse_and_validate(name: &str, content: &str) -> Result<Config, Diagnostics> {
+pub(crate) fn parse_and_validate(
+    name: &str,
+    content: &str,
+    _files: &super::Attachments,
+) -> Result<Config, Diagnostics> {
     let pos = Positions::new(name, content);
     if content.len() > MAX_CONFIG_BYTES {
         return Err(Diagnostics(vec![pos.diagnostic(
@@ -54,6 +58,11 @@ pub(crate) fn parse_and_validate(name: &str, content: &str) -> Result<Config, Di
         v.problems.sort_by_key(|d| (d.line, d.column));
         Err(Diagnostics(v.problems))
     }
+}
+
+/// Every file path the config names. Nothing names files yet.
+pub(crate) fn referenced_files(_name: &str, _content: &str) -> Result<Vec<String>, Diagnostics> {
+    Ok(Vec::new())
 }
 
 struct Validator<'a> {
@@ -91,7 +100,11 @@ impl Validator<'_> {
                 routes.push(route);
             }
         }
-        Config { upstreams, routes }
+        Config {
+            upstreams,
+            routes,
+            secret_files: Default::default(),
+        }
     }
 
     fn check_name(&mut self, name: &Spanned<String>, key: &str, what: &str) {

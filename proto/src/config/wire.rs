@@ -380,7 +380,11 @@ pub fn from_snapshot(s: v1::Snapshot) -> Result<Config, WireError> {
             mirror,
         });
     }
-    Ok(Config { upstreams, routes })
+    Ok(Config {
+        upstreams,
+        routes,
+        secret_files: Default::default(),
+    })
 }
 
 #[cfg(test)]
