@@ -69,6 +69,7 @@ pub async fn run(a: DevArgs) -> Result<()> {
         let input = ApplyInput {
             source_name: "built-in example".into(),
             content: example(demo_addr),
+            files: Default::default(),
             author: "dispa dev".into(),
             message: "built-in example".into(),
             expect_version: None,

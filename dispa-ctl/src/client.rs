@@ -77,10 +77,17 @@ impl Client {
         Ok(self.inner.diff(r).await?.into_inner())
     }
 
-    pub async fn get(&mut self, version: u64) -> Result<v1::GetResponse, ClientError> {
+    pub async fn get(
+        &mut self,
+        version: u64,
+        show_secrets: bool,
+    ) -> Result<v1::GetResponse, ClientError> {
         Ok(self
             .inner
-            .get(v1::GetRequest { version })
+            .get(v1::GetRequest {
+                version,
+                show_secrets,
+            })
             .await?
             .into_inner())
     }

@@ -74,6 +74,10 @@ enum Command {
     Get {
         #[arg(long)]
         version: Option<u64>,
+        /// Include the content of secret files (private keys). Admin tokens only; recorded
+        /// in the audit log.
+        #[arg(long)]
+        show_secrets: bool,
     },
     /// List versions, newest first.
     History {
@@ -232,9 +236,26 @@ fn read_file(path: &Path) -> Result<v1::SourceFile, Failure> {
         code: 1,
         message: format!("cannot read {}: {e}", path.display()),
     })?;
+    let name = path.display().to_string();
+    // A file that does not parse names nothing; the plane's diagnostics will say why.
+    let named = dispa_proto::config::referenced_files(&name, &content).unwrap_or_default();
+    let dir = path.parent().unwrap_or(Path::new(""));
+    let mut attachments = Vec::with_capacity(named.len());
+    for p in named {
+        let full = dir.join(&p);
+        let bytes = std::fs::read(&full).map_err(|e| Failure {
+            code: 1,
+            message: format!("{name} names {p:?}: cannot read {}: {e}", full.display()),
+        })?;
+        attachments.push(v1::Attachment {
+            path: p,
+            content: bytes.into(),
+        });
+    }
     Ok(v1::SourceFile {
-        name: path.display().to_string(),
+        name,
         content,
+        attachments,
     })
 }
 
@@ -255,7 +276,8 @@ fn author() -> String {
 /// `validate` runs offline, with the same code the plane runs.
 fn validate(file: &Path, f: Format) -> Result<String, Failure> {
     let src = read_file(file)?;
-    match dispa_proto::config::parse(&src.name, &src.content) {
+    let files = dispa_proto::config::Attachments::from_wire(src.attachments);
+    match dispa_proto::config::parse_with_files(&src.name, &src.content, &files) {
         Ok(c) => Ok(match f {
             Format::Json => output::pretty(
                 &serde_json::json!({ "valid": true, "file": src.name, "diagnostics": [] }),
@@ -325,7 +347,10 @@ async fn run(cli: Cli) -> Result<String, Failure> {
                 Format::Table => r.diff,
             }
         }
-        Command::Get { version } => output::get(&client.get(version.unwrap_or(0)).await?, f),
+        Command::Get {
+            version,
+            show_secrets,
+        } => output::get(&client.get(version.unwrap_or(0), show_secrets).await?, f),
         Command::History { limit } => output::history(&client.history(limit).await?, f),
         Command::Rollback {
             version,

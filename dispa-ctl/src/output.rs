@@ -342,11 +342,50 @@ pub fn get(g: &v1::GetResponse, f: Format) -> String {
                 .map(version_json)
                 .unwrap_or_else(|| json!({}));
             v["content"] = Value::String(g.content.clone());
+            v["files"] = g.files.iter().map(file_json).collect();
             pretty(&v)
         }
-        // The content as stored, so `dispactl get > routes.toml` round-trips.
-        Format::Table => g.content.clone(),
+        // The content as stored, so `dispactl get > routes.toml` round-trips; uploaded files
+        // follow as TOML comments.
+        Format::Table => {
+            let mut s = g.content.clone();
+            for file in &g.files {
+                if !s.is_empty() && !s.ends_with('\n') {
+                    s.push('\n');
+                }
+                let shown = if file.secret && file.content.is_empty() {
+                    ", secret: redacted"
+                } else if file.secret {
+                    ", secret"
+                } else {
+                    ""
+                };
+                s.push_str(&format!(
+                    "# file {}: {} bytes, sha256 {}{shown}\n",
+                    file.path, file.size, file.sha256
+                ));
+                if file.secret && !file.content.is_empty() {
+                    for line in String::from_utf8_lossy(&file.content).lines() {
+                        s.push_str(&format!("#   {line}\n"));
+                    }
+                }
+            }
+            s
+        }
     }
+}
+
+fn file_json(f: &v1::FileInfo) -> Value {
+    let mut v = json!({
+        "path": f.path,
+        "size": f.size,
+        "sha256": f.sha256,
+        "secret": f.secret,
+    });
+    if !f.secret || !f.content.is_empty() {
+        v["content"] = Value::String(String::from_utf8_lossy(&f.content).into_owned());
+    }
+    v
 }
 
 pub fn applied(r: &v1::ApplyResponse, dry_run: bool, f: Format) -> String {

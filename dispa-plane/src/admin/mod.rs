@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use dispa_proto::config::{self, Diagnostics};
+use dispa_proto::config::{self, Attachments, Diagnostics};
 use dispa_proto::v1::admin_server::Admin;
 use dispa_proto::v1::{self, diff_request};
 use dispa_proto::{BUILD_VERSION, ErrorCode, PROTOCOL_VERSION, Version};
@@ -60,6 +60,33 @@ fn info(version: Version, m: &VersionMeta) -> v1::VersionInfo {
         rollback_of: m.rollback_of.map_or(0, |v| v.0),
         source_name: m.source_name.clone(),
     }
+}
+
+/// A version's uploaded files; secret ones carry no content unless `show_secrets`.
+fn file_infos(rec: &VersionRecord, show_secrets: bool) -> Vec<v1::FileInfo> {
+    // Stored versions were valid when stored; if one no longer parses, treat every file as
+    // secret rather than risk showing a key.
+    let secret = config::parse_with_files(&rec.meta.source_name, &rec.content, &rec.files)
+        .map(|c| c.secret_files)
+        .ok();
+    rec.files
+        .0
+        .iter()
+        .map(|(path, content)| {
+            let is_secret = secret.as_ref().is_none_or(|s| s.contains(path));
+            v1::FileInfo {
+                path: path.clone(),
+                size: content.len() as u64,
+                sha256: dispa_proto::content_hash(content),
+                secret: is_secret,
+                content: if is_secret && !show_secrets {
+                    Default::default()
+                } else {
+                    content.clone()
+                },
+            }
+        })
+        .collect()
 }
 
 fn file_of(f: Option<v1::SourceFile>) -> Result<v1::SourceFile, Status> {
@@ -129,6 +156,7 @@ impl Admin for AdminService {
         let input = ApplyInput {
             source_name: file.name,
             content: file.content,
+            files: Attachments::from_wire(file.attachments),
             author: r.author,
             message: r.message,
             expect_version: r.expect_version.map(Version),
@@ -166,7 +194,8 @@ impl Admin for AdminService {
         request: Request<v1::ValidateRequest>,
     ) -> Result<Response<v1::ValidateResponse>, Status> {
         let file = file_of(request.into_inner().file)?;
-        let diagnostics = match config::parse(&file.name, &file.content) {
+        let files = Attachments::from_wire(file.attachments);
+        let diagnostics = match config::parse_with_files(&file.name, &file.content, &files) {
             Ok(_) => Vec::new(),
             Err(d) => diagnostics_to_wire(&d),
         };
@@ -184,32 +213,40 @@ impl Admin for AdminService {
         let resp = self
             .blocking(move |s| {
                 let from = versions::get(s.store.as_ref(), Version(r.from_version));
-                let (from_v, from_label, from_content) = match from {
-                    Ok(rec) => (rec.version, versions::label(rec.version), rec.content),
+                let (from_v, from_label, from_content, from_files) = match from {
+                    Ok(rec) => (
+                        rec.version,
+                        versions::label(rec.version),
+                        rec.content,
+                        rec.files,
+                    ),
                     // Diffing a file against an empty store shows the whole file as new.
-                    Err(VersionsError::NotFound(v)) if v.is_none() => {
-                        (Version::NONE, versions::label(v), String::new())
-                    }
+                    Err(VersionsError::NotFound(v)) if v.is_none() => (
+                        Version::NONE,
+                        versions::label(v),
+                        String::new(),
+                        Attachments::default(),
+                    ),
                     Err(e) => return Err(e),
                 };
-                let (to_label, to_content) = match to {
+                let (to_label, to_content, to_files) = match to {
                     diff_request::To::ToVersion(v) => {
                         let rec = versions::get(s.store.as_ref(), Version(v))?;
-                        (versions::label(rec.version), rec.content)
+                        (versions::label(rec.version), rec.content, rec.files)
                     }
                     diff_request::To::File(f) => {
                         // Diff only what would be accepted.
-                        config::parse(&f.name, &f.content).map_err(VersionsError::Invalid)?;
-                        (f.name, f.content)
+                        let files = Attachments::from_wire(f.attachments);
+                        config::parse_with_files(&f.name, &f.content, &files)
+                            .map_err(VersionsError::Invalid)?;
+                        (f.name, f.content, files)
                     }
                 };
+                let mut diff =
+                    versions::unified_diff(&from_label, &from_content, &to_label, &to_content);
+                diff.push_str(&versions::files_diff(Some(&from_files), &to_files));
                 Ok(v1::DiffResponse {
-                    diff: versions::unified_diff(
-                        &from_label,
-                        &from_content,
-                        &to_label,
-                        &to_content,
-                    ),
+                    diff,
                     from_version: from_v.0,
                 })
             })
@@ -221,13 +258,16 @@ impl Admin for AdminService {
         &self,
         request: Request<v1::GetRequest>,
     ) -> Result<Response<v1::GetResponse>, Status> {
-        let v = Version(request.into_inner().version);
+        let r = request.into_inner();
+        let v = Version(r.version);
         let rec: VersionRecord = self
             .blocking(move |s| versions::get(s.store.as_ref(), v))
             .await?;
+        let files = file_infos(&rec, r.show_secrets);
         Ok(Response::new(v1::GetResponse {
             info: Some(info(rec.version, &rec.meta)),
             content: rec.content,
+            files,
         }))
     }
 
