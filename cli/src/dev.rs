@@ -82,7 +82,7 @@ pub async fn run(a: DevArgs) -> Result<()> {
     }
 
     let agent = Agent::bind(AgentOptions {
-        plane: format!("http://{plane_addr}"),
+        plane: dispa_proto::connect::PlaneConnect::new(format!("http://{plane_addr}")),
         listen: a.listen,
         admin: a.admin,
         id: AgentId::new("dev"),

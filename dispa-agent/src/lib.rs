@@ -34,8 +34,8 @@ use crate::telemetry::window::Window;
 
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
-    /// The plane's gRPC URL, e.g. `http://127.0.0.1:7070`.
-    pub plane: String,
+    /// How to reach the plane: URL (e.g. `http://127.0.0.1:7070`), TLS, join token.
+    pub plane: dispa_proto::connect::PlaneConnect,
     pub listen: SocketAddr,
     pub admin: SocketAddr,
     pub id: AgentId,
@@ -193,7 +193,7 @@ impl Agent {
             agent = %self.opts.id,
             proxy = ?self.proxy_addr(),
             admin = ?self.admin_addr(),
-            plane = %self.opts.plane,
+            plane = %self.opts.plane.url,
             "agent listening"
         );
         let sync = tokio::spawn(sync::run(

@@ -388,6 +388,126 @@ fn file_json(f: &v1::FileInfo) -> Value {
     v
 }
 
+fn role_name(r: i32) -> &'static str {
+    match v1::Role::try_from(r) {
+        Ok(v1::Role::Viewer) => "viewer",
+        Ok(v1::Role::Operator) => "operator",
+        Ok(v1::Role::Admin) => "admin",
+        Ok(v1::Role::Agent) => "agent",
+        _ => "?",
+    }
+}
+
+fn token_json(t: &v1::TokenInfo) -> Value {
+    json!({
+        "id": t.id,
+        "name": t.name,
+        "role": role_name(t.role),
+        "created_at": rfc3339_ms(t.created_at_ms),
+        "created_by": t.created_by,
+        "revoked_at": (t.revoked_at_ms != 0).then(|| rfc3339_ms(t.revoked_at_ms)),
+    })
+}
+
+pub fn token_created(r: &v1::CreateTokenResponse, f: Format) -> String {
+    let info = r.info.clone().unwrap_or_default();
+    match f {
+        Format::Json => {
+            let mut v = token_json(&info);
+            v["token"] = Value::String(r.token.clone());
+            pretty(&v)
+        }
+        // The token alone on stdout, so `TOKEN=$(dispactl token create ...)` works; the rest
+        // goes to stderr.
+        Format::Table => {
+            eprintln!(
+                "created {} token {} (id {}); it is shown only this once",
+                role_name(info.role),
+                info.name,
+                info.id
+            );
+            format!("{}\n", r.token)
+        }
+    }
+}
+
+pub fn tokens(list: &[v1::TokenInfo], f: Format) -> String {
+    match f {
+        Format::Json => pretty(&Value::Array(list.iter().map(token_json).collect())),
+        Format::Table => {
+            let rows: Vec<Vec<String>> = list
+                .iter()
+                .map(|t| {
+                    vec![
+                        t.id.clone(),
+                        t.name.clone(),
+                        role_name(t.role).to_string(),
+                        rfc3339_ms(t.created_at_ms),
+                        t.created_by.clone(),
+                        if t.revoked_at_ms == 0 {
+                            "valid".into()
+                        } else {
+                            format!("revoked {}", rfc3339_ms(t.revoked_at_ms))
+                        },
+                    ]
+                })
+                .collect();
+            table(&["ID", "NAME", "ROLE", "CREATED", "BY", "STATE"], &rows)
+        }
+    }
+}
+
+pub fn audit(list: &[v1::AuditEntry], f: Format) -> String {
+    match f {
+        Format::Json => pretty(&Value::Array(
+            list.iter()
+                .map(|e| {
+                    json!({
+                        "seq": e.seq,
+                        "at": rfc3339_ms(e.at_ms),
+                        "who": e.who,
+                        "role": e.role,
+                        "peer": e.peer,
+                        "action": e.action,
+                        "outcome": e.outcome,
+                        "from_version": e.from_version,
+                        "to_version": e.to_version,
+                        "message": e.message,
+                    })
+                })
+                .collect(),
+        )),
+        Format::Table => {
+            let rows: Vec<Vec<String>> = list
+                .iter()
+                .map(|e| {
+                    let versions = if e.from_version == 0 && e.to_version == 0 {
+                        String::new()
+                    } else {
+                        format!("{} -> {}", e.from_version, e.to_version)
+                    };
+                    vec![
+                        rfc3339_ms(e.at_ms),
+                        e.who.clone(),
+                        e.role.clone(),
+                        e.peer.clone(),
+                        e.action.clone(),
+                        e.outcome.clone(),
+                        versions,
+                        e.message.clone(),
+                    ]
+                })
+                .collect();
+            table(
+                &[
+                    "AT", "WHO", "ROLE", "PEER", "ACTION", "OUTCOME", "VERSIONS", "MESSAGE",
+                ],
+                &rows,
+            )
+        }
+    }
+}
+
 pub fn applied(r: &v1::ApplyResponse, dry_run: bool, f: Format) -> String {
     match f {
         Format::Json => pretty(&json!({

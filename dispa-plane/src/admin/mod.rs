@@ -1,5 +1,7 @@
 //! The Admin gRPC service: decode, call the plain functions in [`crate::versions`], encode.
 
+mod access;
+
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -151,8 +153,10 @@ impl Admin for AdminService {
         &self,
         request: Request<v1::ApplyRequest>,
     ) -> Result<Response<v1::ApplyResponse>, Status> {
+        let who = access::principal(&request);
         let r = request.into_inner();
         let file = file_of(r.file)?;
+        let (dry_run, message) = (r.dry_run, r.message.clone());
         let input = ApplyInput {
             source_name: file.name,
             content: file.content,
@@ -162,8 +166,19 @@ impl Admin for AdminService {
             expect_version: r.expect_version.map(Version),
             dry_run: r.dry_run,
         };
-        let outcome = self.blocking(move |s| s.apply(input)).await?;
-        Ok(Response::new(match outcome {
+        let before = self.state.current_version();
+        let outcome = self.blocking(move |s| s.apply(input)).await;
+        if !dry_run {
+            let result = match &outcome {
+                Ok(ApplyOutcome::Created { record, .. }) => Ok((before, record.version)),
+                Ok(
+                    ApplyOutcome::Unchanged { current, .. } | ApplyOutcome::DryRun { current, .. },
+                ) => Ok((*current, *current)),
+                Err(e) => Err(e),
+            };
+            access::audit_change(&self.state, &who, "Apply", result, &message);
+        }
+        Ok(Response::new(match outcome? {
             ApplyOutcome::Created { record, diff } => v1::ApplyResponse {
                 version: record.version.0,
                 created: true,
@@ -258,7 +273,11 @@ impl Admin for AdminService {
         &self,
         request: Request<v1::GetRequest>,
     ) -> Result<Response<v1::GetResponse>, Status> {
+        let who = access::principal(&request);
         let r = request.into_inner();
+        if r.show_secrets {
+            access::check_show_secrets(&self.state, &who)?;
+        }
         let v = Version(r.version);
         let rec: VersionRecord = self
             .blocking(move |s| versions::get(s.store.as_ref(), v))
@@ -291,8 +310,11 @@ impl Admin for AdminService {
         &self,
         request: Request<v1::RollbackRequest>,
     ) -> Result<Response<v1::ApplyResponse>, Status> {
+        let who = access::principal(&request);
         let r = request.into_inner();
-        let (record, diff) = self
+        let message = r.message.clone();
+        let before = self.state.current_version();
+        let result = self
             .blocking(move |s| {
                 s.rollback(
                     Version(r.to_version),
@@ -301,7 +323,15 @@ impl Admin for AdminService {
                     r.message,
                 )
             })
-            .await?;
+            .await;
+        access::audit_change(
+            &self.state,
+            &who,
+            "Rollback",
+            result.as_ref().map(|(record, _)| (before, record.version)),
+            &message,
+        );
+        let (record, diff) = result?;
         Ok(Response::new(v1::ApplyResponse {
             version: record.version.0,
             created: true,
@@ -438,4 +468,51 @@ impl Admin for AdminService {
             .map_err(|e| ErrorCode::Unavailable.status(e.to_string()))?;
         Ok(Response::new(compute_stats(&records)))
     }
+
+    async fn create_token(
+        &self,
+        request: Request<v1::CreateTokenRequest>,
+    ) -> Result<Response<v1::CreateTokenResponse>, Status> {
+        let who = access::principal(&request);
+        let r = request.into_inner();
+        let state = self.state.clone();
+        spawn_store(move || access::create_token(&state, &who, r)).await
+    }
+
+    async fn list_tokens(
+        &self,
+        _: Request<v1::ListTokensRequest>,
+    ) -> Result<Response<v1::ListTokensResponse>, Status> {
+        let state = self.state.clone();
+        spawn_store(move || access::list_tokens(&state)).await
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<v1::RevokeTokenRequest>,
+    ) -> Result<Response<v1::RevokeTokenResponse>, Status> {
+        let who = access::principal(&request);
+        let r = request.into_inner();
+        let state = self.state.clone();
+        spawn_store(move || access::revoke_token(&state, &who, r)).await
+    }
+
+    async fn list_audit(
+        &self,
+        request: Request<v1::ListAuditRequest>,
+    ) -> Result<Response<v1::ListAuditResponse>, Status> {
+        let r = request.into_inner();
+        let state = self.state.clone();
+        spawn_store(move || access::list_audit(&state, r)).await
+    }
+}
+
+/// Runs a blocking token/audit store call off the async workers.
+async fn spawn_store<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
+) -> Result<Response<T>, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ErrorCode::Internal.status(format!("store task failed: {e}")))?
+        .map(Response::new)
 }

@@ -939,7 +939,7 @@ mod tests {
     use super::*;
 
     fn errors(src: &str) -> Vec<String> {
-        match parse_and_validate("routes.toml", src) {
+        match crate::config::parse("routes.toml", src) {
             Ok(_) => vec![],
             Err(d) => d.0.iter().map(|d| d.to_string()).collect(),
         }
@@ -959,7 +959,7 @@ upstream = "api"
 rewrite_prefix = "/"
 request_headers = { set = { "X-Dispa" = "1" }, remove = ["x-internal"] }
 "#;
-        let c = parse_and_validate("routes.toml", src).expect("valid");
+        let c = crate::config::parse("routes.toml", src).expect("valid");
         assert_eq!(c.routes.len(), 1);
         let r = &c.routes[0];
         assert_eq!(r.hosts[0], HostPattern::Exact("api.example.com".into()));
@@ -1033,7 +1033,7 @@ timeout = "0s"
         assert!(errors(&up("balance = \"hash\""))[0].contains("needs hash_on"));
         assert!(errors(&up("hash_on = \"client_ip\""))[0].contains("needs balance = \"hash\""));
         assert!(errors(&up("balance = \"fastest\""))[0].contains("unknown balance"));
-        let c = parse_and_validate("f", &up("balance = \"hash\"\nhash_on = \"header:X-User\""))
+        let c = crate::config::parse("f", &up("balance = \"hash\"\nhash_on = \"header:X-User\""))
             .unwrap();
         let u = &c.upstreams[&UpstreamName::new("a")];
         assert_eq!(u.balance, Balance::Hash(HashOn::Header("x-user".into())));
