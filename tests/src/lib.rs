@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod http_client;
+pub mod pki;
 pub mod postgres;
 pub mod process;
 pub mod upstream;
@@ -14,6 +15,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 pub use http_client::{HttpClient, Reply};
+pub use pki::{Leaf, TestCa, pem_body, write_pem};
 pub use process::{AgentProc, CtlOutput, PlaneProc, ctl};
 pub use upstream::{TestUpstream, refused_addr};
 
