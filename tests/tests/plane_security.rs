@@ -307,9 +307,10 @@ async fn plane_over_tls_with_agent_client_certificates() {
         p("rogue.pem", &rogue.cert_pem),
         p("rogue.key", &rogue.key_pem),
     );
-    let strs = |v: &[String]| v.iter().map(String::as_str).collect::<Vec<_>>();
-    let good_agent = AgentProc::start_with(d, &url, "good", &strs(&good_args)).await;
-    let rogue_agent = AgentProc::start_with(d, &url, "rogue", &strs(&rogue_args)).await;
+    let good_args: Vec<&str> = good_args.iter().map(String::as_str).collect();
+    let rogue_args: Vec<&str> = rogue_args.iter().map(String::as_str).collect();
+    let good_agent = AgentProc::start_with(d, &url, "good", &good_args).await;
+    let rogue_agent = AgentProc::start_with(d, &url, "rogue", &rogue_args).await;
     eventually(
         "the agent with a good certificate syncs",
         Duration::from_secs(30),
