@@ -69,6 +69,7 @@ pub async fn run(a: DevArgs) -> Result<()> {
         let input = ApplyInput {
             source_name: "built-in example".into(),
             content: example(demo_addr),
+            files: Default::default(),
             author: "dispa dev".into(),
             message: "built-in example".into(),
             expect_version: None,
@@ -81,7 +82,7 @@ pub async fn run(a: DevArgs) -> Result<()> {
     }
 
     let agent = Agent::bind(AgentOptions {
-        plane: format!("http://{plane_addr}"),
+        plane: dispa_proto::connect::PlaneConnect::new(format!("http://{plane_addr}")),
         listen: a.listen,
         listen_tls: None,
         admin: a.admin,

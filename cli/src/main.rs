@@ -78,13 +78,41 @@ struct PlaneArgs {
     /// sled log store: the most records kept (oldest deleted first).
     #[arg(long, default_value_t = 10_000_000)]
     log_max_records: usize,
+    /// Require a token on every call (roles viewer, operator, admin; agents use a join token
+    /// or a client certificate). The first start prints a bootstrap admin token once.
+    #[arg(long)]
+    auth: bool,
+    /// Also write the bootstrap admin token to this file (mode 0600).
+    #[arg(long, requires = "auth")]
+    bootstrap_token_file: Option<PathBuf>,
+    /// Serve gRPC over TLS with this PEM certificate chain (with --tls-key).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key for --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Accept agents that present a client certificate signed by this PEM CA bundle.
+    #[arg(long, requires = "tls_cert")]
+    client_ca: Option<PathBuf>,
 }
 
 #[derive(Args)]
 struct AgentArgs {
-    /// The plane's URL.
+    /// The plane's URL (https:// for a plane serving TLS; then --plane-ca).
     #[arg(long, env = "DISPA_PLANE", default_value = "http://127.0.0.1:7070")]
     plane: String,
+    /// A join token (`dispactl token create --role agent`) for a plane run with --auth.
+    #[arg(long, env = "DISPA_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+    /// PEM CA bundle that the plane's TLS certificate chains to.
+    #[arg(long)]
+    plane_ca: Option<PathBuf>,
+    /// PEM client certificate to present to the plane instead of a join token (with
+    /// --plane-key).
+    #[arg(long, requires = "plane_key")]
+    plane_cert: Option<PathBuf>,
+    #[arg(long, requires = "plane_cert")]
+    plane_key: Option<PathBuf>,
     /// Proxy listener (HTTP/1.1 and h2c).
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
@@ -221,17 +249,53 @@ async fn run_plane(a: PlaneArgs) -> Result<()> {
     };
     opts.log_retention = a.log_retention;
     opts.log_max_records = a.log_max_records;
+    opts.auth = a.auth;
+    opts.bootstrap_token_file = a.bootstrap_token_file;
+    if let (Some(cert), Some(key)) = (&a.tls_cert, &a.tls_key) {
+        opts.tls = Some(dispa_plane::PlaneTls {
+            cert_pem: read(cert, "--tls-cert")?,
+            key_pem: read(key, "--tls-key")?,
+            client_ca_pem: a
+                .client_ca
+                .as_deref()
+                .map(|p| read(p, "--client-ca"))
+                .transpose()?,
+        });
+    }
+    if !a.auth {
+        tracing::warn!("the plane runs without --auth: anyone who can reach it can change config");
+    }
     let plane = Plane::bind(opts).await?;
     ready::write(a.ready_file.as_deref(), &[("plane", plane.local_addr())])?;
     plane.run(shutdown_signal()).await?;
     Ok(())
 }
 
+fn read(path: &std::path::Path, flag: &str) -> Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("{flag} {}", path.display()))
+}
+
 async fn run_agent(a: AgentArgs) -> Result<()> {
     let id = a.id.trim();
     anyhow::ensure!(!id.is_empty(), "--id must not be empty");
+    let plane = dispa_proto::connect::PlaneConnect {
+        url: a.plane,
+        token: a.join_token.filter(|t| !t.is_empty()),
+        ca_pem: a
+            .plane_ca
+            .as_deref()
+            .map(|p| read(p, "--plane-ca"))
+            .transpose()?,
+        client_identity: match (&a.plane_cert, &a.plane_key) {
+            (Some(c), Some(k)) => Some((read(c, "--plane-cert")?, read(k, "--plane-key")?)),
+            _ => None,
+        },
+    };
+    // Fail at start, not on every reconnect, when the TLS or token setup cannot work.
+    plane.endpoint()?;
+    plane.interceptor()?;
     let agent = Agent::bind(AgentOptions {
-        plane: a.plane,
+        plane,
         listen: a.listen,
         listen_tls: a.listen_tls,
         admin: a.admin,

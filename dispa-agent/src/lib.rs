@@ -35,8 +35,8 @@ use crate::telemetry::window::Window;
 
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
-    /// The plane's gRPC URL, e.g. `http://127.0.0.1:7070`.
-    pub plane: String,
+    /// How to reach the plane: URL (e.g. `http://127.0.0.1:7070`), TLS, join token.
+    pub plane: dispa_proto::connect::PlaneConnect,
     pub listen: SocketAddr,
     /// TLS proxy listener (certificates from the snapshot, chosen by SNI); off when None.
     pub listen_tls: Option<SocketAddr>,
@@ -208,7 +208,7 @@ impl Agent {
             proxy = ?self.proxy_addr(),
             proxy_tls = ?self.tls_addr(),
             admin = ?self.admin_addr(),
-            plane = %self.opts.plane,
+            plane = %self.opts.plane.url,
             "agent listening"
         );
         let sync = tokio::spawn(sync::run(

@@ -2,9 +2,11 @@
 
 use std::time::Duration;
 
+use dispa_proto::connect::{BearerToken, PlaneConnect};
 use dispa_proto::v1::admin_client::AdminClient;
 use dispa_proto::v1::{self, ValidateResponse};
 use prost::Message;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 /// How a call failed, mapped to dispactl's exit codes.
@@ -41,19 +43,23 @@ impl From<tonic::Status> for ClientError {
 }
 
 pub struct Client {
-    inner: AdminClient<Channel>,
+    inner: AdminClient<InterceptedService<Channel, BearerToken>>,
 }
 
 impl Client {
-    pub async fn connect(url: &str) -> Result<Self, ClientError> {
+    pub async fn connect(plane: &PlaneConnect) -> Result<Self, ClientError> {
+        let url = plane.url.as_str();
         let unreachable = |detail: String| ClientError::Unreachable {
             url: url.to_string(),
             detail,
         };
-        let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
-            .map_err(|e| unreachable(format!("invalid URL: {e}")))?
-            .connect_timeout(Duration::from_secs(5))
+        let endpoint = plane
+            .endpoint()
+            .map_err(|e| unreachable(e.to_string()))?
             .timeout(Duration::from_secs(60));
+        let auth = plane
+            .interceptor()
+            .map_err(|e| unreachable(e.to_string()))?;
         let channel = endpoint.connect().await.map_err(|e| {
             let mut detail = e.to_string();
             let mut src = std::error::Error::source(&e);
@@ -63,7 +69,7 @@ impl Client {
             }
             unreachable(detail)
         })?;
-        let inner = AdminClient::new(channel)
+        let inner = AdminClient::with_interceptor(channel, auth)
             .max_decoding_message_size(64 * 1024 * 1024)
             .max_encoding_message_size(64 * 1024 * 1024);
         Ok(Self { inner })
@@ -77,10 +83,17 @@ impl Client {
         Ok(self.inner.diff(r).await?.into_inner())
     }
 
-    pub async fn get(&mut self, version: u64) -> Result<v1::GetResponse, ClientError> {
+    pub async fn get(
+        &mut self,
+        version: u64,
+        show_secrets: bool,
+    ) -> Result<v1::GetResponse, ClientError> {
         Ok(self
             .inner
-            .get(v1::GetRequest { version })
+            .get(v1::GetRequest {
+                version,
+                show_secrets,
+            })
             .await?
             .into_inner())
     }
@@ -124,5 +137,40 @@ impl Client {
 
     pub async fn status(&mut self) -> Result<v1::StatusResponse, ClientError> {
         Ok(self.inner.status(v1::StatusRequest {}).await?.into_inner())
+    }
+
+    pub async fn create_token(
+        &mut self,
+        r: v1::CreateTokenRequest,
+    ) -> Result<v1::CreateTokenResponse, ClientError> {
+        Ok(self.inner.create_token(r).await?.into_inner())
+    }
+
+    pub async fn list_tokens(&mut self) -> Result<Vec<v1::TokenInfo>, ClientError> {
+        Ok(self
+            .inner
+            .list_tokens(v1::ListTokensRequest {})
+            .await?
+            .into_inner()
+            .tokens)
+    }
+
+    pub async fn revoke_token(&mut self, id: String) -> Result<v1::TokenInfo, ClientError> {
+        Ok(self
+            .inner
+            .revoke_token(v1::RevokeTokenRequest { id })
+            .await?
+            .into_inner()
+            .info
+            .unwrap_or_default())
+    }
+
+    pub async fn audit(&mut self, limit: u32) -> Result<Vec<v1::AuditEntry>, ClientError> {
+        Ok(self
+            .inner
+            .list_audit(v1::ListAuditRequest { limit })
+            .await?
+            .into_inner()
+            .entries)
     }
 }

@@ -25,6 +25,12 @@ struct Cli {
         default_value = "http://127.0.0.1:7070"
     )]
     plane: String,
+    /// A token for a plane run with --auth.
+    #[arg(long, global = true, env = "DISPA_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// PEM CA bundle the plane's TLS certificate chains to (for an https:// plane).
+    #[arg(long, global = true, env = "DISPA_CA_FILE")]
+    ca_file: Option<PathBuf>,
     /// Output format.
     #[arg(
         short = 'o',
@@ -74,6 +80,10 @@ enum Command {
     Get {
         #[arg(long)]
         version: Option<u64>,
+        /// Include the content of secret files (private keys). Admin tokens only; recorded
+        /// in the audit log.
+        #[arg(long)]
+        show_secrets: bool,
     },
     /// List versions, newest first.
     History {
@@ -94,6 +104,33 @@ enum Command {
     Logs(LogsArgs),
     /// The current version and the fleet's sync state.
     Status,
+    /// Create, list and revoke tokens (admin).
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Applies, rollbacks, token changes, secret reads and denied requests, newest first.
+    Audit {
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Make a token and print it (shown once; the plane keeps only a digest).
+    Create {
+        /// viewer (read all but secrets), operator (apply, rollback), admin (tokens, secrets)
+        /// or agent (a join token for `dispa agent --join-token`).
+        #[arg(long, value_parser = ["viewer", "operator", "admin", "agent"])]
+        role: String,
+        /// A label shown in `token list` and the audit log.
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    List,
+    /// Revoke a token by id (from `token list`).
+    Revoke {
+        id: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -232,9 +269,26 @@ fn read_file(path: &Path) -> Result<v1::SourceFile, Failure> {
         code: 1,
         message: format!("cannot read {}: {e}", path.display()),
     })?;
+    let name = path.display().to_string();
+    // A file that does not parse names nothing; the plane's diagnostics will say why.
+    let named = dispa_proto::config::referenced_files(&name, &content).unwrap_or_default();
+    let dir = path.parent().unwrap_or(Path::new(""));
+    let mut attachments = Vec::with_capacity(named.len());
+    for p in named {
+        let full = dir.join(&p);
+        let bytes = std::fs::read(&full).map_err(|e| Failure {
+            code: 1,
+            message: format!("{name} names {p:?}: cannot read {}: {e}", full.display()),
+        })?;
+        attachments.push(v1::Attachment {
+            path: p,
+            content: bytes.into(),
+        });
+    }
     Ok(v1::SourceFile {
-        name: path.display().to_string(),
+        name,
         content,
+        attachments,
     })
 }
 
@@ -255,7 +309,8 @@ fn author() -> String {
 /// `validate` runs offline, with the same code the plane runs.
 fn validate(file: &Path, f: Format) -> Result<String, Failure> {
     let src = read_file(file)?;
-    match dispa_proto::config::parse(&src.name, &src.content) {
+    let files = dispa_proto::config::Attachments::from_wire(src.attachments);
+    match dispa_proto::config::parse_with_files(&src.name, &src.content, &files) {
         Ok(c) => Ok(match f {
             Format::Json => output::pretty(
                 &serde_json::json!({ "valid": true, "file": src.name, "diagnostics": [] }),
@@ -280,7 +335,19 @@ async fn run(cli: Cli) -> Result<String, Failure> {
     if let Command::Validate { file } = &cli.command {
         return validate(file, f);
     }
-    let mut client = Client::connect(&cli.plane).await?;
+    let plane = dispa_proto::connect::PlaneConnect {
+        url: cli.plane.clone(),
+        token: cli.token.clone().filter(|t| !t.is_empty()),
+        ca_pem: match &cli.ca_file {
+            Some(p) => Some(std::fs::read(p).map_err(|e| Failure {
+                code: 1,
+                message: format!("--ca-file {}: {e}", p.display()),
+            })?),
+            None => None,
+        },
+        client_identity: None,
+    };
+    let mut client = Client::connect(&plane).await?;
     Ok(match cli.command {
         Command::Validate { file } => validate(&file, f)?,
         Command::Apply {
@@ -325,7 +392,10 @@ async fn run(cli: Cli) -> Result<String, Failure> {
                 Format::Table => r.diff,
             }
         }
-        Command::Get { version } => output::get(&client.get(version.unwrap_or(0)).await?, f),
+        Command::Get {
+            version,
+            show_secrets,
+        } => output::get(&client.get(version.unwrap_or(0), show_secrets).await?, f),
         Command::History { limit } => output::history(&client.history(limit).await?, f),
         Command::Rollback {
             version,
@@ -351,6 +421,26 @@ async fn run(cli: Cli) -> Result<String, Failure> {
         Command::Agents => output::agents(&client.agents().await?, f),
         Command::Logs(a) => logs(&mut client, &a, f).await?,
         Command::Status => output::status(&client.status().await?, f),
+        Command::Token(TokenCommand::Create { role, name }) => {
+            let role = match role.as_str() {
+                "viewer" => v1::Role::Viewer,
+                "operator" => v1::Role::Operator,
+                "admin" => v1::Role::Admin,
+                _ => v1::Role::Agent,
+            };
+            let r = client
+                .create_token(v1::CreateTokenRequest {
+                    role: role as i32,
+                    name,
+                })
+                .await?;
+            output::token_created(&r, f)
+        }
+        Command::Token(TokenCommand::List) => output::tokens(&client.list_tokens().await?, f),
+        Command::Token(TokenCommand::Revoke { id }) => {
+            output::tokens(&[client.revoke_token(id).await?], f)
+        }
+        Command::Audit { limit } => output::audit(&client.audit(limit).await?, f),
     })
 }
 

@@ -342,10 +342,169 @@ pub fn get(g: &v1::GetResponse, f: Format) -> String {
                 .map(version_json)
                 .unwrap_or_else(|| json!({}));
             v["content"] = Value::String(g.content.clone());
+            v["files"] = g.files.iter().map(file_json).collect();
             pretty(&v)
         }
-        // The content as stored, so `dispactl get > routes.toml` round-trips.
-        Format::Table => g.content.clone(),
+        // The content as stored, so `dispactl get > routes.toml` round-trips; uploaded files
+        // follow as TOML comments.
+        Format::Table => {
+            let mut s = g.content.clone();
+            for file in &g.files {
+                if !s.is_empty() && !s.ends_with('\n') {
+                    s.push('\n');
+                }
+                let shown = if file.secret && file.content.is_empty() {
+                    ", secret: redacted"
+                } else if file.secret {
+                    ", secret"
+                } else {
+                    ""
+                };
+                s.push_str(&format!(
+                    "# file {}: {} bytes, sha256 {}{shown}\n",
+                    file.path, file.size, file.sha256
+                ));
+                if file.secret && !file.content.is_empty() {
+                    for line in String::from_utf8_lossy(&file.content).lines() {
+                        s.push_str(&format!("#   {line}\n"));
+                    }
+                }
+            }
+            s
+        }
+    }
+}
+
+fn file_json(f: &v1::FileInfo) -> Value {
+    let mut v = json!({
+        "path": f.path,
+        "size": f.size,
+        "sha256": f.sha256,
+        "secret": f.secret,
+    });
+    if !f.secret || !f.content.is_empty() {
+        v["content"] = Value::String(String::from_utf8_lossy(&f.content).into_owned());
+    }
+    v
+}
+
+fn role_name(r: i32) -> &'static str {
+    match v1::Role::try_from(r) {
+        Ok(v1::Role::Viewer) => "viewer",
+        Ok(v1::Role::Operator) => "operator",
+        Ok(v1::Role::Admin) => "admin",
+        Ok(v1::Role::Agent) => "agent",
+        _ => "?",
+    }
+}
+
+fn token_json(t: &v1::TokenInfo) -> Value {
+    json!({
+        "id": t.id,
+        "name": t.name,
+        "role": role_name(t.role),
+        "created_at": rfc3339_ms(t.created_at_ms),
+        "created_by": t.created_by,
+        "revoked_at": (t.revoked_at_ms != 0).then(|| rfc3339_ms(t.revoked_at_ms)),
+    })
+}
+
+pub fn token_created(r: &v1::CreateTokenResponse, f: Format) -> String {
+    let info = r.info.clone().unwrap_or_default();
+    match f {
+        Format::Json => {
+            let mut v = token_json(&info);
+            v["token"] = Value::String(r.token.clone());
+            pretty(&v)
+        }
+        // The token alone on stdout, so `TOKEN=$(dispactl token create ...)` works; the rest
+        // goes to stderr.
+        Format::Table => {
+            eprintln!(
+                "created {} token {} (id {}); it is shown only this once",
+                role_name(info.role),
+                info.name,
+                info.id
+            );
+            format!("{}\n", r.token)
+        }
+    }
+}
+
+pub fn tokens(list: &[v1::TokenInfo], f: Format) -> String {
+    match f {
+        Format::Json => pretty(&Value::Array(list.iter().map(token_json).collect())),
+        Format::Table => {
+            let rows: Vec<Vec<String>> = list
+                .iter()
+                .map(|t| {
+                    vec![
+                        t.id.clone(),
+                        t.name.clone(),
+                        role_name(t.role).to_string(),
+                        rfc3339_ms(t.created_at_ms),
+                        t.created_by.clone(),
+                        if t.revoked_at_ms == 0 {
+                            "valid".into()
+                        } else {
+                            format!("revoked {}", rfc3339_ms(t.revoked_at_ms))
+                        },
+                    ]
+                })
+                .collect();
+            table(&["ID", "NAME", "ROLE", "CREATED", "BY", "STATE"], &rows)
+        }
+    }
+}
+
+pub fn audit(list: &[v1::AuditEntry], f: Format) -> String {
+    match f {
+        Format::Json => pretty(&Value::Array(
+            list.iter()
+                .map(|e| {
+                    json!({
+                        "seq": e.seq,
+                        "at": rfc3339_ms(e.at_ms),
+                        "who": e.who,
+                        "role": e.role,
+                        "peer": e.peer,
+                        "action": e.action,
+                        "outcome": e.outcome,
+                        "from_version": e.from_version,
+                        "to_version": e.to_version,
+                        "message": e.message,
+                    })
+                })
+                .collect(),
+        )),
+        Format::Table => {
+            let rows: Vec<Vec<String>> = list
+                .iter()
+                .map(|e| {
+                    let versions = if e.from_version == 0 && e.to_version == 0 {
+                        String::new()
+                    } else {
+                        format!("{} -> {}", e.from_version, e.to_version)
+                    };
+                    vec![
+                        rfc3339_ms(e.at_ms),
+                        e.who.clone(),
+                        e.role.clone(),
+                        e.peer.clone(),
+                        e.action.clone(),
+                        e.outcome.clone(),
+                        versions,
+                        e.message.clone(),
+                    ]
+                })
+                .collect();
+            table(
+                &[
+                    "AT", "WHO", "ROLE", "PEER", "ACTION", "OUTCOME", "VERSIONS", "MESSAGE",
+                ],
+                &rows,
+            )
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 //! `Plane::bind` then `Plane::run` is the whole lifecycle; the `dispa` binary only parses flags.
 
 pub mod admin;
+pub mod auth;
 pub mod distribute;
 pub mod logs;
 pub mod metrics;
@@ -24,6 +25,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::admin::{AdminService, now_ms};
+use crate::auth::{AuditLog, Auth, Role, TokenStore};
 use crate::distribute::{AgentRegistry, DiscoveryService, Distributor, Published};
 use crate::logs::{LiveLogs, SharedLogStore, SledLogStore, TelemetryService};
 use crate::metrics::PlaneMetrics;
@@ -67,6 +69,31 @@ pub struct PlaneOptions {
     pub log_retention: Duration,
     /// sled only: the most records kept; the oldest go first.
     pub log_max_records: usize,
+    /// Require tokens (and agent credentials) on every call.
+    pub auth: bool,
+    /// Where the bootstrap admin token is also written (mode 0600) on first start with auth.
+    pub bootstrap_token_file: Option<PathBuf>,
+    /// Serve gRPC over TLS.
+    pub tls: Option<PlaneTls>,
+}
+
+/// The plane's TLS identity and, optionally, the CA agents' client certificates chain to.
+#[derive(Clone)]
+pub struct PlaneTls {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    pub client_ca_pem: Option<Vec<u8>>,
+}
+
+// By hand: the key must never reach a log.
+impl std::fmt::Debug for PlaneTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PlaneTls")
+            .field("cert_pem", &format_args!("<{} bytes>", self.cert_pem.len()))
+            .field("key_pem", &"<redacted>")
+            .field("client_ca", &self.client_ca_pem.is_some())
+            .finish()
+    }
 }
 
 impl PlaneOptions {
@@ -77,6 +104,9 @@ impl PlaneOptions {
             log_store: LogStoreConfig::Sled,
             log_retention: Duration::from_secs(7 * 24 * 3600),
             log_max_records: 10_000_000,
+            auth: false,
+            bootstrap_token_file: None,
+            tls: None,
         }
     }
 }
@@ -99,6 +129,10 @@ pub enum PlaneError {
     Serve(#[from] tonic::transport::Error),
     #[error("log store: {0}")]
     Logs(#[from] logs::LogStoreError),
+    #[error("auth store: {0}")]
+    Auth(String),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// Everything the plane's services share.
@@ -109,6 +143,7 @@ pub struct PlaneState {
     pub logs: SharedLogStore,
     pub live: LiveLogs,
     pub metrics: Arc<PlaneMetrics>,
+    pub auth: Arc<Auth>,
 }
 
 impl PlaneState {
@@ -180,6 +215,7 @@ pub struct Plane {
     listener: TcpListener,
     addr: SocketAddr,
     log_retention: Duration,
+    tls: Option<PlaneTls>,
 }
 
 impl Plane {
@@ -204,6 +240,7 @@ impl Plane {
             } => Arc::new(logs::postgres::PgLogStore::connect_with_schema(url, schema).await?),
         };
         tracing::info!(store = logs.kind(), "traffic-log store ready");
+        let auth = Arc::new(open_auth(&opts)?);
         let state = Arc::new(PlaneState {
             store: Box::new(store),
             distributor: Distributor::new(),
@@ -211,6 +248,7 @@ impl Plane {
             logs,
             live: LiveLogs::default(),
             metrics: Arc::new(PlaneMetrics::new()),
+            auth,
         });
         if let Some(head) = state.store.head()? {
             tracing::info!(version = head.version.0, "loaded newest config version");
@@ -231,6 +269,7 @@ impl Plane {
             listener,
             addr,
             log_retention: opts.log_retention,
+            tls: opts.tls,
         })
     }
 
@@ -283,11 +322,30 @@ impl Plane {
                 let s = metrics_state.clone();
                 async move { s.render_metrics() }
             }),
-        );
+        )
+        .layer(axum::middleware::from_fn_with_state(
+            self.state.auth.clone(),
+            auth::layer::check,
+        ));
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(self.listener);
         let live = self.state.live.clone();
         let (deadline_tx, deadline_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &self.tls {
+            let mut cfg = tonic::transport::ServerTlsConfig::new().identity(
+                tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem),
+            );
+            if let Some(ca) = &tls.client_ca_pem {
+                // Optional: operators use tokens; agents may present a certificate instead.
+                cfg = cfg
+                    .client_ca_root(tonic::transport::Certificate::from_pem(ca))
+                    .client_auth_optional(true);
+            }
+            builder = builder
+                .tls_config(cfg)
+                .map_err(|e| PlaneError::Tls(e.to_string()))?;
+        }
+        let server = builder
             .accept_http1(true)
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
@@ -313,6 +371,65 @@ impl Plane {
         tracing::info!("plane stopped");
         Ok(())
     }
+}
+
+/// Opens the token store and audit log; on the first start with auth, makes and prints the
+/// bootstrap admin token (only its digest is kept).
+fn open_auth(opts: &PlaneOptions) -> Result<Auth, PlaneError> {
+    let err = |e: sled::Error| PlaneError::Auth(e.to_string());
+    let dir = opts.data_dir.join("auth");
+    let db = sled::open(&dir)
+        .map_err(|e| PlaneError::Auth(format!("opening {}: {e}", dir.display())))?;
+    let auth = Auth {
+        enabled: opts.auth,
+        tokens: TokenStore::new(db.open_tree("tokens").map_err(err)?),
+        audit: AuditLog::new(db.open_tree("audit").map_err(err)?),
+    };
+    if opts.auth && auth.tokens.is_empty() {
+        let (info, token) = auth
+            .tokens
+            .create(
+                Role::Admin,
+                "bootstrap",
+                "dispa plane",
+                now_ms(SystemTime::now()),
+            )
+            .map_err(|e| PlaneError::Auth(e.to_string()))?;
+        if let Some(path) = &opts.bootstrap_token_file {
+            write_private(path, &token)
+                .map_err(|e| PlaneError::Auth(format!("writing {}: {e}", path.display())))?;
+        }
+        // Printed once, on stdout (not the log): it is stored only as a digest.
+        println!("bootstrap admin token (shown once; store it safely): {token}");
+        let mut rec = crate::auth::AuditRecord {
+            who: "dispa plane".into(),
+            action: "CreateToken".into(),
+            outcome: "ok",
+            ..Default::default()
+        };
+        rec.message = format!("bootstrap admin token {} ({})", info.name, info.id);
+        auth.record(rec);
+        tracing::info!(id = %info.id, "created the bootstrap admin token");
+    }
+    if opts.auth {
+        tracing::info!("auth on: every call needs a token or an agent certificate");
+    }
+    Ok(auth)
+}
+
+/// Writes a file only its owner can read.
+fn write_private(path: &std::path::Path, content: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(content.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()
 }
 
 /// Deletes expired traffic logs once a minute.

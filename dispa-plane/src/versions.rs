@@ -1,6 +1,6 @@
 //! Apply, rollback and diff as plain functions over a [`ConfigStore`]; time is passed in.
 
-use dispa_proto::config::{self, Diagnostics};
+use dispa_proto::config::{self, Attachments, Diagnostics};
 use dispa_proto::{ErrorCode, Version};
 
 use crate::store::{ConfigStore, StoreError, VersionMeta, VersionRecord};
@@ -44,6 +44,7 @@ impl VersionsError {
 pub struct ApplyInput {
     pub source_name: String,
     pub content: String,
+    pub files: Attachments,
     pub author: String,
     pub message: String,
     pub expect_version: Option<Version>,
@@ -76,16 +77,27 @@ pub fn apply(
     input: ApplyInput,
     now_ms: i64,
 ) -> Result<ApplyOutcome, VersionsError> {
-    let compiled =
-        config::compile(&input.source_name, &input.content).map_err(VersionsError::Invalid)?;
+    let compiled = config::compile_with_files(&input.source_name, &input.content, &input.files)
+        .map_err(VersionsError::Invalid)?;
+    // Keep only what the config names: a stray upload is not part of the version.
+    let named = config::referenced_files(&input.source_name, &input.content)
+        .map_err(VersionsError::Invalid)?;
+    let files: Attachments = input
+        .files
+        .0
+        .into_iter()
+        .filter(|(path, _)| named.contains(path))
+        .collect();
     let head = store.head()?;
     let current = head.as_ref().map_or(Version::NONE, |h| h.version);
     check_expected(input.expect_version, current)?;
     let old = head.as_ref().map_or("", |h| h.content.as_str());
-    let diff = unified_diff(&label(current), old, &input.source_name, &input.content);
+    let mut diff = unified_diff(&label(current), old, &input.source_name, &input.content);
+    diff.push_str(&files_diff(head.as_ref().map(|h| &h.files), &files));
     if let Some(h) = &head
         && h.meta.hash == compiled.hash
         && h.content == input.content
+        && h.files == files
     {
         return Ok(ApplyOutcome::Unchanged {
             current,
@@ -107,7 +119,7 @@ pub fn apply(
         rollback_of: None,
         source_name: input.source_name,
     };
-    let record = store.append(current, meta, input.content, compiled.snapshot)?;
+    let record = store.append(current, meta, input.content, files, compiled.snapshot)?;
     Ok(ApplyOutcome::Created { record, diff })
 }
 
@@ -125,7 +137,8 @@ pub fn rollback(
     let current = head.as_ref().map_or(Version::NONE, |h| h.version);
     check_expected(expect_version, current)?;
     let old = head.as_ref().map_or("", |h| h.content.as_str());
-    let diff = unified_diff(&label(current), old, &label(to), &target.content);
+    let mut diff = unified_diff(&label(current), old, &label(to), &target.content);
+    diff.push_str(&files_diff(head.as_ref().map(|h| &h.files), &target.files));
     let message = if message.is_empty() {
         format!("rollback to version {to}")
     } else {
@@ -139,7 +152,7 @@ pub fn rollback(
         rollback_of: Some(to),
         source_name: target.meta.source_name.clone(),
     };
-    let record = store.append(current, meta, target.content, target.snapshot)?;
+    let record = store.append(current, meta, target.content, target.files, target.snapshot)?;
     Ok((record, diff))
 }
 
@@ -173,6 +186,41 @@ pub fn unified_diff(old_label: &str, old: &str, new_label: &str, new: &str) -> S
         .to_string()
 }
 
+/// One line per uploaded file that was added, removed or changed. Contents never appear: a
+/// file may be a private key, and a digest is enough to see that it changed.
+pub fn files_diff(old: Option<&Attachments>, new: &Attachments) -> String {
+    let empty = Attachments::default();
+    let old = old.unwrap_or(&empty);
+    let mut out = String::new();
+    for (path, content) in &old.0 {
+        match new.get(path) {
+            None => out.push_str(&format!("file removed: {path}\n")),
+            Some(c) if c != content => out.push_str(&format!(
+                "file changed: {path} (sha256 {} -> {})\n",
+                short_digest(content),
+                short_digest(c)
+            )),
+            Some(_) => {}
+        }
+    }
+    for (path, content) in &new.0 {
+        if old.get(path).is_none() {
+            out.push_str(&format!(
+                "file added: {path} ({} bytes, sha256 {})\n",
+                content.len(),
+                short_digest(content)
+            ));
+        }
+    }
+    out
+}
+
+fn short_digest(b: &[u8]) -> String {
+    let mut h = dispa_proto::content_hash(b);
+    h.truncate(12);
+    h
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,6 +233,7 @@ mod tests {
         ApplyInput {
             source_name: "routes.toml".into(),
             content: content.into(),
+            files: Attachments::default(),
             author: "me".into(),
             message: "m".into(),
             expect_version: expect.map(Version),

@@ -3,6 +3,7 @@
 //! lives in exactly one place.
 
 pub mod config;
+pub mod connect;
 mod error_code;
 mod ids;
 pub mod logs;

@@ -69,6 +69,34 @@ impl v1::admin_server::Admin for Grpc {
         Err(tonic::Status::unimplemented("test server"))
     }
 
+    async fn create_token(
+        &self,
+        _: tonic::Request<v1::CreateTokenRequest>,
+    ) -> Result<tonic::Response<v1::CreateTokenResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("test server"))
+    }
+
+    async fn list_tokens(
+        &self,
+        _: tonic::Request<v1::ListTokensRequest>,
+    ) -> Result<tonic::Response<v1::ListTokensResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("test server"))
+    }
+
+    async fn revoke_token(
+        &self,
+        _: tonic::Request<v1::RevokeTokenRequest>,
+    ) -> Result<tonic::Response<v1::RevokeTokenResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("test server"))
+    }
+
+    async fn list_audit(
+        &self,
+        _: tonic::Request<v1::ListAuditRequest>,
+    ) -> Result<tonic::Response<v1::ListAuditResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("test server"))
+    }
+
     async fn history(
         &self,
         _: tonic::Request<v1::HistoryRequest>,

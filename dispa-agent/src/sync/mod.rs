@@ -21,7 +21,7 @@ const REFUSED_BACKOFF: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Debug)]
 pub struct SyncOptions {
-    pub plane: String,
+    pub plane: dispa_proto::connect::PlaneConnect,
     pub id: AgentId,
     pub labels: BTreeMap<String, String>,
 }
@@ -42,7 +42,7 @@ pub async fn run(
         metrics.plane_connected.set(0);
         let (wait, next) = match &outcome {
             Outcome::Ended { received } => {
-                tracing::warn!(plane = %opts.plane, "config stream to the plane ended; reconnecting");
+                tracing::warn!(plane = %opts.plane.url, "config stream to the plane ended; reconnecting");
                 // A stream that delivered something was healthy: start the backoff over.
                 if *received {
                     (BACKOFF_MIN, BACKOFF_MIN)
@@ -51,11 +51,11 @@ pub async fn run(
                 }
             }
             Outcome::Failed(e) => {
-                tracing::warn!(plane = %opts.plane, "cannot reach the plane: {e}");
+                tracing::warn!(plane = %opts.plane.url, "cannot reach the plane: {e}");
                 (backoff, backoff * 2)
             }
             Outcome::Refused(e) => {
-                tracing::error!(plane = %opts.plane, "the plane refused this agent: {e}");
+                tracing::error!(plane = %opts.plane.url, "the plane refused this agent: {e}");
                 (REFUSED_BACKOFF, backoff)
             }
         };
@@ -77,20 +77,21 @@ enum Outcome {
 }
 
 async fn session(opts: &SyncOptions, applier: &Applier, metrics: &Metrics) -> Outcome {
-    let endpoint = match tonic::transport::Endpoint::from_shared(opts.plane.clone()) {
-        Ok(e) => e
-            .connect_timeout(Duration::from_secs(5))
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(20))
-            .tcp_nodelay(true),
-        Err(e) => return Outcome::Failed(format!("invalid plane URL {:?}: {e}", opts.plane)),
+    let (endpoint, auth) = match (opts.plane.endpoint(), opts.plane.interceptor()) {
+        (Ok(e), Ok(auth)) => (
+            e.http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(20))
+                .tcp_nodelay(true),
+            auth,
+        ),
+        (Err(e), _) | (_, Err(e)) => return Outcome::Failed(e.to_string()),
     };
     let channel = match endpoint.connect().await {
         Ok(c) => c,
         Err(e) => return Outcome::Failed(error_chain(&e)),
     };
-    let mut client =
-        ConfigDiscoveryClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
+    let mut client = ConfigDiscoveryClient::with_interceptor(channel, auth)
+        .max_decoding_message_size(256 * 1024 * 1024);
     let (tx, rx) = mpsc::channel(8);
     let (have_version, have_hash) = applier.serving();
     let hello = DiscoveryRequest {
@@ -114,7 +115,7 @@ async fn session(opts: &SyncOptions, applier: &Applier, metrics: &Metrics) -> Ou
         }
         Err(s) => return Outcome::Failed(format!("{}: {}", s.code(), s.message())),
     };
-    tracing::info!(plane = %opts.plane, have_version = have_version.0, "connected to the plane");
+    tracing::info!(plane = %opts.plane.url, have_version = have_version.0, "connected to the plane");
     metrics.plane_connected.set(1);
     let mut received = false;
     loop {

@@ -23,7 +23,7 @@ const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 pub struct Shipper {
-    pub plane: String,
+    pub plane: dispa_proto::connect::PlaneConnect,
     pub agent_id: String,
     pub boot_id: String,
     pub spool: Arc<Spool>,
@@ -43,7 +43,7 @@ impl Shipper {
                 _ = stop.changed() => return,
             };
             if let Err(e) = result {
-                tracing::debug!(plane = %self.plane, "telemetry stream: {e}");
+                tracing::debug!(plane = %self.plane.url, "telemetry stream: {e}");
             }
             // A session that lasted was healthy: start the backoff over.
             if started.elapsed() > Duration::from_secs(10) {
@@ -79,13 +79,15 @@ impl Shipper {
     }
 
     async fn session(&self) -> Result<(), String> {
-        let endpoint = tonic::transport::Endpoint::from_shared(self.plane.clone())
+        let endpoint = self
+            .plane
+            .endpoint()
             .map_err(|e| e.to_string())?
-            .connect_timeout(Duration::from_secs(5))
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(20));
+        let auth = self.plane.interceptor().map_err(|e| e.to_string())?;
         let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
-        let mut client = TelemetryClient::new(channel);
+        let mut client = TelemetryClient::with_interceptor(channel, auth);
         let (tx, rx) = mpsc::channel::<AgentReport>(WINDOW * 2 + 4);
         let hello = AgentReport {
             kind: Some(agent_report::Kind::Hello(ReportHello {
@@ -101,7 +103,7 @@ impl Shipper {
             .await
             .map_err(|s| format!("{}: {}", s.code(), s.message()))?
             .into_inner();
-        tracing::info!(plane = %self.plane, "telemetry stream open");
+        tracing::info!(plane = %self.plane.url, "telemetry stream open");
         // (order, boot, seq) sent and not acked, in send order.
         let mut inflight: VecDeque<(u64, String, u64)> = VecDeque::new();
         let mut last_sent: Option<u64> = None;

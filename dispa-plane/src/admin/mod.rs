@@ -1,9 +1,11 @@
 //! The Admin gRPC service: decode, call the plain functions in [`crate::versions`], encode.
 
+mod access;
+
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use dispa_proto::config::{self, Diagnostics};
+use dispa_proto::config::{self, Attachments, Diagnostics};
 use dispa_proto::v1::admin_server::Admin;
 use dispa_proto::v1::{self, diff_request};
 use dispa_proto::{BUILD_VERSION, ErrorCode, PROTOCOL_VERSION, Version};
@@ -60,6 +62,33 @@ fn info(version: Version, m: &VersionMeta) -> v1::VersionInfo {
         rollback_of: m.rollback_of.map_or(0, |v| v.0),
         source_name: m.source_name.clone(),
     }
+}
+
+/// A version's uploaded files; secret ones carry no content unless `show_secrets`.
+fn file_infos(rec: &VersionRecord, show_secrets: bool) -> Vec<v1::FileInfo> {
+    // Stored versions were valid when stored; if one no longer parses, treat every file as
+    // secret rather than risk showing a key.
+    let secret = config::parse_with_files(&rec.meta.source_name, &rec.content, &rec.files)
+        .map(|c| c.secret_files)
+        .ok();
+    rec.files
+        .0
+        .iter()
+        .map(|(path, content)| {
+            let is_secret = secret.as_ref().is_none_or(|s| s.contains(path));
+            v1::FileInfo {
+                path: path.clone(),
+                size: content.len() as u64,
+                sha256: dispa_proto::content_hash(content),
+                secret: is_secret,
+                content: if is_secret && !show_secrets {
+                    Default::default()
+                } else {
+                    content.clone()
+                },
+            }
+        })
+        .collect()
 }
 
 fn file_of(f: Option<v1::SourceFile>) -> Result<v1::SourceFile, Status> {
@@ -124,18 +153,32 @@ impl Admin for AdminService {
         &self,
         request: Request<v1::ApplyRequest>,
     ) -> Result<Response<v1::ApplyResponse>, Status> {
+        let who = access::principal(&request);
         let r = request.into_inner();
         let file = file_of(r.file)?;
+        let (dry_run, message) = (r.dry_run, r.message.clone());
         let input = ApplyInput {
             source_name: file.name,
             content: file.content,
+            files: Attachments::from_wire(file.attachments),
             author: r.author,
             message: r.message,
             expect_version: r.expect_version.map(Version),
             dry_run: r.dry_run,
         };
-        let outcome = self.blocking(move |s| s.apply(input)).await?;
-        Ok(Response::new(match outcome {
+        let before = self.state.current_version();
+        let outcome = self.blocking(move |s| s.apply(input)).await;
+        if !dry_run {
+            let result = match &outcome {
+                Ok(ApplyOutcome::Created { record, .. }) => Ok((before, record.version)),
+                Ok(
+                    ApplyOutcome::Unchanged { current, .. } | ApplyOutcome::DryRun { current, .. },
+                ) => Ok((*current, *current)),
+                Err(e) => Err(e),
+            };
+            access::audit_change(&self.state, &who, "Apply", result, &message);
+        }
+        Ok(Response::new(match outcome? {
             ApplyOutcome::Created { record, diff } => v1::ApplyResponse {
                 version: record.version.0,
                 created: true,
@@ -166,7 +209,8 @@ impl Admin for AdminService {
         request: Request<v1::ValidateRequest>,
     ) -> Result<Response<v1::ValidateResponse>, Status> {
         let file = file_of(request.into_inner().file)?;
-        let diagnostics = match config::parse(&file.name, &file.content) {
+        let files = Attachments::from_wire(file.attachments);
+        let diagnostics = match config::parse_with_files(&file.name, &file.content, &files) {
             Ok(_) => Vec::new(),
             Err(d) => diagnostics_to_wire(&d),
         };
@@ -184,32 +228,40 @@ impl Admin for AdminService {
         let resp = self
             .blocking(move |s| {
                 let from = versions::get(s.store.as_ref(), Version(r.from_version));
-                let (from_v, from_label, from_content) = match from {
-                    Ok(rec) => (rec.version, versions::label(rec.version), rec.content),
+                let (from_v, from_label, from_content, from_files) = match from {
+                    Ok(rec) => (
+                        rec.version,
+                        versions::label(rec.version),
+                        rec.content,
+                        rec.files,
+                    ),
                     // Diffing a file against an empty store shows the whole file as new.
-                    Err(VersionsError::NotFound(v)) if v.is_none() => {
-                        (Version::NONE, versions::label(v), String::new())
-                    }
+                    Err(VersionsError::NotFound(v)) if v.is_none() => (
+                        Version::NONE,
+                        versions::label(v),
+                        String::new(),
+                        Attachments::default(),
+                    ),
                     Err(e) => return Err(e),
                 };
-                let (to_label, to_content) = match to {
+                let (to_label, to_content, to_files) = match to {
                     diff_request::To::ToVersion(v) => {
                         let rec = versions::get(s.store.as_ref(), Version(v))?;
-                        (versions::label(rec.version), rec.content)
+                        (versions::label(rec.version), rec.content, rec.files)
                     }
                     diff_request::To::File(f) => {
                         // Diff only what would be accepted.
-                        config::parse(&f.name, &f.content).map_err(VersionsError::Invalid)?;
-                        (f.name, f.content)
+                        let files = Attachments::from_wire(f.attachments);
+                        config::parse_with_files(&f.name, &f.content, &files)
+                            .map_err(VersionsError::Invalid)?;
+                        (f.name, f.content, files)
                     }
                 };
+                let mut diff =
+                    versions::unified_diff(&from_label, &from_content, &to_label, &to_content);
+                diff.push_str(&versions::files_diff(Some(&from_files), &to_files));
                 Ok(v1::DiffResponse {
-                    diff: versions::unified_diff(
-                        &from_label,
-                        &from_content,
-                        &to_label,
-                        &to_content,
-                    ),
+                    diff,
                     from_version: from_v.0,
                 })
             })
@@ -221,13 +273,20 @@ impl Admin for AdminService {
         &self,
         request: Request<v1::GetRequest>,
     ) -> Result<Response<v1::GetResponse>, Status> {
-        let v = Version(request.into_inner().version);
+        let who = access::principal(&request);
+        let r = request.into_inner();
+        if r.show_secrets {
+            access::check_show_secrets(&self.state, &who)?;
+        }
+        let v = Version(r.version);
         let rec: VersionRecord = self
             .blocking(move |s| versions::get(s.store.as_ref(), v))
             .await?;
+        let files = file_infos(&rec, r.show_secrets);
         Ok(Response::new(v1::GetResponse {
             info: Some(info(rec.version, &rec.meta)),
             content: rec.content,
+            files,
         }))
     }
 
@@ -251,8 +310,11 @@ impl Admin for AdminService {
         &self,
         request: Request<v1::RollbackRequest>,
     ) -> Result<Response<v1::ApplyResponse>, Status> {
+        let who = access::principal(&request);
         let r = request.into_inner();
-        let (record, diff) = self
+        let message = r.message.clone();
+        let before = self.state.current_version();
+        let result = self
             .blocking(move |s| {
                 s.rollback(
                     Version(r.to_version),
@@ -261,7 +323,15 @@ impl Admin for AdminService {
                     r.message,
                 )
             })
-            .await?;
+            .await;
+        access::audit_change(
+            &self.state,
+            &who,
+            "Rollback",
+            result.as_ref().map(|(record, _)| (before, record.version)),
+            &message,
+        );
+        let (record, diff) = result?;
         Ok(Response::new(v1::ApplyResponse {
             version: record.version.0,
             created: true,
@@ -398,4 +468,51 @@ impl Admin for AdminService {
             .map_err(|e| ErrorCode::Unavailable.status(e.to_string()))?;
         Ok(Response::new(compute_stats(&records)))
     }
+
+    async fn create_token(
+        &self,
+        request: Request<v1::CreateTokenRequest>,
+    ) -> Result<Response<v1::CreateTokenResponse>, Status> {
+        let who = access::principal(&request);
+        let r = request.into_inner();
+        let state = self.state.clone();
+        spawn_store(move || access::create_token(&state, &who, r)).await
+    }
+
+    async fn list_tokens(
+        &self,
+        _: Request<v1::ListTokensRequest>,
+    ) -> Result<Response<v1::ListTokensResponse>, Status> {
+        let state = self.state.clone();
+        spawn_store(move || access::list_tokens(&state)).await
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<v1::RevokeTokenRequest>,
+    ) -> Result<Response<v1::RevokeTokenResponse>, Status> {
+        let who = access::principal(&request);
+        let r = request.into_inner();
+        let state = self.state.clone();
+        spawn_store(move || access::revoke_token(&state, &who, r)).await
+    }
+
+    async fn list_audit(
+        &self,
+        request: Request<v1::ListAuditRequest>,
+    ) -> Result<Response<v1::ListAuditResponse>, Status> {
+        let r = request.into_inner();
+        let state = self.state.clone();
+        spawn_store(move || access::list_audit(&state, r)).await
+    }
+}
+
+/// Runs a blocking token/audit store call off the async workers.
+async fn spawn_store<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
+) -> Result<Response<T>, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ErrorCode::Internal.status(format!("store task failed: {e}")))?
+        .map(Response::new)
 }

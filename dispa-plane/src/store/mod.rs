@@ -5,6 +5,7 @@ mod sled_store;
 
 use bytes::Bytes;
 use dispa_proto::Version;
+use dispa_proto::config::Attachments;
 
 pub use sled_store::SledStore;
 
@@ -15,6 +16,8 @@ pub struct VersionRecord {
     pub meta: VersionMeta,
     /// The routes.toml text as applied.
     pub content: String,
+    /// The files the routes.toml names, as uploaded.
+    pub files: Attachments,
     /// The encoded snapshot agents receive.
     pub snapshot: Bytes,
 }
@@ -55,6 +58,7 @@ pub trait ConfigStore: Send + Sync + 'static {
         expected_head: Version,
         meta: VersionMeta,
         content: String,
+        files: Attachments,
         snapshot: Bytes,
     ) -> Result<VersionRecord, StoreError>;
 }

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use bytes::Bytes;
 use dispa_proto::Version;
+use dispa_proto::config::Attachments;
 use prost::Message;
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
@@ -34,6 +35,16 @@ struct StoredVersion {
     content: String,
     #[prost(bytes = "bytes", tag = "9")]
     snapshot: Bytes,
+    #[prost(message, repeated, tag = "10")]
+    files: Vec<StoredFile>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct StoredFile {
+    #[prost(string, tag = "1")]
+    path: String,
+    #[prost(bytes = "bytes", tag = "2")]
+    content: Bytes,
 }
 
 impl StoredVersion {
@@ -49,6 +60,11 @@ impl StoredVersion {
                 source_name: self.source_name,
             },
             content: self.content,
+            files: self
+                .files
+                .into_iter()
+                .map(|f| (f.path, f.content))
+                .collect(),
             snapshot: self.snapshot,
         }
     }
@@ -130,6 +146,7 @@ impl ConfigStore for SledStore {
         expected_head: Version,
         meta: VersionMeta,
         content: String,
+        files: Attachments,
         snapshot: Bytes,
     ) -> Result<VersionRecord, StoreError> {
         let new = expected_head.next();
@@ -143,6 +160,11 @@ impl ConfigStore for SledStore {
             source_name: meta.source_name.clone(),
             content,
             snapshot,
+            files: files
+                .0
+                .into_iter()
+                .map(|(path, content)| StoredFile { path, content })
+                .collect(),
         };
         let encoded = stored.encode_to_vec();
         let result = (&self.versions, &self.meta).transaction(|(versions, m)| {
@@ -196,11 +218,18 @@ mod tests {
                     Version::NONE,
                     meta("a"),
                     "a".into(),
+                    Attachments::default(),
                     Bytes::from_static(b"1"),
                 )
                 .unwrap();
             assert_eq!(v1.version, Version(1));
-            let stale = s.append(Version::NONE, meta("b"), "b".into(), Bytes::new());
+            let stale = s.append(
+                Version::NONE,
+                meta("b"),
+                "b".into(),
+                Attachments::default(),
+                Bytes::new(),
+            );
             assert!(matches!(
                 stale,
                 Err(StoreError::Conflict {
@@ -208,8 +237,14 @@ mod tests {
                     ..
                 })
             ));
-            s.append(Version(1), meta("c"), "c".into(), Bytes::new())
-                .unwrap();
+            s.append(
+                Version(1),
+                meta("c"),
+                "c".into(),
+                Attachments::default(),
+                Bytes::new(),
+            )
+            .unwrap();
         }
         let s = SledStore::open(dir.path()).unwrap();
         assert_eq!(s.head().unwrap().unwrap().content, "c");
