@@ -84,6 +84,7 @@ pub async fn run(a: DevArgs) -> Result<()> {
     let agent = Agent::bind(AgentOptions {
         plane: dispa_proto::connect::PlaneConnect::new(format!("http://{plane_addr}")),
         listen: a.listen,
+        listen_tls: None,
         admin: a.admin,
         id: AgentId::new("dev"),
         labels: [("mode".to_string(), "dev".to_string())].into(),

@@ -116,6 +116,10 @@ struct AgentArgs {
     /// Proxy listener (HTTP/1.1 and h2c).
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
+    /// TLS proxy listener (HTTP/1.1 and HTTP/2 by ALPN); certificates come from the
+    /// config's [certificates.NAME] and are chosen by SNI. Off unless given.
+    #[arg(long)]
+    listen_tls: Option<SocketAddr>,
     /// Admin listener: /healthz /readyz /metrics /config.
     #[arg(long, default_value = "127.0.0.1:9901")]
     admin: SocketAddr,
@@ -131,7 +135,8 @@ struct AgentArgs {
     /// How long SIGTERM waits for in-flight requests.
     #[arg(long, default_value = "30s", value_parser = dispa_proto::config::parse_duration)]
     drain_timeout: Duration,
-    /// Write {"proxy": ADDR, "admin": ADDR} here once listening.
+    /// Write {"proxy": ADDR, "admin": ADDR} (and "proxy_tls": ADDR with --listen-tls) here
+    /// once listening.
     #[arg(long)]
     ready_file: Option<PathBuf>,
     /// Also write each access-log record as a JSON line to stdout ("stdout"), or not ("off").
@@ -292,6 +297,7 @@ async fn run_agent(a: AgentArgs) -> Result<()> {
     let agent = Agent::bind(AgentOptions {
         plane,
         listen: a.listen,
+        listen_tls: a.listen_tls,
         admin: a.admin,
         id: AgentId::new(id),
         labels: a.labels.into_iter().collect::<BTreeMap<_, _>>(),
@@ -307,10 +313,9 @@ async fn run_agent(a: AgentArgs) -> Result<()> {
     .await?;
     let addrs = [agent.proxy_addr(), agent.admin_addr()];
     if let [Some(proxy), Some(admin)] = addrs {
-        ready::write(
-            a.ready_file.as_deref(),
-            &[("proxy", proxy), ("admin", admin)],
-        )?;
+        let mut bound = vec![("proxy", proxy), ("admin", admin)];
+        bound.extend(agent.tls_addr().map(|a| ("proxy_tls", a)));
+        ready::write(a.ready_file.as_deref(), &bound)?;
     }
     agent.run(shutdown_signal()).await;
     Ok(())

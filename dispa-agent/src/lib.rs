@@ -10,6 +10,7 @@ mod server;
 pub mod snapshot;
 pub mod sync;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;
 
 use std::collections::BTreeMap;
@@ -37,6 +38,8 @@ pub struct AgentOptions {
     /// How to reach the plane: URL (e.g. `http://127.0.0.1:7070`), TLS, join token.
     pub plane: dispa_proto::connect::PlaneConnect,
     pub listen: SocketAddr,
+    /// TLS proxy listener (certificates from the snapshot, chosen by SNI); off when None.
+    pub listen_tls: Option<SocketAddr>,
     pub admin: SocketAddr,
     pub id: AgentId,
     pub labels: BTreeMap<String, String>,
@@ -73,6 +76,7 @@ pub enum AgentError {
 pub struct Agent {
     opts: AgentOptions,
     proxy_listener: TcpListener,
+    tls_listener: Option<TcpListener>,
     admin_listener: TcpListener,
     applier: Arc<Applier>,
     metrics: Arc<Metrics>,
@@ -108,10 +112,15 @@ impl Agent {
             );
         }
         let proxy_listener = bind("proxy", opts.listen).await?;
+        let tls_listener = match opts.listen_tls {
+            Some(addr) => Some(bind("proxy-tls", addr).await?),
+            None => None,
+        };
         let admin_listener = bind("admin", opts.admin).await?;
         Ok(Agent {
             opts,
             proxy_listener,
+            tls_listener,
             admin_listener,
             applier,
             metrics,
@@ -121,6 +130,11 @@ impl Agent {
 
     pub fn proxy_addr(&self) -> Option<SocketAddr> {
         self.proxy_listener.local_addr().ok()
+    }
+
+    /// The TLS proxy listener's bound address, when `listen_tls` is set.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_listener.as_ref()?.local_addr().ok()
     }
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
@@ -192,6 +206,7 @@ impl Agent {
         tracing::info!(
             agent = %self.opts.id,
             proxy = ?self.proxy_addr(),
+            proxy_tls = ?self.tls_addr(),
             admin = ?self.admin_addr(),
             plane = %self.opts.plane.url,
             "agent listening"
@@ -207,10 +222,23 @@ impl Agent {
             stop_rx.clone(),
         ));
         let drain = self.opts.drain_timeout;
+        let tls_task = self.tls_listener.map(|listener| {
+            let proxy = proxy.clone();
+            tokio::spawn(server::serve(
+                "proxy-tls",
+                listener,
+                server::Transport::Tls(self.applier.current.clone()),
+                move |req, peer| proxy.clone().serve(req, peer, "https"),
+                stop_rx.clone(),
+                drain,
+                Some(self.metrics.clone()),
+            ))
+        });
         let proxy_task = tokio::spawn(server::serve(
             "proxy",
             self.proxy_listener,
-            move |req, peer| proxy.clone().serve(req, peer),
+            server::Transport::Plain,
+            move |req, peer| proxy.clone().serve(req, peer, "http"),
             stop_rx.clone(),
             drain,
             Some(self.metrics.clone()),
@@ -218,6 +246,7 @@ impl Agent {
         let admin_task = tokio::spawn(server::serve(
             "admin",
             self.admin_listener,
+            server::Transport::Plain,
             move |req, _peer| admin.clone().serve(req),
             stop_rx,
             drain,
@@ -225,6 +254,9 @@ impl Agent {
         ));
         shutdown.await;
         let _ = stop_tx.send(true);
+        if let Some(t) = tls_task {
+            let _ = t.await;
+        }
         let _ = tokio::join!(proxy_task, admin_task, sync, checks, dns);
         // Requests are drained: write every queued record to the spool, then give the shipper a
         // moment to deliver it (what it cannot deliver stays spooled for the next start).

@@ -13,13 +13,25 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::snapshot::Current;
 use crate::telemetry::Metrics;
+use crate::tls;
 
-/// Serves HTTP/1.1 and h2c (prior knowledge) on `listener` until `shutdown` turns true, then
-/// stops accepting and waits up to `drain` for in-flight requests to finish.
+/// What a listener speaks on top of TCP.
+#[derive(Clone)]
+pub enum Transport {
+    /// HTTP/1.1 and h2c (prior knowledge).
+    Plain,
+    /// TLS with the current snapshot's certificates, then HTTP/1.1 or HTTP/2 (by ALPN).
+    Tls(Arc<Current>),
+}
+
+/// Serves HTTP on `listener` until `shutdown` turns true, then stops accepting and waits up
+/// to `drain` for in-flight requests to finish.
 pub async fn serve<F, Fut, B>(
     name: &'static str,
     listener: TcpListener,
+    transport: Transport,
     handler: F,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
@@ -50,23 +62,46 @@ pub async fn serve<F, Fut, B>(
         let _ = stream.set_nodelay(true);
         let h = handler.clone();
         let svc = service_fn(move |req| h(req, peer));
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-            .into_owned();
-        let conn = graceful.watch(conn);
         let m = metrics.clone();
         if let Some(m) = &m {
             m.connections_accepted.inc();
             m.connections_open.inc();
         }
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
+        let ended = move |r: Result<(), Box<dyn std::error::Error + Send + Sync>>| {
+            if let Err(e) = r {
                 tracing::debug!(listener = name, %peer, "connection ended: {e}");
             }
             if let Some(m) = m {
                 m.connections_open.dec();
             }
-        });
+        };
+        match &transport {
+            Transport::Plain => {
+                let conn = builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                    .into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move { ended(conn.await) });
+            }
+            Transport::Tls(current) => {
+                let (builder, watcher, current) =
+                    (builder.clone(), graceful.watcher(), current.clone());
+                tokio::spawn(async move {
+                    match tls::accept(stream, &current).await {
+                        Ok(tls) => {
+                            let conn = builder
+                                .serve_connection_with_upgrades(TokioIo::new(tls), svc)
+                                .into_owned();
+                            ended(watcher.watch(conn).await);
+                        }
+                        Err(why) => {
+                            tracing::info!(listener = name, %peer, "TLS handshake failed: {why}");
+                            ended(Ok(()));
+                        }
+                    }
+                });
+            }
+        }
     }
     drop(listener);
     tracing::info!(

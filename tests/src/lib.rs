@@ -9,6 +9,7 @@ pub mod http_client;
 pub mod pki;
 pub mod postgres;
 pub mod process;
+pub mod tls;
 pub mod upstream;
 
 use std::future::Future;

@@ -38,6 +38,15 @@ const MAX_MIRRORS_IN_FLIGHT: usize = 64;
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
+/// Who sent a request, and over what.
+struct Client {
+    peer: SocketAddr,
+    /// "http" or "https": X-Forwarded-Proto.
+    scheme: &'static str,
+    /// The request's host as sent.
+    raw_host: String,
+}
+
 /// Where a failure came from, for the status, the body, the log record and the metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Failure {
@@ -148,10 +157,12 @@ impl Proxy {
         }
     }
 
+    /// Serves one request that arrived over `scheme` ("http" or "https").
     pub async fn serve(
         self: Arc<Self>,
         mut req: Request<Incoming>,
         peer: SocketAddr,
+        scheme: &'static str,
     ) -> Result<Response<LoggedBody>, Infallible> {
         let start = Instant::now();
         let ts_us = access_log::now_us();
@@ -167,7 +178,7 @@ impl Proxy {
             request_id: rid_str.clone(),
             client_ip: peer.ip().to_canonical().to_string(),
             method: req.method().as_str().to_string(),
-            scheme: "http".into(),
+            scheme: scheme.into(),
             path: access_log::capped(req.uri().path(), access_log::MAX_PATH),
             query: access_log::capped(
                 &access_log::redact_query(req.uri().query().unwrap_or(""), &self.logs.redact_query),
@@ -192,7 +203,7 @@ impl Proxy {
             conn_permit: None,
         });
         let (ex, mut resp) = self
-            .handle(req, peer, bytes_in.clone())
+            .handle(req, peer, scheme, bytes_in.clone())
             .instrument(span.clone())
             .await;
         resp.headers_mut().insert(X_REQUEST_ID, rid);
@@ -261,7 +272,8 @@ impl Proxy {
         let Some(picked) = shadow.pick(&ctx, &[]) else {
             return;
         };
-        let Ok(uri) = format!("http://{}{path_and_query}", picked.addr).parse::<Uri>() else {
+        let scheme = shadow.pool.scheme();
+        let Ok(uri) = format!("{scheme}://{}{path_and_query}", picked.addr).parse::<Uri>() else {
             return;
         };
         let mut req = Request::new(CountedBody::new(None, Arc::default()));
@@ -274,13 +286,12 @@ impl Proxy {
         };
         *req.headers_mut() = parts.headers.clone();
         self.metrics.mirrored.inc();
+        let client = shadow.client(picked.addr);
         tokio::spawn(async move {
             let _permit = permit;
             let _in_flight = picked.in_flight;
             // The answer is read and dropped: a mirror never affects the client.
-            if let Ok(Ok(resp)) =
-                tokio::time::timeout(timeout, shadow.pool.client().request(req)).await
-            {
+            if let Ok(Ok(resp)) = tokio::time::timeout(timeout, client.request(req)).await {
                 use http_body_util::BodyExt;
                 let _ = tokio::time::timeout(timeout, resp.into_body().collect()).await;
             }
@@ -291,6 +302,7 @@ impl Proxy {
         &self,
         req: Request<Incoming>,
         peer: SocketAddr,
+        scheme: &'static str,
         bytes_in: Arc<AtomicU64>,
     ) -> (Exchange, Response<ProxyBody>) {
         let mut ex = Exchange::default();
@@ -314,7 +326,7 @@ impl Proxy {
         ex.route = route.name.to_string();
         ex.idle_timeout = route.idle_timeout;
         let upstream = match &route.action {
-            RouteAction::Redirect(rd) => return (ex, redirect(rd, &req, &raw_host)),
+            RouteAction::Redirect(rd) => return (ex, redirect(rd, &req, &raw_host, scheme)),
             RouteAction::Respond {
                 status,
                 body,
@@ -334,7 +346,12 @@ impl Proxy {
             },
         };
         ex.upstream = upstream.name.to_string();
-        self.forward(ex, route, &upstream, req, peer, raw_host, bytes_in)
+        let client = Client {
+            peer,
+            scheme,
+            raw_host,
+        };
+        self.forward(ex, route, &upstream, req, client, bytes_in)
             .await
     }
 
@@ -345,11 +362,15 @@ impl Proxy {
         route: &CompiledRoute,
         upstream: &UpstreamRuntime,
         mut req: Request<Incoming>,
-        peer: SocketAddr,
-        raw_host: String,
+        client: Client,
         bytes_in: Arc<AtomicU64>,
     ) -> (Exchange, Response<ProxyBody>) {
         use dispa_proto::config::model::RetryOn;
+        let Client {
+            peer,
+            scheme,
+            raw_host,
+        } = client;
         if upstream.saturated() {
             return fail(ex, Failure::CircuitOpen);
         }
@@ -373,7 +394,7 @@ impl Proxy {
             None => path.into_owned(),
         };
         headers::strip_hop_by_hop(&mut parts.headers);
-        headers::set_forwarded(&mut parts.headers, peer, &raw_host, "http");
+        headers::set_forwarded(&mut parts.headers, peer, &raw_host, scheme);
         if let Some((protocol, _)) = &upgrade {
             parts
                 .headers
@@ -443,7 +464,9 @@ impl Proxy {
             tried.push(endpoint);
             ex.attempts += 1;
             ex.endpoint = Some(endpoint);
-            let Ok(uri) = format!("http://{endpoint}{path_and_query}").parse::<Uri>() else {
+            let Ok(uri) =
+                format!("{}://{endpoint}{path_and_query}", upstream.pool.scheme()).parse::<Uri>()
+            else {
                 return fail(ex, Failure::BadRequest);
             };
             let upstream_body = match &buffered {
@@ -466,16 +489,16 @@ impl Proxy {
             };
 
             let sent_at = Instant::now();
-            let sent =
-                tokio::time::timeout(route.timeout, upstream.pool.client().request(upstream_req))
-                    .await;
+            let client = upstream.client(endpoint);
+            let sent = tokio::time::timeout(route.timeout, client.request(upstream_req)).await;
             ex.upstream_us = Some(u64::try_from(sent_at.elapsed().as_micros()).unwrap_or(u64::MAX));
+            let mut failed: Option<String> = None;
             // What went wrong, if anything, and whether the route retries it.
             let (outcome, retry_on) = match sent {
                 Err(_) => (Err(Failure::UpstreamTimeout), None),
                 Ok(Err(e)) => {
                     let f = classify(&e);
-                    tracing::debug!(route = %route.name, %endpoint, "upstream request failed: {e:#}");
+                    failed = Some(crate::tls::error_chain(&e));
                     let on = if e.is_connect() {
                         RetryOn::ConnectFailure
                     } else {
@@ -535,9 +558,21 @@ impl Proxy {
                     route.response_headers.apply(resp.headers_mut());
                     return (ex, resp.map(Either::Left));
                 }
-                Err(f) if !may_retry => return fail(ex, f),
+                Err(f) if !may_retry => {
+                    // The whole source chain, so the log names the cause (e.g. a TLS
+                    // certificate verification failure).
+                    if let Some(why) = &failed {
+                        tracing::warn!(route = %route.name, upstream = %upstream.name, %endpoint, "upstream request failed: {why}");
+                    }
+                    return fail(ex, f);
+                }
                 Ok(_) => last_failure = Failure::UpstreamFailed,
-                Err(f) => last_failure = f,
+                Err(f) => {
+                    if let Some(why) = &failed {
+                        tracing::debug!(route = %route.name, %endpoint, "upstream request failed, retrying: {why}");
+                    }
+                    last_failure = f;
+                }
             }
             self.metrics.retries.inc();
             body = None;
@@ -551,11 +586,12 @@ fn redirect<B>(
     rd: &dispa_proto::config::model::Redirect,
     req: &Request<B>,
     raw_host: &str,
+    request_scheme: &str,
 ) -> Response<ProxyBody> {
     let location = match &rd.to {
         Some(to) => to.clone(),
         None => {
-            let scheme = rd.scheme.as_deref().unwrap_or("http");
+            let scheme = rd.scheme.as_deref().unwrap_or(request_scheme);
             let host = rd.host.as_deref().unwrap_or(raw_host);
             let path = rd.path.as_deref().unwrap_or(req.uri().path());
             match req.uri().query() {

@@ -45,6 +45,8 @@ pub enum CompileError {
     Matcher(String),
     #[error("route {route}: {detail}")]
     Route { route: String, detail: String },
+    #[error("{what}: TLS: {detail}")]
+    Tls { what: String, detail: String },
 }
 
 /// Header changes with names and values parsed once.
@@ -181,6 +183,8 @@ pub struct RuntimeSnapshot {
     /// What it was built from, so a DNS refresh can rebuild it through the same `compile`.
     pub config: Arc<Config>,
     pub resolved: Resolved,
+    /// The TLS listener's certificates by SNI.
+    pub tls: Arc<crate::tls::CertTable>,
 }
 
 /// Endpoint names and the addresses they resolved to.
@@ -208,17 +212,44 @@ pub fn compile(
                     .map(move |addr| ResolvedEndpoint {
                         addr: *addr,
                         weight: e.weight,
+                        server_name: e
+                            .address
+                            .host
+                            .parse::<std::net::IpAddr>()
+                            .is_err()
+                            .then(|| e.address.host.clone()),
                     })
             })
             .collect();
         let prev = previous
             .and_then(|p| p.upstreams.get(&spec.name))
             .map(Arc::as_ref);
-        upstreams.insert(
-            spec.name.clone(),
-            Arc::new(upstream::build(spec, endpoints, prev)),
-        );
+        let built = upstream::build(spec, endpoints, prev).map_err(|detail| CompileError::Tls {
+            what: format!("upstream {}", spec.name),
+            detail,
+        })?;
+        if spec.tls.as_ref().is_some_and(|t| t.insecure_skip_verify)
+            && previous.is_none_or(|p| p.version != version)
+        {
+            tracing::warn!(
+                upstream = %spec.name,
+                %version,
+                "INSECURE: upstream TLS certificates are NOT verified (insecure_skip_verify = true); anyone on the path can impersonate its endpoints"
+            );
+        }
+        upstreams.insert(spec.name.clone(), Arc::new(built));
     }
+    // Certificates are compiled once per snapshot; a DNS refresh (same config) reuses them.
+    let tls =
+        match previous {
+            Some(p) if p.config.certificates == config.certificates => p.tls.clone(),
+            _ => Arc::new(crate::tls::CertTable::build(&config.certificates).map_err(
+                |detail| CompileError::Tls {
+                    what: "certificates".into(),
+                    detail,
+                },
+            )?),
+        };
     let mut compiled = Vec::with_capacity(config.routes.len());
     for r in &config.routes {
         compiled.push((r, compile_route(r, &upstreams)?));
@@ -230,6 +261,7 @@ pub fn compile(
         upstreams,
         config: Arc::new(config.clone()),
         resolved: resolved.clone(),
+        tls,
     })
 }
 

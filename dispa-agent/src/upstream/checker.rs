@@ -69,8 +69,13 @@ pub async fn run(current: Arc<Current>, metrics: Arc<Metrics>, mut stop: watch::
                     now.saturating_add(interval),
                     std::sync::atomic::Ordering::Relaxed,
                 );
-                let (client, health, hc) = (client.clone(), e.health.clone(), hc.clone());
-                let uri = format!("http://{}{}", e.addr, hc.path);
+                let client = if up.pool.key().tls.is_some() {
+                    Probe::Tls(up.probe_client(e.addr))
+                } else {
+                    Probe::Plain(client.clone())
+                };
+                let (health, hc) = (e.health.clone(), hc.clone());
+                let uri = format!("{}://{}{}", up.pool.scheme(), e.addr, hc.path);
                 let name = (up.name.to_string(), e.addr);
                 tokio::spawn(async move {
                     let ok = check(&client, &uri, hc.timeout, &hc.expect_status).await;
@@ -84,12 +89,13 @@ pub async fn run(current: Arc<Current>, metrics: Arc<Metrics>, mut stop: watch::
     }
 }
 
-async fn check(
-    client: &Client<HttpConnector, Empty<Bytes>>,
-    uri: &str,
-    timeout: Duration,
-    expect: &[u16],
-) -> bool {
+/// The client of one check: the shared plaintext one, or a TLS one for the upstream.
+enum Probe {
+    Plain(Client<HttpConnector, Empty<Bytes>>),
+    Tls(Client<crate::tls::Connector, Empty<Bytes>>),
+}
+
+async fn check(client: &Probe, uri: &str, timeout: Duration, expect: &[u16]) -> bool {
     let Ok(uri) = uri.parse::<http::Uri>() else {
         return false;
     };
@@ -97,7 +103,13 @@ async fn check(
         .header("user-agent", "dispa-health-check")
         .body(Empty::new());
     let Ok(req) = req else { return false };
-    match tokio::time::timeout(timeout, client.request(req)).await {
+    let sent = async {
+        match client {
+            Probe::Plain(c) => c.request(req).await,
+            Probe::Tls(c) => c.request(req).await,
+        }
+    };
+    match tokio::time::timeout(timeout, sent).await {
         Ok(Ok(resp)) if expect.is_empty() => {
             resp.status().is_success() || resp.status().is_redirection()
         }

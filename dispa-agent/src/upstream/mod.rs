@@ -18,7 +18,7 @@ use dispa_proto::UpstreamName;
 use dispa_proto::config::model::{HealthCheck, Outlier, Upstream};
 
 pub use balancer::{Balancer, Endpoint, InFlight, PickCtx};
-pub use pool::{Pool, PoolKey};
+pub use pool::{Pool, PoolKey, UpstreamClient};
 pub use retry_budget::RetryBudget;
 
 /// A resolved endpoint, before it gets run-time state.
@@ -26,6 +26,9 @@ pub use retry_budget::RetryBudget;
 pub struct ResolvedEndpoint {
     pub addr: SocketAddr,
     pub weight: u32,
+    /// The DNS name it was resolved from (None for an IP literal): the TLS server name
+    /// when the upstream sets no `sni`.
+    pub server_name: Option<String>,
 }
 
 /// An upstream as one snapshot sees it.
@@ -43,6 +46,8 @@ pub struct UpstreamRuntime {
     pub max_requests: u32,
     /// Circuit breaker on connections in use and requests waiting for one.
     pub gate: Option<Arc<ConnGate>>,
+    /// TLS without a configured sni: each named endpoint's server name.
+    pub server_names: HashMap<SocketAddr, String>,
 }
 
 /// At most `max_connections` requests use an upstream connection at once; up to
@@ -91,6 +96,24 @@ pub struct Picked {
 }
 
 impl UpstreamRuntime {
+    /// The pooled client for requests to `addr` (TLS: with that endpoint's server name).
+    pub fn client(&self, addr: SocketAddr) -> UpstreamClient {
+        self.pool
+            .client_for(self.server_names.get(&addr).map(String::as_str))
+    }
+
+    /// A non-pooling client for a health check of `addr`, for TLS upstreams.
+    pub fn probe_client(
+        &self,
+        addr: SocketAddr,
+    ) -> hyper_util::client::legacy::Client<
+        crate::tls::Connector,
+        http_body_util::Empty<bytes::Bytes>,
+    > {
+        self.pool
+            .probe_client(self.server_names.get(&addr).map(String::as_str))
+    }
+
     /// Whether the circuit breaker refuses another request now.
     pub fn saturated(&self) -> bool {
         self.max_requests > 0
@@ -121,20 +144,29 @@ impl UpstreamRuntime {
 /// Builds an upstream, reusing the previous snapshot's state where identity is unchanged:
 /// the pool when the connect settings match, each endpoint's in-flight counter and health by
 /// address, the retry budget, and the balancer's position when balance and endpoints match.
+/// Fails only on TLS settings rustls refuses.
 pub fn build(
     spec: &Upstream,
     resolved: Vec<ResolvedEndpoint>,
     previous: Option<&UpstreamRuntime>,
-) -> UpstreamRuntime {
+) -> Result<UpstreamRuntime, String> {
     let key = PoolKey {
         name: spec.name.clone(),
         connect_timeout: spec.connect_timeout,
         h2: spec.h2,
         idle_timeout: spec.idle_timeout,
+        tls: spec.tls.clone(),
     };
     let pool = match previous {
         Some(p) if p.pool.key() == &key => p.pool.clone(),
-        _ => Arc::new(Pool::new(key)),
+        _ => Arc::new(Pool::new(key)?),
+    };
+    let server_names = match &spec.tls {
+        Some(t) if t.sni.is_none() => resolved
+            .iter()
+            .filter_map(|r| Some((r.addr, r.server_name.clone()?)))
+            .collect(),
+        _ => HashMap::new(),
     };
     let old: HashMap<SocketAddr, &Endpoint> = previous
         .map(|p| p.endpoints.iter().map(|e| (e.addr, e)).collect())
@@ -162,7 +194,8 @@ pub fn build(
     // Balancer::new carries a round-robin position only from a round-robin balancer.
     let carried = previous.filter(|_| same).map(|p| &p.balancer);
     let balancer = Balancer::new(&spec.balance, &endpoints, carried);
-    UpstreamRuntime {
+    Ok(UpstreamRuntime {
+        server_names,
         name: spec.name.clone(),
         endpoints,
         balancer,
@@ -182,7 +215,7 @@ pub fn build(
             }
             _ => Arc::new(ConnGate::new(spec.max_connections, spec.max_pending)),
         }),
-    }
+    })
 }
 
 pub type Upstreams = HashMap<UpstreamName, Arc<UpstreamRuntime>>;

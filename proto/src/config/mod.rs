@@ -7,6 +7,7 @@
 mod diagnostic;
 mod files;
 pub mod model;
+pub mod pem;
 mod raw;
 mod validate;
 pub mod wire;

@@ -18,9 +18,100 @@ pub struct Config {
     pub upstreams: BTreeMap<UpstreamName, Upstream>,
     /// In file order; the agent computes precedence from this.
     pub routes: Vec<Route>,
+    /// Certificates the agents' TLS listener serves, by entry name.
+    pub certificates: BTreeMap<String, Certificate>,
     /// Paths (as written) of uploaded files that hold secrets (private keys): never shown
     /// without an admin's `--show-secrets`.
     pub secret_files: std::collections::BTreeSet<String>,
+}
+
+impl Config {
+    /// The paths of every private-key file the config names (certificate keys, upstream
+    /// client keys): what [`Config::secret_files`] holds.
+    pub fn key_files(&self) -> std::collections::BTreeSet<String> {
+        let certs = self.certificates.values().map(|c| c.key.path.clone());
+        let clients = self
+            .upstreams
+            .values()
+            .filter_map(|u| u.tls.as_ref()?.client_cert.as_ref())
+            .map(|(_, key)| key.path.clone());
+        certs.chain(clients).collect()
+    }
+}
+
+/// An uploaded PEM file: the path the routes.toml writes, and its content. Debug prints the
+/// path and size only, never the content (it may be a private key).
+#[derive(Clone, PartialEq, Eq)]
+pub struct PemFile {
+    pub path: String,
+    pub content: bytes::Bytes,
+}
+
+impl fmt::Debug for PemFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "PemFile({:?}, <{} bytes>)",
+            self.path,
+            self.content.len()
+        )
+    }
+}
+
+/// The lowest TLS version a listener accepts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TlsVersion {
+    #[default]
+    V1_2,
+    V1_3,
+}
+
+impl TlsVersion {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "1.2" => Ok(TlsVersion::V1_2),
+            "1.3" => Ok(TlsVersion::V1_3),
+            _ => Err(format!("unknown TLS version {s:?} (\"1.2\" or \"1.3\")")),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TlsVersion::V1_2 => "1.2",
+            TlsVersion::V1_3 => "1.3",
+        }
+    }
+}
+
+/// `[certificates.NAME]`: a certificate chain and key served for `hosts` (by SNI).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Certificate {
+    pub name: String,
+    /// Exact or wildcard hosts (never `*`); may be empty for a default-only certificate.
+    pub hosts: Vec<HostPattern>,
+    /// PEM chain, leaf first.
+    pub cert: PemFile,
+    /// PEM private key (a secret).
+    pub key: PemFile,
+    /// Served to clients without SNI or with an SNI no entry lists.
+    pub default: bool,
+    /// mTLS: a client certificate signed by one of these CAs is required.
+    pub client_ca: Option<PemFile>,
+    pub min_version: TlsVersion,
+}
+
+/// TLS to an upstream's endpoints.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamTls {
+    /// The server name sent and verified; None: the endpoint's host (DNS name or IP).
+    pub sni: Option<String>,
+    /// CA bundle the endpoints' certificates must chain to (required unless
+    /// `insecure_skip_verify`).
+    pub ca: Option<PemFile>,
+    /// No certificate verification at all (loudly warned by agents).
+    pub insecure_skip_verify: bool,
+    /// A client certificate and key presented to the endpoints.
+    pub client_cert: Option<(PemFile, PemFile)>,
 }
 
 /// How an upstream spreads requests over its endpoints.
@@ -121,6 +212,8 @@ pub struct Upstream {
     pub health: Option<HealthCheck>,
     /// Passive outlier detection (always on unless `consecutive_failures = 0`).
     pub outlier: Outlier,
+    /// TLS to the endpoints; plaintext when None.
+    pub tls: Option<UpstreamTls>,
 }
 
 /// Active checks: `GET path` every `interval`; 2xx/3xx within `timeout` is a success.

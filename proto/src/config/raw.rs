@@ -15,6 +15,30 @@ pub(crate) struct RawConfig {
     pub upstreams: BTreeMap<Spanned<String>, RawUpstream>,
     #[serde(default)]
     pub routes: Vec<Spanned<RawRoute>>,
+    #[serde(default)]
+    pub certificates: BTreeMap<Spanned<String>, Spanned<RawCertificate>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCertificate {
+    #[serde(default)]
+    pub hosts: Vec<Spanned<String>>,
+    pub cert_file: Spanned<String>,
+    pub key_file: Spanned<String>,
+    pub default: Option<bool>,
+    pub client_ca_file: Option<Spanned<String>>,
+    pub min_version: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawUpstreamTls {
+    pub sni: Option<Spanned<String>>,
+    pub ca_file: Option<Spanned<String>>,
+    pub insecure_skip_verify: Option<bool>,
+    pub cert_file: Option<Spanned<String>>,
+    pub key_file: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -32,6 +56,7 @@ pub(crate) struct RawUpstream {
     pub idle_timeout: Option<Spanned<String>>,
     pub health: Option<Spanned<RawHealth>>,
     pub outlier: Option<Spanned<RawOutlier>>,
+    pub tls: Option<Spanned<RawUpstreamTls>>,
 }
 
 #[derive(Debug, Deserialize)]

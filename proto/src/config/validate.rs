@@ -26,29 +26,13 @@ pub const MAX_CONFIG_BYTES: usize = 16 * 1024 * 1024;
 pub(crate) fn parse_and_validate(
     name: &str,
     content: &str,
-    _files: &super::Attachments,
+    files: &super::Attachments,
 ) -> Result<Config, Diagnostics> {
     let pos = Positions::new(name, content);
-    if content.len() > MAX_CONFIG_BYTES {
-        return Err(Diagnostics(vec![pos.diagnostic(
-            0,
-            "",
-            format!(
-                "file is {} bytes; the limit is {MAX_CONFIG_BYTES}",
-                content.len()
-            ),
-        )]));
-    }
-    let raw: RawConfig = toml::from_str(content).map_err(|e| {
-        let offset = e.span().map_or(0, |s| s.start);
-        Diagnostics(vec![pos.diagnostic(
-            offset,
-            "",
-            e.message().trim().to_string(),
-        )])
-    })?;
+    let raw = parse_raw(&pos, content)?;
     let mut v = Validator {
         pos: &pos,
+        files,
         problems: Vec::new(),
     };
     let config = v.config(raw);
@@ -60,13 +44,62 @@ pub(crate) fn parse_and_validate(
     }
 }
 
-/// Every file path the config names. Nothing names files yet.
-pub(crate) fn referenced_files(_name: &str, _content: &str) -> Result<Vec<String>, Diagnostics> {
-    Ok(Vec::new())
+fn parse_raw(pos: &Positions<'_>, content: &str) -> Result<RawConfig, Diagnostics> {
+    if content.len() > MAX_CONFIG_BYTES {
+        return Err(Diagnostics(vec![pos.diagnostic(
+            0,
+            "",
+            format!(
+                "file is {} bytes; the limit is {MAX_CONFIG_BYTES}",
+                content.len()
+            ),
+        )]));
+    }
+    toml::from_str(content).map_err(|e| {
+        let offset = e.span().map_or(0, |s| s.start);
+        Diagnostics(vec![pos.diagnostic(
+            offset,
+            "",
+            e.message().trim().to_string(),
+        )])
+    })
 }
+
+/// Every file path the config names (certificates, keys, CA bundles), once each, in the
+/// order: certificate entries by name, then upstreams by name.
+pub(crate) fn referenced_files(name: &str, content: &str) -> Result<Vec<String>, Diagnostics> {
+    let pos = Positions::new(name, content);
+    let raw = parse_raw(&pos, content)?;
+    let mut out: Vec<String> = Vec::new();
+    let mut add = |p: Option<&Spanned<String>>| {
+        if let Some(p) = p
+            && !out.iter().any(|o| o == p.get_ref())
+        {
+            out.push(p.get_ref().clone());
+        }
+    };
+    for c in raw.certificates.values() {
+        let c = c.get_ref();
+        add(Some(&c.cert_file));
+        add(Some(&c.key_file));
+        add(c.client_ca_file.as_ref());
+    }
+    for u in raw.upstreams.values() {
+        if let Some(t) = &u.tls {
+            let t = t.get_ref();
+            add(t.ca_file.as_ref());
+            add(t.cert_file.as_ref());
+            add(t.key_file.as_ref());
+        }
+    }
+    Ok(out)
+}
+
+mod tls;
 
 struct Validator<'a> {
     pos: &'a Positions<'a>,
+    files: &'a super::Attachments,
     problems: Vec<super::Diagnostic>,
 }
 
@@ -100,11 +133,15 @@ impl Validator<'_> {
                 routes.push(route);
             }
         }
-        Config {
+        let certificates = self.certificates(raw.certificates);
+        let mut config = Config {
             upstreams,
             routes,
+            certificates,
             secret_files: Default::default(),
-        }
+        };
+        config.secret_files = config.key_files();
+        config
     }
 
     fn check_name(&mut self, name: &Spanned<String>, key: &str, what: &str) {
@@ -284,6 +321,10 @@ impl Validator<'_> {
         let outlier = raw.outlier.as_ref().map_or_else(Outlier::default, |o| {
             self.outlier(o, &format!("{key}.outlier"))
         });
+        let tls = raw
+            .tls
+            .as_ref()
+            .and_then(|t| self.upstream_tls(t, &format!("{key}.tls")));
         Upstream {
             name,
             balance,
@@ -296,6 +337,7 @@ impl Validator<'_> {
             idle_timeout,
             health,
             outlier,
+            tls,
         }
     }
 

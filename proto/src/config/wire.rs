@@ -16,6 +16,8 @@ use super::model::{
 use crate::v1;
 use crate::{RouteName, UpstreamName};
 
+mod tls;
+
 /// Why a received snapshot cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
@@ -36,6 +38,11 @@ pub fn to_snapshot(c: &Config) -> v1::Snapshot {
     v1::Snapshot {
         upstreams: c.upstreams.values().map(upstream_to_wire).collect(),
         routes: c.routes.iter().map(route_to_wire).collect(),
+        certificates: c
+            .certificates
+            .values()
+            .map(tls::certificate_to_wire)
+            .collect(),
     }
 }
 
@@ -89,6 +96,7 @@ fn upstream_to_wire(u: &Upstream) -> v1::Upstream {
             })
             .collect(),
         connect_timeout_ms: ms(u.connect_timeout),
+        tls: u.tls.as_ref().map(tls::upstream_tls_to_wire),
     }
 }
 
@@ -235,6 +243,10 @@ pub fn from_snapshot(s: v1::Snapshot) -> Result<Config, WireError> {
         if endpoints.is_empty() {
             return Err(invalid(&what, "no endpoints"));
         }
+        let tls = match u.tls {
+            Some(t) => Some(tls::upstream_tls_from_wire(t, &what)?),
+            None => None,
+        };
         let name = UpstreamName::new(u.name);
         upstreams.insert(
             name.clone(),
@@ -267,6 +279,7 @@ pub fn from_snapshot(s: v1::Snapshot) -> Result<Config, WireError> {
                     },
                     None => Outlier::default(),
                 },
+                tls,
                 name,
                 balance,
                 endpoints,
@@ -380,11 +393,15 @@ pub fn from_snapshot(s: v1::Snapshot) -> Result<Config, WireError> {
             mirror,
         });
     }
-    Ok(Config {
+    let certificates = tls::certificates_from_wire(s.certificates)?;
+    let mut config = Config {
         upstreams,
         routes,
+        certificates,
         secret_files: Default::default(),
-    })
+    };
+    config.secret_files = config.key_files();
+    Ok(config)
 }
 
 #[cfg(test)]
