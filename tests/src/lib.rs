@@ -6,7 +6,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod http_client;
-pub mod pki;
 pub mod postgres;
 pub mod process;
 pub mod tls;
@@ -16,7 +15,6 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 pub use http_client::{HttpClient, Reply};
-pub use pki::{Leaf, TestCa, pem_body, write_pem};
 pub use process::{AgentProc, CtlOutput, PlaneProc, ctl};
 pub use upstream::{TestUpstream, refused_addr};
 

@@ -5,6 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use dispa_tests::tls::Pki;
 use dispa_tests::*;
 use serde_json::Value;
 
@@ -234,19 +235,23 @@ async fn auth_roles_join_tokens_and_audit() {
 async fn plane_over_tls_with_agent_client_certificates() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let server_ca = TestCa::new();
-    let agent_ca = TestCa::new();
-    let rogue_ca = TestCa::new();
+    let server_ca = Pki::new("plane CA");
+    let agent_ca = Pki::new("agent CA");
+    let rogue_ca = Pki::new("rogue CA");
     let server = server_ca.leaf(&["127.0.0.1", "localhost"]);
     let good = agent_ca.leaf(&["edge-good"]);
     let rogue = rogue_ca.leaf(&["edge-rogue"]);
-    let p = |name: &str, pem: &str| write_pem(d, name, pem).display().to_string();
+    let p = |name: &str, pem: &str| {
+        let path = d.join(name);
+        std::fs::write(&path, pem).unwrap();
+        path.display().to_string()
+    };
     let (ca, cert, key) = (
-        p("server-ca.pem", &server_ca.pem),
+        p("server-ca.pem", &server_ca.ca_pem),
         p("plane.pem", &server.cert_pem),
         p("plane.key", &server.key_pem),
     );
-    let agent_ca_file = p("agent-ca.pem", &agent_ca.pem);
+    let agent_ca_file = p("agent-ca.pem", &agent_ca.ca_pem);
     let token_file = d.join("admin.token");
     let plane = PlaneProc::start_with(
         d,
@@ -364,6 +369,125 @@ async fn plane_over_tls_with_agent_client_certificates() {
             .any(|e| e["action"] == "Apply" && e["outcome"] == "ok" && e["role"] == "admin"),
         "{entries:#}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_keys_are_never_printed_without_an_admin_asking() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir(d.join("certs")).unwrap();
+    let token_file = d.join("admin.token");
+    let plane = PlaneProc::start_with(
+        d,
+        "127.0.0.1:0".parse().unwrap(),
+        &[
+            "--auth",
+            "--bootstrap-token-file",
+            token_file.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let url = plane.url();
+    let admin = std::fs::read_to_string(&token_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    let operator = create_token(&url, &admin, "operator").await;
+    let viewer = create_token(&url, &admin, "viewer").await;
+    let join = create_token(&url, &admin, "agent").await;
+    let agent = AgentProc::start_with(d, &url, "edge", &["--join-token", &join]).await;
+
+    let pki = Pki::new("site CA");
+    let (first, second) = (pki.leaf(&["site.test"]), pki.leaf(&["site.test"]));
+    let app = TestUpstream::start("app").await;
+    let content = format!(
+        "{}\n[certificates.site]\nhosts = [\"site.test\"]\ncert_file = \"certs/site.pem\"\nkey_file = \"certs/site.key\"\n",
+        config(&app)
+    );
+    let file = write_config(d, "routes.toml", &content);
+    let mut printed = String::new();
+    for (version, leaf) in [(1, &first), (2, &second)] {
+        std::fs::write(d.join("certs/site.pem"), &leaf.cert_pem).unwrap();
+        std::fs::write(d.join("certs/site.key"), &leaf.key_pem).unwrap();
+        let out = ctl_as(&url, &operator, &["apply", "-f", &file]).await.ok();
+        printed.push_str(&out.stdout);
+        eventually(
+            "the agent serves the new key",
+            Duration::from_secs(30),
+            || async {
+                let out = ctl_as(&url, &viewer, &["agents", "-o", "json"]).await.ok();
+                (out.json()[0]["acked_version"] == version).then_some(())
+            },
+        )
+        .await;
+    }
+    assert!(
+        printed.contains("file changed: certs/site.key (sha256 "),
+        "a key change shows as a digest: {printed}"
+    );
+
+    // What viewers and operators can print: get (table and JSON), history, diffs.
+    for (token, args) in [
+        (&viewer, vec!["get"]),
+        (&viewer, vec!["get", "-o", "json"]),
+        (&operator, vec!["get", "--version", "1", "-o", "json"]),
+        (&viewer, vec!["history", "-o", "json"]),
+        (&viewer, vec!["diff", "--from", "1", "--to", "2"]),
+        (&viewer, vec!["diff", "-f", &file]),
+        (&viewer, vec!["audit", "-o", "json"]),
+    ] {
+        let out = ctl_as(&url, token, &args).await.ok();
+        printed.push_str(&out.stdout);
+    }
+    assert!(printed.contains("certs/site.key"), "{printed}");
+    assert!(printed.contains("secret: redacted"), "{printed}");
+    // The certificate is public and may be shown; the keys never.
+    assert!(printed.contains(&second.cert_pem.lines().nth(1).unwrap().to_string()));
+    for leaf in [&first, &second] {
+        assert!(
+            !printed.contains(&leaf.key_body()),
+            "a key in dispactl output"
+        );
+        for line in leaf.key_pem.lines().filter(|l| !l.starts_with("-----")) {
+            assert!(
+                !printed.contains(line),
+                "a key line in dispactl output: {line}"
+            );
+        }
+    }
+
+    // Only an admin sees the key, and that read is audited.
+    let out = ctl_as(&url, &operator, &["get", "--show-secrets"]).await;
+    assert_eq!(out.code, 1, "{out:?}");
+    let out = ctl_as(&url, &admin, &["get", "--show-secrets", "-o", "json"])
+        .await
+        .ok();
+    let shown = out.json()["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["path"] == "certs/site.key")
+        .unwrap()["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(shown, second.key_pem);
+    let entries = audit(&url, &viewer).await;
+    assert!(has(&entries, "Get --show-secrets", "ok", "admin"));
+    assert!(has(&entries, "Get --show-secrets", "denied", "operator"));
+
+    // Neither process logs key material, and the agent's cached snapshot is owner-only.
+    for (who, log) in [("plane", plane.log_text()), ("agent", agent.log_text())] {
+        for leaf in [&first, &second] {
+            for line in leaf.key_pem.lines().filter(|l| !l.starts_with("-----")) {
+                assert!(!log.contains(line), "a key line in the {who} log");
+            }
+        }
+    }
+    let cache = d.join("edge-cache").join("snapshot.pb");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&cache).unwrap().permissions());
+    assert_eq!(mode & 0o077, 0, "snapshot cache mode {mode:o}");
 }
 
 /// Whether any file under `dir` contains `needle`.

@@ -77,7 +77,17 @@ impl SnapshotCache {
         std::fs::create_dir_all(&self.dir).map_err(io)?;
         let tmp = self.dir.join(format!("{FILE}.tmp"));
         {
-            let mut f = std::fs::File::create(&tmp).map_err(io)?;
+            // Owner-only: snapshots carry TLS private keys.
+            let mut f = {
+                use std::os::unix::fs::OpenOptionsExt;
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&tmp)
+                    .map_err(io)?
+            };
             let cached = SnapshotEnvelope {
                 nonce: String::new(),
                 ..env.clone()
