@@ -6,6 +6,7 @@
 
 mod diagnostic;
 mod files;
+pub mod jwks;
 pub mod model;
 pub mod pem;
 mod raw;
@@ -30,6 +31,14 @@ pub fn parse_with_files(
 ) -> Result<Config, Diagnostics> {
     validate::parse_and_validate(name, content, files)
 }
+
+/// The text with every inline secret (API keys, bearer tokens, JWT secrets) replaced by
+/// `"<redacted>"`, for showing a stored version to someone who may not see secrets.
+pub fn redact_source(name: &str, content: &str) -> String {
+    validate::redact_source(name, content)
+}
+
+pub use validate::parse_size;
 
 /// The paths (as written) of every file a routes.toml names, so a client can upload them.
 pub fn referenced_files(name: &str, content: &str) -> Result<Vec<String>, Diagnostics> {

@@ -5,7 +5,13 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
+mod policy;
+
 use crate::{RouteName, UpstreamName};
+pub use policy::{
+    AccessPolicy, Auth, Cidr, DEFAULT_LIMITS, EncodedSlashes, Jwt, JwtKey, Limits, Policy, RateKey,
+    RateLimit, Secret,
+};
 
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -23,6 +29,8 @@ pub struct Config {
     /// Paths (as written) of uploaded files that hold secrets (private keys): never shown
     /// without an admin's `--show-secrets`.
     pub secret_files: std::collections::BTreeSet<String>,
+    /// The global `[policy]`.
+    pub policy: Policy,
 }
 
 impl Config {
@@ -502,6 +510,8 @@ pub struct Route {
     /// A copy of requests (without a body) sent to another upstream, answer ignored.
     pub mirror: Option<Mirror>,
     pub retry: RetryPolicy,
+    /// `[routes.policy]`: what this route overrides of the global policy.
+    pub policy: AccessPolicy,
 }
 
 #[cfg(test)]

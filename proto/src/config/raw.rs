@@ -8,6 +8,10 @@ use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
+mod policy;
+
+pub(crate) use policy::{RawAuth, RawJwt, RawLimits, RawPolicy, RawRateLimit, RawSize};
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawConfig {
@@ -17,6 +21,7 @@ pub(crate) struct RawConfig {
     pub routes: Vec<Spanned<RawRoute>>,
     #[serde(default)]
     pub certificates: BTreeMap<Spanned<String>, Spanned<RawCertificate>>,
+    pub policy: Option<Spanned<RawPolicy>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -145,6 +150,7 @@ pub(crate) struct RawRoute {
     pub retries: Option<Spanned<i64>>,
     pub retry_on: Option<Vec<Spanned<String>>>,
     pub retry_non_idempotent: Option<bool>,
+    pub policy: Option<Spanned<RawPolicy>>,
 }
 
 /// `"value"` (exact), `{ regex = "..." }` or `{ present = true }`.

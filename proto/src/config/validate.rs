@@ -92,10 +92,53 @@ pub(crate) fn referenced_files(name: &str, content: &str) -> Result<Vec<String>,
             add(t.key_file.as_ref());
         }
     }
+    let policies = raw.policy.iter().chain(
+        raw.routes
+            .iter()
+            .filter_map(|r| r.get_ref().policy.as_ref()),
+    );
+    for p in policies {
+        add(p.get_ref().jwks_file());
+    }
     Ok(out)
 }
 
+/// The routes.toml text with every inline secret (API keys, bearer tokens, HS256 secrets)
+/// replaced by `"<redacted>"`. Text that does not parse is returned whole: it was never
+/// accepted, so it holds no stored secret... but callers only pass stored versions.
+pub(crate) fn redact_source(name: &str, content: &str) -> String {
+    let pos = Positions::new(name, content);
+    let Ok(raw) = parse_raw(&pos, content) else {
+        return content.to_string();
+    };
+    let mut spans = Vec::new();
+    if let Some(p) = &raw.policy {
+        p.get_ref().secret_spans(&mut spans);
+    }
+    for r in &raw.routes {
+        if let Some(p) = &r.get_ref().policy {
+            p.get_ref().secret_spans(&mut spans);
+        }
+    }
+    spans.sort_by_key(|s| s.start);
+    let mut out = String::with_capacity(content.len());
+    let mut at = 0;
+    for s in spans {
+        if s.start < at || s.end > content.len() {
+            continue;
+        }
+        out.push_str(content.get(at..s.start).unwrap_or_default());
+        out.push_str("\"<redacted>\"");
+        at = s.end;
+    }
+    out.push_str(content.get(at..).unwrap_or_default());
+    out
+}
+
+mod policy;
 mod tls;
+
+pub use policy::parse_size;
 
 struct Validator<'a> {
     pos: &'a Positions<'a>,
@@ -134,11 +177,13 @@ impl Validator<'_> {
             }
         }
         let certificates = self.certificates(raw.certificates);
+        let policy = self.global_policy(raw.policy.as_ref());
         let mut config = Config {
             upstreams,
             routes,
             certificates,
             secret_files: Default::default(),
+            policy,
         };
         config.secret_files = config.key_files();
         config
@@ -603,7 +648,9 @@ impl Validator<'_> {
             .idle_timeout
             .as_ref()
             .and_then(|d| self.duration(d, &format!("{key}.idle_timeout")));
+        let policy = self.route_policy(r.policy.as_ref(), key);
         Some(Route {
+            policy,
             idle_timeout,
             mirror,
             host_rewrite,

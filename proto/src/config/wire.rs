@@ -16,6 +16,7 @@ use super::model::{
 use crate::v1;
 use crate::{RouteName, UpstreamName};
 
+mod policy;
 mod tls;
 
 /// Why a received snapshot cannot be used.
@@ -43,6 +44,7 @@ pub fn to_snapshot(c: &Config) -> v1::Snapshot {
             .values()
             .map(tls::certificate_to_wire)
             .collect(),
+        policy: Some(policy::policy_to_wire(&c.policy)),
     }
 }
 
@@ -201,6 +203,7 @@ fn route_to_wire(r: &Route) -> v1::Route {
         retries: r.retry.retries,
         retry_on: r.retry.on.iter().map(|o| o.name()).collect(),
         retry_non_idempotent: r.retry.non_idempotent,
+        policy: Some(policy::access_to_wire(&r.policy)),
     }
 }
 
@@ -374,7 +377,9 @@ pub fn from_snapshot(s: v1::Snapshot) -> Result<Config, WireError> {
                 .map_err(|m| invalid(&what, m))?,
             non_idempotent: r.retry_non_idempotent,
         };
+        let policy = policy::access_from_wire(r.policy, &what)?;
         routes.push(Route {
+            policy,
             retry,
             name: RouteName::new(r.name),
             hosts,
@@ -394,11 +399,13 @@ pub fn from_snapshot(s: v1::Snapshot) -> Result<Config, WireError> {
         });
     }
     let certificates = tls::certificates_from_wire(s.certificates)?;
+    let policy = policy::policy_from_wire(s.policy)?;
     let mut config = Config {
         upstreams,
         routes,
         certificates,
         secret_files: Default::default(),
+        policy,
     };
     config.secret_files = config.key_files();
     Ok(config)
