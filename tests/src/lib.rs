@@ -8,6 +8,7 @@
 pub mod http_client;
 pub mod postgres;
 pub mod process;
+pub mod tls;
 pub mod upstream;
 
 use std::future::Future;

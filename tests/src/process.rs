@@ -152,6 +152,8 @@ pub struct AgentProc {
     pub child: Child,
     pub id: String,
     pub proxy: SocketAddr,
+    /// The TLS proxy listener, when started with `--listen-tls`.
+    pub proxy_tls: Option<SocketAddr>,
     pub admin: SocketAddr,
     pub log: PathBuf,
 }
@@ -190,6 +192,7 @@ impl AgentProc {
             child,
             id: id.into(),
             proxy: addr(&v, "proxy"),
+            proxy_tls: v["proxy_tls"].as_str().and_then(|s| s.parse().ok()),
             admin: addr(&v, "admin"),
             log,
         }
@@ -197,6 +200,13 @@ impl AgentProc {
 
     pub async fn kill(&mut self) {
         let _ = self.child.kill().await;
+    }
+
+    /// Starts an agent that also listens for TLS on a free port (`--listen-tls`).
+    pub async fn start_tls(dir: &Path, plane_url: &str, id: &str) -> AgentProc {
+        let a = Self::start_with(dir, plane_url, id, &["--listen-tls", "127.0.0.1:0"]).await;
+        assert!(a.proxy_tls.is_some(), "no proxy_tls in the ready file");
+        a
     }
 
     pub async fn sigterm(&self) {

@@ -117,6 +117,20 @@ impl TestUpstream {
 
     /// Starts on a given address (to bring a stopped upstream back where it was).
     pub async fn start_at(name: &str, addr: SocketAddr) -> TestUpstream {
+        Self::serve(name, addr, None).await
+    }
+
+    /// An upstream that serves TLS with `config` (its certificate, ALPN).
+    pub async fn start_tls(name: &str, config: Arc<rustls::ServerConfig>) -> TestUpstream {
+        Self::serve(name, "127.0.0.1:0".parse().expect("addr"), Some(config)).await
+    }
+
+    async fn serve(
+        name: &str,
+        addr: SocketAddr,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> TestUpstream {
+        let tls = tls.map(tokio_rustls::TlsAcceptor::from);
         let listener = TcpListener::bind(addr).await.expect("bind upstream");
         let addr = listener.local_addr().expect("upstream addr");
         let hits = Arc::new(AtomicU64::new(0));
@@ -129,15 +143,30 @@ impl TestUpstream {
                     continue;
                 };
                 let (name, hits, mut killed) = (name_arc.clone(), h.clone(), killed.clone());
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| answer(name.clone(), hits.clone(), req));
                     let builder =
                         hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
                     // Stopping the upstream drops its open connections too, like a crash.
-                    tokio::select! {
-                        _ = conn => {}
-                        _ = killed.changed() => {}
+                    match tls {
+                        None => {
+                            let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                            tokio::select! {
+                                _ = conn => {}
+                                _ = killed.changed() => {}
+                            }
+                        }
+                        Some(acceptor) => {
+                            let Ok(stream) = acceptor.accept(stream).await else {
+                                return;
+                            };
+                            let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                            tokio::select! {
+                                _ = conn => {}
+                                _ = killed.changed() => {}
+                            }
+                        }
                     }
                 });
             }
