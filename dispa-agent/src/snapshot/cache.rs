@@ -77,7 +77,23 @@ impl SnapshotCache {
         std::fs::create_dir_all(&self.dir).map_err(io)?;
         let tmp = self.dir.join(format!("{FILE}.tmp"));
         {
-            let mut f = std::fs::File::create(&tmp).map_err(io)?;
+            // The snapshot holds private keys: readable by the agent's user only.
+            let mut f = {
+                use std::os::unix::fs::OpenOptionsExt;
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&tmp)
+                    .map_err(io)?
+            };
+            {
+                use std::os::unix::fs::PermissionsExt;
+                // A temp file left by an older build keeps its mode on open: set it.
+                f.set_permissions(std::fs::Permissions::from_mode(0o600))
+                    .map_err(io)?;
+            }
             let cached = SnapshotEnvelope {
                 nonce: String::new(),
                 ..env.clone()
