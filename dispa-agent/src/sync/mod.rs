@@ -110,7 +110,15 @@ async fn session(opts: &SyncOptions, applier: &Applier, metrics: &Metrics) -> Ou
     }
     let mut stream = match client.stream(ReceiverStream::new(rx)).await {
         Ok(r) => r.into_inner(),
-        Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+        // Version skew or missing credentials: retrying soon will not help.
+        Err(s)
+            if matches!(
+                s.code(),
+                tonic::Code::FailedPrecondition
+                    | tonic::Code::Unauthenticated
+                    | tonic::Code::PermissionDenied
+            ) =>
+        {
             return Outcome::Refused(s.message().to_string());
         }
         Err(s) => return Outcome::Failed(format!("{}: {}", s.code(), s.message())),
