@@ -96,6 +96,19 @@ impl AdminApi {
                     })
                     .collect();
                 let routes: Vec<String> = s.routes.routes().map(|r| r.name.to_string()).collect();
+                // Names and hosts only: never key material.
+                let certificates: serde_json::Map<String, serde_json::Value> = s
+                    .config
+                    .certificates
+                    .values()
+                    .map(|c| {
+                        let hosts: Vec<String> = c.hosts.iter().map(ToString::to_string).collect();
+                        (
+                            c.name.clone(),
+                            serde_json::json!({ "hosts": hosts, "default": c.default, "mtls": c.client_ca.is_some() }),
+                        )
+                    })
+                    .collect();
                 serde_json::json!({
                     "agent": self.id,
                     "version": s.version.0,
@@ -103,6 +116,7 @@ impl AdminApi {
                     "routes": routes,
                     "upstreams": upstreams,
                     "health": health,
+                    "certificates": certificates,
                 })
             }
         };

@@ -123,14 +123,12 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     s
 }
 
-/// Connects to `addr` with SNI `sni`, trusting `roots`, offering h2 and http/1.1, presenting
-/// `client` if given; then speaks HTTP/2 or HTTP/1.1 as ALPN says.
-pub async fn connect(
+async fn handshake(
     addr: SocketAddr,
     sni: &str,
     roots: RootCertStore,
     client: Option<&Leaf>,
-) -> Result<TlsConn, String> {
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
@@ -144,10 +142,44 @@ pub async fn connect(
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let name = ServerName::try_from(sni.to_string()).map_err(|e| e.to_string())?;
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+    tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(name, tcp)
         .await
-        .map_err(|e| format!("handshake: {}", chain(&e)))?;
+        .map_err(|e| format!("handshake: {}", chain(&e)))
+}
+
+/// How the server refused a handshake (`Err` if it accepted it). With TLS 1.3 a client learns
+/// of a refused client certificate from the server's alert after its own side is done, so
+/// this reads once: an accepting server sends nothing until asked.
+pub async fn refusal(
+    addr: SocketAddr,
+    sni: &str,
+    roots: RootCertStore,
+    client: Option<&Leaf>,
+) -> Result<String, String> {
+    use tokio::io::AsyncReadExt;
+    let mut tls = match handshake(addr, sni, roots, client).await {
+        Ok(t) => t,
+        Err(e) => return Ok(e),
+    };
+    let mut buf = [0u8; 1];
+    match tokio::time::timeout(std::time::Duration::from_secs(5), tls.read(&mut buf)).await {
+        Ok(Err(e)) => Ok(chain(&e)),
+        Ok(Ok(0)) => Ok("closed".into()),
+        Ok(Ok(_)) => Err("the server sent data".into()),
+        Err(_) => Err("the server accepted the handshake".into()),
+    }
+}
+
+/// Connects to `addr` with SNI `sni`, trusting `roots`, offering h2 and http/1.1, presenting
+/// `client` if given; then speaks HTTP/2 or HTTP/1.1 as ALPN says.
+pub async fn connect(
+    addr: SocketAddr,
+    sni: &str,
+    roots: RootCertStore,
+    client: Option<&Leaf>,
+) -> Result<TlsConn, String> {
+    let tls = handshake(addr, sni, roots, client).await?;
     let (_, conn) = tls.get_ref();
     let peer_cert = conn
         .peer_certificates()

@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use dispa_tests::tls::{Leaf, Pki, connect};
+use dispa_tests::tls::{Leaf, Pki, connect, refusal};
 use dispa_tests::*;
 
 fn write(dir: &Path, name: &str, content: &str) {
@@ -107,6 +107,23 @@ async fn sni_picks_each_hosts_certificate_and_alpn_negotiates_h2() {
         },
     )
     .await;
+    // The admin /config lists the certificates by name and hosts, the snapshot cache on disk
+    // (it holds the keys) is readable by the agent's user only.
+    let cfg = HttpClient::new()
+        .get(&format!("http://{}/config", agent.admin), None)
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(cfg["certificates"]["b"]["hosts"][0], "*.b.example.test");
+    assert!(!cfg.to_string().contains(&a.key_body()));
+    let mode = {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(dir.path().join("edge-cache/snapshot.pb"))
+            .unwrap()
+            .permissions()
+            .mode()
+    };
+    assert_eq!(mode & 0o077, 0, "snapshot cache mode {mode:o}");
     assert_no_keys(&agent, &[&a, &b]);
 }
 
@@ -183,28 +200,18 @@ client_ca_file = "clients-ca.pem"
     apply(&plane, dir.path(), &config, 1).await;
     let tls_addr = agent.proxy_tls.unwrap();
 
-    // Without a client certificate: refused at the handshake (with TLS 1.3 the client learns
-    // it from the server's alert on its first read).
-    let refused = match connect(tls_addr, "mtls.example.test", pki.roots(), None).await {
-        Err(e) => e,
-        Ok(mut c) => match c.get("mtls.example.test", "/").await {
-            Err(e) => e,
-            Ok(r) => panic!("served without a client certificate: {}", r.status),
-        },
-    };
-    assert!(refused.contains("CertificateRequired"), "{refused}");
-    assert_eq!(web.hits.load(std::sync::atomic::Ordering::Relaxed), 0);
-
+    // Without a client certificate: refused at the handshake.
+    let why = refusal(tls_addr, "mtls.example.test", pki.roots(), None)
+        .await
+        .unwrap_or_else(|e| panic!("no client certificate: {e}"));
+    assert!(why.contains("CertificateRequired"), "{why}");
     // A certificate from another CA is refused too.
     let stranger = Pki::new("other CA").leaf(&["client"]);
-    let other = match connect(tls_addr, "mtls.example.test", pki.roots(), Some(&stranger)).await {
-        Err(e) => Some(e),
-        Ok(mut c) => c.get("mtls.example.test", "/").await.err(),
-    };
-    assert!(
-        other.is_some(),
-        "a client certificate from an unknown CA was accepted"
-    );
+    let why = refusal(tls_addr, "mtls.example.test", pki.roots(), Some(&stranger))
+        .await
+        .unwrap_or_else(|e| panic!("a client certificate from an unknown CA: {e}"));
+    assert!(why.contains("alert"), "{why}");
+    assert_eq!(web.hits.load(std::sync::atomic::Ordering::Relaxed), 0);
 
     // With one signed by the configured CA it works.
     let good = clients.leaf(&["client"]);
@@ -224,6 +231,9 @@ async fn upstream_tls_with_private_ca_and_sni_and_wrong_ca_gives_502() {
     // The certificate names only api.internal: verification passes only with that SNI.
     let leaf = upstream_ca.leaf(&["api.internal"]);
     let secure = TestUpstream::start_tls("secure", leaf.server_config(&[b"http/1.1"])).await;
+    // Verified against its IP address (no sni, an IP endpoint), with health checks over TLS.
+    let by_ip = upstream_ca.leaf(&["127.0.0.1"]);
+    let ip_upstream = TestUpstream::start_tls("by-ip", by_ip.server_config(&[b"http/1.1"])).await;
     write(dir.path(), "upstream-ca.pem", &upstream_ca.ca_pem);
     write(dir.path(), "other-ca.pem", &other_ca.ca_pem);
     let config = format!(
@@ -236,17 +246,37 @@ tls = {{ sni = "api.internal", ca_file = "upstream-ca.pem" }}
 endpoints = ["{addr}"]
 tls = {{ sni = "api.internal", ca_file = "other-ca.pem" }}
 
+[upstreams.insecure]
+endpoints = ["{addr}"]
+tls = {{ insecure_skip_verify = true }}
+
+[[routes]]
+name = "insecure"
+hosts = ["insecure.test"]
+upstream = "insecure"
+
+[upstreams.by-ip]
+endpoints = ["{ip_addr}"]
+tls = {{ ca_file = "upstream-ca.pem" }}
+health = {{ path = "/healthz", interval = "100ms", unhealthy = 1 }}
+
 [[routes]]
 name = "good"
 hosts = ["good.test"]
 upstream = "good"
 
 [[routes]]
+name = "by-ip"
+hosts = ["ip.test"]
+upstream = "by-ip"
+
+[[routes]]
 name = "wrong-ca"
 hosts = ["wrong.test"]
 upstream = "wrong-ca"
 "#,
-        addr = secure.addr
+        addr = secure.addr,
+        ip_addr = ip_upstream.addr,
     );
     let (plane, agent) = fleet_with(dir.path(), &config).await;
     let _ = &plane;
@@ -260,6 +290,26 @@ upstream = "wrong-ca"
     assert_eq!(seen["path"], "/through-tls");
     // Keep-alive: a second request reuses the pooled TLS connection and works too.
     assert_eq!(http.get(&url, Some("good.test")).await.unwrap().status, 200);
+
+    // insecure_skip_verify connects to anything, and the agent says so loudly.
+    let r = http.get(&url, Some("insecure.test")).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        agent
+            .log_text()
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains("INSECURE") && l.contains("insecure")),
+        "no warning for insecure_skip_verify"
+    );
+
+    // Health checks reach the TLS endpoint (a failed one would take it down: 503).
+    eventually("TLS health checks", Duration::from_secs(10), || async {
+        (ip_upstream.hits.load(std::sync::atomic::Ordering::Relaxed) >= 5).then_some(())
+    })
+    .await;
+    let r = http.get(&url, Some("ip.test")).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["upstream"], "by-ip");
 
     let r = http.get(&url, Some("wrong.test")).await.unwrap();
     assert_eq!(r.status, 502, "{}", r.text());
@@ -279,5 +329,5 @@ upstream = "wrong-ca"
         line.contains("invalid peer certificate") && line.contains("UnknownIssuer"),
         "{line}"
     );
-    assert_no_keys(&agent, &[&leaf]);
+    assert_no_keys(&agent, &[&leaf, &by_ip]);
 }

@@ -77,7 +77,7 @@ impl SnapshotCache {
         std::fs::create_dir_all(&self.dir).map_err(io)?;
         let tmp = self.dir.join(format!("{FILE}.tmp"));
         {
-            // Owner-only: snapshots carry TLS private keys.
+            // The snapshot holds private keys: readable by the agent's user only.
             let mut f = {
                 use std::os::unix::fs::OpenOptionsExt;
                 std::fs::OpenOptions::new()
@@ -88,6 +88,12 @@ impl SnapshotCache {
                     .open(&tmp)
                     .map_err(io)?
             };
+            {
+                use std::os::unix::fs::PermissionsExt;
+                // A temp file left by an older build keeps its mode on open: set it.
+                f.set_permissions(std::fs::Permissions::from_mode(0o600))
+                    .map_err(io)?;
+            }
             let cached = SnapshotEnvelope {
                 nonce: String::new(),
                 ..env.clone()
