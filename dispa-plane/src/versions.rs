@@ -174,12 +174,22 @@ pub fn label(v: Version) -> String {
     }
 }
 
-/// A unified line diff; empty when the texts are equal.
+/// A unified line diff of two routes.toml texts with their inline secrets redacted; empty when
+/// the texts are equal.
 pub fn unified_diff(old_label: &str, old: &str, new_label: &str, new: &str) -> String {
     if old == new {
         return String::new();
     }
-    similar::TextDiff::from_lines(old, new)
+    let (old_shown, new_shown) = (
+        config::redact_source(old_label, old),
+        config::redact_source(new_label, new),
+    );
+    if old_shown == new_shown {
+        return format!(
+            "--- {old_label}\n+++ {new_label}\ninline secret values changed (not shown)\n"
+        );
+    }
+    similar::TextDiff::from_lines(&old_shown, &new_shown)
         .unified_diff()
         .context_radius(3)
         .header(old_label, new_label)

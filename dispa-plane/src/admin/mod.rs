@@ -283,9 +283,14 @@ impl Admin for AdminService {
             .blocking(move |s| versions::get(s.store.as_ref(), v))
             .await?;
         let files = file_infos(&rec, r.show_secrets);
+        let content = if r.show_secrets {
+            rec.content
+        } else {
+            config::redact_source(&rec.meta.source_name, &rec.content)
+        };
         Ok(Response::new(v1::GetResponse {
             info: Some(info(rec.version, &rec.meta)),
-            content: rec.content,
+            content,
             files,
         }))
     }

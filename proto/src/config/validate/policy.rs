@@ -515,9 +515,16 @@ encoded_slashes = "reject"
         assert_eq!(r.max_body_bytes, Some(1024));
         assert_eq!(r.require_content_length, Some(true));
         assert_eq!(r.encoded_slashes, Some(EncodedSlashes::Reject));
-        let jwt = r.auth.as_ref().and_then(|a| a.jwt.as_ref()).unwrap_or_else(|| panic!());
+        let jwt = r
+            .auth
+            .as_ref()
+            .and_then(|a| a.jwt.as_ref())
+            .unwrap_or_else(|| panic!());
         assert!(matches!(jwt.key, JwtKey::Hs256(_)));
-        assert_eq!(jwt.forward_claims, vec![("sub".to_string(), "x-user".to_string())]);
+        assert_eq!(
+            jwt.forward_claims,
+            vec![("sub".to_string(), "x-user".to_string())]
+        );
         // Round trip through the wire.
         let back = crate::config::wire::decode(&crate::config::wire::encode(&c))
             .unwrap_or_else(|e| panic!("{e}"));
@@ -531,8 +538,16 @@ encoded_slashes = "reject"
     #[test]
     fn bad_policies_name_the_key() {
         let cases = [
-            ("[policy]\nallow = [\"10.0.0.1/8\"]\n", "policy.allow[0]", "host bits"),
-            ("[policy]\ndeny = [\"nope\"]\n", "policy.deny[0]", "not an IP"),
+            (
+                "[policy]\nallow = [\"10.0.0.1/8\"]\n",
+                "policy.allow[0]",
+                "host bits",
+            ),
+            (
+                "[policy]\ndeny = [\"nope\"]\n",
+                "policy.deny[0]",
+                "not an IP",
+            ),
             (
                 "[policy]\nrate_limit = { per_second = 0 }\n",
                 "policy.rate_limit.per_second",
