@@ -93,6 +93,7 @@ pub async fn run(a: DevArgs) -> Result<()> {
         access_log: Default::default(),
         log_spool_max: dispa_agent::DEFAULT_LOG_SPOOL_MAX,
         dns_refresh: Duration::from_secs(30),
+        workers: 1,
     })
     .await?;
     let proxy = agent.proxy_addr().context("proxy address")?;

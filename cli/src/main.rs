@@ -142,6 +142,10 @@ struct AgentArgs {
     /// Also write each access-log record as a JSON line to stdout ("stdout"), or not ("off").
     #[arg(long, default_value = "off", value_parser = ["off", "stdout"])]
     access_log: String,
+    /// "off" keeps no traffic log at all (nothing shipped to the plane or printed): for
+    /// benchmarks against proxies with logging off, or sites that log elsewhere.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    traffic_log: String,
     /// A query parameter whose value access logs replace with REDACTED (repeatable; "*" = all).
     #[arg(long = "log-redact-query", value_name = "PARAM")]
     log_redact_query: Vec<String>,
@@ -152,6 +156,9 @@ struct AgentArgs {
     /// effect without a config push).
     #[arg(long, default_value = "30s", value_parser = dispa_proto::config::parse_duration)]
     dns_refresh: Duration,
+    /// Threads serving client connections, each with its own event loop (0 = one per CPU).
+    #[arg(long, default_value_t = 0)]
+    workers: usize,
 }
 
 fn parse_bytes(s: &str) -> Result<u64, String> {
@@ -306,9 +313,14 @@ async fn run_agent(a: AgentArgs) -> Result<()> {
         access_log: AccessLogOptions {
             stdout: a.access_log == "stdout",
             redact_query: a.log_redact_query,
+            disabled: a.traffic_log == "off",
         },
         log_spool_max: a.log_spool_max,
         dns_refresh: a.dns_refresh,
+        workers: match a.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        },
     })
     .await?;
     let addrs = [agent.proxy_addr(), agent.admin_addr()];

@@ -53,6 +53,9 @@ pub struct AgentOptions {
     pub log_spool_max: u64,
     /// How often endpoint DNS names are re-resolved.
     pub dns_refresh: Duration,
+    /// Threads serving client connections, each with its own event loop (default: one per
+    /// CPU).
+    pub workers: usize,
 }
 
 /// On exit, how long the agent waits for the plane to ack its last log batches.
@@ -223,10 +226,12 @@ impl Agent {
             stop_rx.clone(),
         ));
         let drain = self.opts.drain_timeout;
+        let workers = self.opts.workers;
         let tls_task = self.tls_listener.map(|listener| {
             let proxy = proxy.clone();
-            tokio::spawn(server::serve(
+            tokio::spawn(server::serve_on_threads(
                 "proxy-tls",
+                workers,
                 listener,
                 server::Transport::Tls(self.applier.current.clone()),
                 move |req, peer| proxy.clone().serve(req, peer, "https"),
@@ -235,8 +240,9 @@ impl Agent {
                 Some(self.metrics.clone()),
             ))
         });
-        let proxy_task = tokio::spawn(server::serve(
+        let proxy_task = tokio::spawn(server::serve_on_threads(
             "proxy",
+            workers,
             self.proxy_listener,
             server::Transport::Plain,
             move |req, peer| proxy.clone().serve(req, peer, "http"),

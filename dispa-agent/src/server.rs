@@ -26,6 +26,86 @@ pub enum Transport {
     Tls(Arc<Current>),
 }
 
+/// Serves `listener` from `threads` OS threads, each with its own single-threaded runtime, so a
+/// connection's request, its upstream exchange and its response stay on one thread (no
+/// cross-thread wake-ups per request, the largest cost of a work-stealing runtime for a proxy).
+/// Every thread accepts from the same socket. Resolves when every thread has drained.
+#[allow(clippy::too_many_arguments)]
+pub async fn serve_on_threads<F, Fut, B>(
+    name: &'static str,
+    threads: usize,
+    listener: TcpListener,
+    transport: Transport,
+    handler: F,
+    shutdown: watch::Receiver<bool>,
+    drain: Duration,
+    metrics: Option<Arc<Metrics>>,
+) where
+    F: Fn(http::Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<http::Response<B>, std::convert::Infallible>> + Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let std_listener = match listener.into_std() {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(
+                listener = name,
+                "cannot hand the listener to worker threads: {e}"
+            );
+            return;
+        }
+    };
+    let mut done = Vec::new();
+    for i in 0..threads.max(1) {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let listener = match std_listener.try_clone() {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(listener = name, "cannot clone the listener: {e}");
+                break;
+            }
+        };
+        let (transport, handler, shutdown, metrics) = (
+            transport.clone(),
+            handler.clone(),
+            shutdown.clone(),
+            metrics.clone(),
+        );
+        let spawned = std::thread::Builder::new()
+            .name(format!("dispa-{name}-{i}"))
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::error!(listener = name, "cannot start a worker runtime: {e}");
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    match TcpListener::from_std(listener) {
+                        Ok(l) => serve(name, l, transport, handler, shutdown, drain, metrics).await,
+                        Err(e) => {
+                            tracing::error!(listener = name, "cannot register the listener: {e}")
+                        }
+                    }
+                });
+                let _ = tx.send(());
+            });
+        match spawned {
+            Ok(_) => done.push(rx),
+            Err(e) => tracing::error!(listener = name, "cannot start a worker thread: {e}"),
+        }
+    }
+    for rx in done {
+        let _ = rx.await;
+    }
+}
+
 /// Serves HTTP on `listener` until `shutdown` turns true, then stops accepting and waits up
 /// to `drain` for in-flight requests to finish.
 pub async fn serve<F, Fut, B>(

@@ -162,16 +162,26 @@ mod tests {
         h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
         h.insert("forwarded", HeaderValue::from_static("for=6.6.6.6"));
         h.insert("x-real-ip", HeaderValue::from_static("6.6.6.6"));
-        set_forwarded(
-            &mut h,
-            "127.0.0.9:5555".parse().unwrap(),
-            "api.example.com:8080",
-            "http",
-        );
+        let client: std::net::IpAddr = "127.0.0.9".parse().unwrap();
+        // From an untrusted peer the client's claim is dropped.
+        let xff = forwarded_for(&h, client, client, false);
+        set_forwarded(&mut h, xff, "api.example.com:8080", "http");
         assert_eq!(h["x-forwarded-for"], "127.0.0.9");
         assert!(!h.contains_key("forwarded") && !h.contains_key("x-real-ip"));
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "api.example.com:8080");
         assert_eq!(h["host"], "api.example.com:8080");
+    }
+
+    #[test]
+    fn trusted_peers_extend_the_chain() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("198.51.100.7"));
+        let peer: std::net::IpAddr = "10.1.0.1".parse().unwrap();
+        let client: std::net::IpAddr = "198.51.100.7".parse().unwrap();
+        assert_eq!(
+            forwarded_for(&h, peer, client, true),
+            "198.51.100.7, 10.1.0.1"
+        );
     }
 }

@@ -3,7 +3,7 @@
 
 mod body;
 mod deny;
-mod headers;
+pub mod headers;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -41,6 +41,8 @@ pub struct AccessLogOptions {
     pub stdout: bool,
     /// Query parameters whose values are replaced by "REDACTED"; "*" redacts every value.
     pub redact_query: Vec<String>,
+    /// Keep no traffic log at all: nothing spooled, shipped or printed (`--traffic-log off`).
+    pub disabled: bool,
 }
 
 /// The request path's handle: cheap to clone, never blocks.
@@ -50,10 +52,14 @@ pub struct LogSink {
     metrics: Arc<Metrics>,
     pub redact_query: Arc<[String]>,
     pub agent: Arc<str>,
+    disabled: bool,
 }
 
 impl LogSink {
     pub fn record(&self, r: LogRecord) {
+        if self.disabled {
+            return;
+        }
         if self.tx.try_send(r).is_err() {
             self.metrics.log_dropped("queue_full", 1);
         }
@@ -134,6 +140,7 @@ pub fn channel(
         metrics,
         redact_query: opts.redact_query.clone().into(),
         agent: agent.into(),
+        disabled: opts.disabled,
     };
     (sink, rx)
 }
@@ -169,14 +176,19 @@ pub async fn run_batcher(
                 n = rx.recv_many(&mut records, BATCH_MAX) => if n == 0 { stopping = true; continue },
                 _ = stop.changed() => { stopping = true; continue }
             }
-            // Let a batch fill a little before writing it.
-            let linger = tokio::time::sleep(BATCH_LINGER);
-            tokio::pin!(linger);
-            while records.len() < BATCH_MAX {
-                let room = BATCH_MAX - records.len();
+            // Let a batch fill a little before writing it: sleep, then take what arrived. Not
+            // waiting on the queue meanwhile keeps request threads from waking this task once
+            // per record.
+            if records.len() < BATCH_MAX {
                 tokio::select! {
-                    n = rx.recv_many(&mut records, room) => if n == 0 { break },
-                    _ = &mut linger => break,
+                    _ = tokio::time::sleep(BATCH_LINGER) => {}
+                    _ = stop.changed() => stopping = true,
+                }
+                while records.len() < BATCH_MAX {
+                    match rx.try_recv() {
+                        Ok(r) => records.push(r),
+                        Err(_) => break,
+                    }
                 }
             }
         }

@@ -1,0 +1,287 @@
+#!/usr/bin/env bash
+# Dispa against nginx and HAProxy on this machine, same upstream, same load, alternating runs.
+#
+#   tests/bench/compare.sh                 # every scenario, 3 rounds of 10 s each
+#   tests/bench/compare.sh --smoke         # 1 round of 1 s each: checks the harness works
+#   tests/bench/compare.sh --rounds 5 --duration 20 --scenarios small,big
+#
+# Scenarios: small (HTTP/1.1, 20-byte response), big (64 KiB response), h2 (HTTP/2 over TLS,
+# h2load), tls-keepalive (HTTP/1.1 over TLS, kept-alive), tls-handshake (a new TLS connection
+# per request), hosts (Dispa with a 10,000-host route table vs a 10-host one), idle (10,000
+# idle keep-alive connections, agent RSS), plane (1,000 agent streams, time to ACK).
+#
+# Needs nginx, haproxy, wrk, h2load and openssl (Debian: apt-get install nginx-light haproxy
+# wrk nghttp2-client openssl), python3, and release builds of dispa, dispactl and plane_load
+# (cargo build --release -p dispa-cli -p dispa-ctl -p dispa-tests --bins). Installs nothing.
+# Every process it starts listens on 127.0.0.1 and is stopped on exit.
+set -euo pipefail
+
+ROUNDS=3
+DURATION=10
+SMOKE=0
+SCENARIOS="small,big,h2,tls-keepalive,tls-handshake,hosts,idle,plane"
+CONNS=64
+THREADS=2
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --smoke) SMOKE=1; ROUNDS=1; DURATION=1 ;;
+    --rounds) ROUNDS="$2"; shift ;;
+    --duration) DURATION="$2"; shift ;;
+    --scenarios) SCENARIOS="$2"; shift ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+BIN="${DISPA_BIN_DIR:-$ROOT/target/release}"
+missing=()
+for tool in nginx:nginx-light haproxy:haproxy wrk:wrk h2load:nghttp2-client openssl:openssl python3:python3; do
+  command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool%%:*} (apt-get install ${tool##*:})")
+done
+for b in dispa dispactl plane_load; do
+  [ -x "$BIN/$b" ] || missing+=("$BIN/$b (cargo build --release -p dispa-cli -p dispa-ctl -p dispa-tests --bins)")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  printf 'missing:\n' >&2; printf '  %s\n' "${missing[@]}" >&2; exit 1
+fi
+
+WORK="$(mktemp -d /tmp/dispa-bench.XXXXXX)"
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
+  [ -f "$WORK/nginx-up.pid" ] && kill "$(cat "$WORK/nginx-up.pid")" 2>/dev/null || true
+  [ -f "$WORK/nginx-px.pid" ] && kill "$(cat "$WORK/nginx-px.pid")" 2>/dev/null || true
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+ulimit -n "$(ulimit -Hn)"
+
+# Fixed high ports; fail early if one is taken.
+UP=19080; NGX=19081; HAP=19082; DSP=19083; NGX_TLS=19443; HAP_TLS=19444; DSP_TLS=19445
+PLANE=19090; ADMIN=19091
+for p in $UP $NGX $HAP $DSP $NGX_TLS $HAP_TLS $DSP_TLS $PLANE $ADMIN; do
+  if (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null; then echo "port $p is in use" >&2; exit 1; fi
+done
+
+wait_port() { # port
+  for _ in $(seq 1 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done
+  echo "nothing listens on $1" >&2; exit 1
+}
+
+# --- certificates (one self-signed certificate for every TLS listener) ---
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+  -subj "/CN=bench.test" -addext "subjectAltName=DNS:bench.test" \
+  -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2>/dev/null
+cat "$WORK/cert.pem" "$WORK/key.pem" > "$WORK/haproxy.pem"
+
+# --- the upstream: nginx answering 20 bytes at / and 64 KiB at /big ---
+head -c 65536 /dev/zero | tr '\0' 'x' > "$WORK/big"
+mkdir -p "$WORK/up"
+cat > "$WORK/nginx-up.conf" <<EOF
+worker_processes 1;
+pid $WORK/nginx-up.pid;
+error_log $WORK/nginx-up.err warn;
+events { worker_connections 20000; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  server {
+    listen 127.0.0.1:$UP;
+    location = / { return 200 "01234567890123456789"; }
+    location = /big { alias $WORK/big; }
+  }
+}
+EOF
+nginx -c "$WORK/nginx-up.conf" -p "$WORK/up" -g 'daemon on;'
+wait_port $UP
+
+# --- nginx as the proxy: 2 workers, upstream keep-alive, no access log ---
+mkdir -p "$WORK/px"
+cat > "$WORK/nginx-px.conf" <<EOF
+worker_processes 2;
+pid $WORK/nginx-px.pid;
+error_log $WORK/nginx-px.err warn;
+worker_rlimit_nofile 65536;
+events { worker_connections 9000; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  upstream app { server 127.0.0.1:$UP; keepalive 128; }
+  server {
+    listen 127.0.0.1:$NGX;
+    listen 127.0.0.1:$NGX_TLS ssl http2;
+    ssl_certificate $WORK/cert.pem;
+    ssl_certificate_key $WORK/key.pem;
+    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+}
+EOF
+nginx -c "$WORK/nginx-px.conf" -p "$WORK/px" -g 'daemon on;'
+wait_port $NGX
+
+# --- HAProxy: 2 threads, connection reuse, no logging ---
+cat > "$WORK/haproxy.cfg" <<EOF
+global
+  nbthread 2
+  maxconn 9000
+defaults
+  mode http
+  timeout connect 2s
+  timeout client 60s
+  timeout server 60s
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:$HAP
+  bind 127.0.0.1:$HAP_TLS ssl crt $WORK/haproxy.pem alpn h2,http/1.1
+  default_backend app
+backend app
+  server up 127.0.0.1:$UP
+EOF
+haproxy -f "$WORK/haproxy.cfg" -q &
+PIDS+=($!); HAP_PID=$!
+wait_port $HAP
+
+# --- Dispa: a plane and one agent, the same route, applied with dispactl ---
+"$BIN/dispa" --log-level warn plane --data-dir "$WORK/plane" --listen 127.0.0.1:$PLANE \
+  > "$WORK/plane.log" 2>&1 &
+PIDS+=($!); PLANE_PID=$!
+wait_port $PLANE
+mkdir -p "$WORK/certs"
+cp "$WORK/cert.pem" "$WORK/key.pem" "$WORK/certs/"
+hosts_config() { # number of extra hosts
+  cat <<EOF
+[upstreams.app]
+endpoints = ["127.0.0.1:$UP"]
+
+[certificates.bench]
+hosts = ["bench.test"]
+cert_file = "certs/cert.pem"
+key_file = "certs/key.pem"
+default = true
+
+[[routes]]
+name = "all"
+upstream = "app"
+EOF
+  for i in $(seq 1 "$1"); do
+    printf '\n[[routes]]\nname = "h%d"\nhosts = ["h%d.example.com", "*.t%d.example.net"]\nupstream = "app"\n' "$i" "$i" "$i"
+  done
+}
+apply_hosts() { # number of hosts
+  hosts_config "$1" > "$WORK/routes.toml"
+  "$BIN/dispactl" --plane "http://127.0.0.1:$PLANE" apply -f "$WORK/routes.toml" >/dev/null
+}
+apply_hosts 10
+"$BIN/dispa" --log-level warn agent --plane "http://127.0.0.1:$PLANE" --id bench \
+  --listen 127.0.0.1:$DSP --listen-tls 127.0.0.1:$DSP_TLS --admin 127.0.0.1:$ADMIN \
+  --cache-dir "$WORK/agent" --traffic-log off > "$WORK/agent.log" 2>&1 &
+PIDS+=($!); AGENT_PID=$!
+wait_port $DSP
+for _ in $(seq 1 200); do
+  curl -sf "http://127.0.0.1:$ADMIN/readyz" >/dev/null && break; sleep 0.05
+done
+
+# --- measuring ---
+NGX_MASTER="$(cat "$WORK/nginx-px.pid")"
+# Peak RSS (KiB) of a process and its children (nginx workers): VmHWM, the high-water mark.
+peak_rss() { # pid
+  local total=0 p
+  for p in "$1" $(pgrep -P "$1" || true); do
+    total=$((total + $(awk '/VmHWM/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0)))
+  done
+  echo "$total"
+}
+to_ms() { # "1.23ms" | "456.00us" | "1.2s" -> milliseconds
+  awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) n /= 1000; else if (v ~ /ms$/) n += 0; else if (v ~ /s$/) n *= 1000; printf "%.3f", n }'
+}
+RESULTS="$WORK/results.tsv"
+: > "$RESULTS"
+run_wrk() { # scenario name url [extra wrk args...]
+  local scenario="$1" name="$2" url="$3"; shift 3
+  local out rps p50 p99
+  out="$(wrk -t$THREADS -c$CONNS -d"${DURATION}s" --latency "$@" "$url" 2>&1)"
+  rps="$(awk '/^Requests\/sec/ {print $2}' <<<"$out")"
+  p50="$(to_ms "$(awk '$1 == "50%" {print $2}' <<<"$out")")"
+  p99="$(to_ms "$(awk '$1 == "99%" {print $2}' <<<"$out")")"
+  if grep -q "Non-2xx" <<<"$out"; then echo "$name $scenario: errors: $(grep Non-2xx <<<"$out")" >&2; fi
+  printf '%s\t%s\t%s\t%s\t%s\n' "$scenario" "$name" "${rps:-0}" "${p50:-0}" "${p99:-0}" >> "$RESULTS"
+}
+run_h2load() { # scenario name url
+  local out rps p50 p99
+  out="$(h2load -D "$DURATION" -c $CONNS -m 10 -t $THREADS "$3" 2>&1)"
+  rps="$(awk '/^finished in/ {gsub(",", "", $4); print $4}' <<<"$out")"
+  # h2load prints mean/sd per request; it has no percentiles: p50 column = mean, p99 = max.
+  p50="$(to_ms "$(awk '/^time for request:/ {print $6}' <<<"$out")")"
+  p99="$(to_ms "$(awk '/^time for request:/ {print $5}' <<<"$out")")"
+  printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "${rps:-0}" "${p50:-0}" "${p99:-0}" >> "$RESULTS"
+}
+ALL_TARGETS="nginx haproxy dispa"
+target_port() { case "$1" in nginx) echo $NGX ;; haproxy) echo $HAP ;; dispa) echo $DSP ;; esac; }
+target_tls() { case "$1" in nginx) echo $NGX_TLS ;; haproxy) echo $HAP_TLS ;; dispa) echo $DSP_TLS ;; esac; }
+has() { [[ ",$SCENARIOS," == *",$1,"* ]]; }
+
+# A new TLS connection per request: wrk with Connection: close.
+for round in $(seq 1 "$ROUNDS"); do
+  for t in $ALL_TARGETS; do
+    has small && run_wrk small "$t" "http://127.0.0.1:$(target_port "$t")/"
+    has big && run_wrk big "$t" "http://127.0.0.1:$(target_port "$t")/big"
+    has tls-keepalive && run_wrk tls-keepalive "$t" "https://127.0.0.1:$(target_tls "$t")/"
+    has tls-handshake && run_wrk tls-handshake "$t" "https://127.0.0.1:$(target_tls "$t")/" -H "Connection: close"
+    has h2 && run_h2load h2 "$t" "https://127.0.0.1:$(target_tls "$t")/"
+  done
+  if has hosts; then
+    for n in 10 10000; do
+      apply_hosts "$n"
+      v="$("$BIN/dispactl" --plane "http://127.0.0.1:$PLANE" status -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["version"])')"
+      for _ in $(seq 1 600); do
+        curl -sf "http://127.0.0.1:$ADMIN/config" | grep -q "\"version\":$v" && break; sleep 0.1
+      done
+      # A host from the middle of the table, so lookups hit the big map.
+      run_wrk hosts "dispa-$n-hosts" "http://127.0.0.1:$DSP/" -H "Host: h$((n / 2)).example.com"
+    done
+    apply_hosts 10
+  fi
+done
+
+RSS_NGX="$(peak_rss "$NGX_MASTER")"; RSS_HAP="$(peak_rss "$HAP_PID")"; RSS_DSP="$(peak_rss "$AGENT_PID")"
+
+echo
+echo "# $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); $ROUNDS round(s) of ${DURATION}s, wrk -t$THREADS -c$CONNS"
+echo "# nginx $(nginx -v 2>&1 | sed 's/.*\///'), HAProxy $(haproxy -v | awk 'NR==1 {print $3}'), dispa $("$BIN/dispa" --version | awk '{print $2}')"
+python3 - "$RESULTS" "$RSS_NGX" "$RSS_HAP" "$RSS_DSP" <<'PY'
+import sys, statistics, collections
+rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
+rss = {"nginx": int(sys.argv[2]), "haproxy": int(sys.argv[3]), "dispa": int(sys.argv[4])}
+by = collections.defaultdict(list)
+for scenario, name, rps, p50, p99 in rows:
+    by[(scenario, name)].append((float(rps), float(p50), float(p99)))
+print(f"{'scenario':<14} {'proxy':<18} {'RPS (median)':>13} {'p50 ms':>8} {'p99 ms':>8} {'peak RSS MiB':>13}")
+med = {}
+for (scenario, name), runs in by.items():
+    r = statistics.median(x[0] for x in runs); p50 = statistics.median(x[1] for x in runs); p99 = statistics.median(x[2] for x in runs)
+    med[(scenario, name)] = r
+    mem = rss.get(name.split("-")[0], 0) / 1024
+    print(f"{scenario:<14} {name:<18} {r:>13,.0f} {p50:>8.2f} {p99:>8.2f} {mem:>13.1f}")
+print()
+for scenario in sorted({s for s, _ in by}):
+    d = med.get((scenario, "dispa"))
+    if d is None:
+        continue
+    parts = [f"{d / med[(scenario, peer)]:.2f}x {peer}" for peer in ("nginx", "haproxy") if med.get((scenario, peer))]
+    print(f"dispa / peers, {scenario}: {', '.join(parts)}")
+a, b = med.get(("hosts", "dispa-10-hosts")), med.get(("hosts", "dispa-10000-hosts"))
+if a and b:
+    print(f"dispa 10,000 hosts / 10 hosts: {b / a:.3f}")
+PY
+
+if has idle; then
+  n=10000; [ "$SMOKE" = 1 ] && n=500
+  python3 "$ROOT/tests/bench/idle_conns.py" 127.0.0.1 $DSP "$n" "$AGENT_PID"
+fi
+if has plane; then
+  agents=1000; [ "$SMOKE" = 1 ] && agents=50
+  "$BIN/plane_load" --dispa "$BIN/dispa" --agents "$agents" --versions "$([ "$SMOKE" = 1 ] && echo 2 || echo 5)"
+fi
