@@ -34,6 +34,8 @@ pub enum HeadError {
     Malformed,
     #[error("request head too large")]
     TooLarge,
+    #[error("invalid chunked body framing")]
+    BadChunk,
 }
 
 impl HeadError {
@@ -47,15 +49,14 @@ impl HeadError {
             HeadError::BareLineEnd => "bare_line_end",
             HeadError::Malformed => "malformed_head",
             HeadError::TooLarge => "head_too_large",
+            HeadError::BadChunk => "bad_chunk",
         }
     }
 }
 
-/// Why the connection must end now (the byte stream cannot be followed).
+/// Why the connection must end now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum StreamError {
-    #[error("invalid chunked body framing")]
-    BadChunk,
     #[error("too many pipelined requests")]
     TooDeep,
 }
@@ -162,7 +163,10 @@ impl Tracker {
                         State::Body(left)
                     };
                 }
-                State::Chunked(c, line) => bytes = self.feed_chunked(c, line, bytes)?,
+                State::Chunked(c, line) => match self.feed_chunked(c, line, bytes) {
+                    Some(rest) => bytes = rest,
+                    None => self.bad_body(),
+                },
             }
         }
         Ok(())
@@ -229,6 +233,16 @@ impl Tracker {
         Ok(())
     }
 
+    /// A body that cannot be followed: its request is refused if it has not been handed
+    /// over yet (hyper's own decoder fails it otherwise), and so is every later one.
+    fn bad_body(&mut self) {
+        if let Some(last) = self.verdicts.back_mut() {
+            *last = Err(HeadError::BadChunk);
+        }
+        self.poisoned = Some(HeadError::BadChunk);
+        self.state = State::Passthrough;
+    }
+
     fn push(&mut self, v: Result<(), HeadError>) -> Result<(), StreamError> {
         if self.verdicts.len() >= MAX_QUEUED {
             return Err(StreamError::TooDeep);
@@ -242,8 +256,8 @@ impl Tracker {
         mut c: Chunk,
         mut line: usize,
         bytes: &'a [u8],
-    ) -> Result<&'a [u8], StreamError> {
-        let bad = Err(StreamError::BadChunk);
+    ) -> Option<&'a [u8]> {
+        let bad = None;
         let mut i = 0;
         while i < bytes.len() {
             if let Chunk::Data(left) = c {
@@ -313,14 +327,14 @@ impl Tracker {
                 (Chunk::TrailerLf, _) => return bad,
                 (Chunk::EndLf, b'\n') => {
                     self.state = State::Head;
-                    return Ok(&bytes[i..]);
+                    return Some(&bytes[i..]);
                 }
                 (Chunk::EndLf, _) => return bad,
                 (Chunk::Data(_), _) => c,
             };
         }
         self.state = State::Chunked(c, line);
-        Ok(&bytes[i..])
+        Some(&bytes[i..])
     }
 }
 
@@ -492,8 +506,8 @@ GET /last HTTP/1.1\r\nHost: a\r\n\r\n";
             ]
             .concat();
             assert_eq!(
-                verdicts(&input).1,
-                Err(StreamError::BadChunk),
+                verdicts(&input),
+                (vec![Err(HeadError::BadChunk)], Ok(())),
                 "{}",
                 String::from_utf8_lossy(body)
             );

@@ -3,6 +3,7 @@
 
 mod body;
 mod headers;
+pub mod hygiene;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -58,6 +59,8 @@ enum Failure {
     UpstreamTimeout,
     UpstreamFailed,
     CircuitOpen,
+    /// Refused by request hygiene (framing, path, limits).
+    Rejected(hygiene::Rejection),
 }
 
 impl Failure {
@@ -70,6 +73,7 @@ impl Failure {
             Failure::NoRoute => StatusCode::NOT_FOUND,
             Failure::UpstreamRefused | Failure::UpstreamFailed => StatusCode::BAD_GATEWAY,
             Failure::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Failure::Rejected(r) => r.status(),
         }
     }
 
@@ -84,6 +88,7 @@ impl Failure {
             Failure::UpstreamTimeout => "upstream timed out\n",
             Failure::UpstreamFailed => "upstream connection failed\n",
             Failure::CircuitOpen => "upstream overloaded: too many requests in flight\n",
+            Failure::Rejected(r) => r.body(),
         }
     }
 
@@ -97,6 +102,7 @@ impl Failure {
             Failure::UpstreamTimeout => "upstream_timeout",
             Failure::UpstreamFailed => "upstream_failed",
             Failure::CircuitOpen => "circuit_open",
+            Failure::Rejected(r) => r.reason(),
         }
     }
 
@@ -109,6 +115,14 @@ impl Failure {
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
+        if let Failure::Rejected(rej) = self
+            && rej.closes()
+        {
+            // hyper closes an HTTP/1 connection after a response saying so (and drops the
+            // header on HTTP/2); nothing more is read from a stream in doubt.
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         r
     }
 }
@@ -300,7 +314,7 @@ impl Proxy {
 
     async fn handle(
         &self,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         peer: SocketAddr,
         scheme: &'static str,
         bytes_in: Arc<AtomicU64>,
@@ -310,6 +324,9 @@ impl Proxy {
         let Some(snapshot) = self.current.load() else {
             return fail(ex, Failure::NoSnapshot);
         };
+        if let Err(r) = hygiene::check_request(&mut req, &snapshot.config.policy.limits) {
+            return fail(ex, Failure::Rejected(r));
+        }
         let Some(raw_host) = headers::request_host(&req) else {
             return fail(ex, Failure::BadRequest);
         };
@@ -324,6 +341,13 @@ impl Proxy {
             return fail(ex, Failure::NoRoute);
         };
         ex.route = route.name.to_string();
+        let unsized_body = {
+            use hyper::body::Body;
+            !req.body().is_end_stream() && req.body().size_hint().exact().is_none()
+        };
+        if let Err(r) = route.hygiene.check(&req, unsized_body) {
+            return fail(ex, Failure::Rejected(r));
+        }
         ex.idle_timeout = route.idle_timeout;
         let upstream = match &route.action {
             RouteAction::Redirect(rd) => return (ex, redirect(rd, &req, &raw_host, scheme)),
@@ -450,6 +474,7 @@ impl Proxy {
         {
             self.mirror(shadow.clone(), &parts, &path_and_query, peer, route.timeout);
         }
+        let fault = Arc::new(body::BodyFault::default());
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut last_failure = Failure::NoEndpoint;
         loop {
@@ -471,7 +496,8 @@ impl Proxy {
             };
             let upstream_body = match &buffered {
                 Some(b) => CountedBody::buffered(b.clone()),
-                None => CountedBody::new(body.take(), bytes_in.clone()),
+                None => CountedBody::new(body.take(), bytes_in.clone())
+                    .limited(route.hygiene.max_body_bytes, fault.clone()),
             };
             let mut upstream_req = Request::new(upstream_body);
             *upstream_req.method_mut() = parts.method.clone();
@@ -495,6 +521,10 @@ impl Proxy {
             let mut failed: Option<String> = None;
             // What went wrong, if anything, and whether the route retries it.
             let (outcome, retry_on) = match sent {
+                // The client's body was invalid or too large: its fault, never retried.
+                Ok(Err(_)) if let Some(r) = fault.get() => {
+                    return fail(ex, Failure::Rejected(r));
+                }
                 Err(_) => (Err(Failure::UpstreamTimeout), None),
                 Ok(Err(e)) => {
                     let f = classify(&e);

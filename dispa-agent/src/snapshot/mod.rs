@@ -16,6 +16,7 @@ use dispa_proto::config::model::{Action, EndpointAddr, HeaderOps, PathMatch, Rou
 use dispa_proto::{RouteName, Version};
 use http::{HeaderName, HeaderValue};
 
+use crate::proxy::hygiene::RouteHygiene;
 use crate::routing::RouteTable;
 use crate::upstream::{self, ResolvedEndpoint, UpstreamRuntime, Upstreams};
 
@@ -151,6 +152,8 @@ pub struct CompiledRoute {
     pub response_headers: CompiledHeaderOps,
     /// (matched prefix, replacement)
     pub rewrite: Option<(PathMatch, String)>,
+    /// Encoded slashes, Content-Length and body size rules (route policy over global).
+    pub hygiene: RouteHygiene,
 }
 
 impl CompiledRoute {
@@ -252,7 +255,9 @@ pub fn compile(
         };
     let mut compiled = Vec::with_capacity(config.routes.len());
     for r in &config.routes {
-        compiled.push((r, compile_route(r, &upstreams)?));
+        let mut c = compile_route(r, &upstreams)?;
+        c.hygiene = RouteHygiene::resolve(&config.policy.access, &r.policy);
+        compiled.push((r, c));
     }
     Ok(RuntimeSnapshot {
         version,
@@ -328,6 +333,7 @@ fn compile_route(r: &Route, upstreams: &Upstreams) -> Result<CompiledRoute, Comp
         request_headers: CompiledHeaderOps::compile(&r.request_headers, &r.name)?,
         response_headers: CompiledHeaderOps::compile(&r.response_headers, &r.name)?,
         rewrite: r.rewrite_prefix.clone().map(|to| (r.path.clone(), to)),
+        hygiene: RouteHygiene::default(),
     })
 }
 
