@@ -72,7 +72,10 @@ impl Rejection {
     /// Whether the connection must close after the answer: anything that may have left the
     /// byte stream in doubt, and an unread body.
     pub fn closes(self) -> bool {
-        !matches!(self, Rejection::EncodedSlash | Rejection::UriTooLong | Rejection::BadPath)
+        !matches!(
+            self,
+            Rejection::EncodedSlash | Rejection::UriTooLong | Rejection::BadPath
+        )
     }
 }
 
@@ -107,8 +110,7 @@ pub fn check_request<B>(req: &mut Request<B>, limits: &Limits) -> Result<(), Rej
 fn check_lengths(h: &HeaderMap) -> Result<(), Rejection> {
     let mut lengths = h.get_all(header::CONTENT_LENGTH).iter();
     if let Some(v) = lengths.next()
-        && (lengths.next().is_some()
-            || crate::conn::framing::parse_length(v.as_bytes()).is_none())
+        && (lengths.next().is_some() || crate::conn::framing::parse_length(v.as_bytes()).is_none())
     {
         return Err(Rejection::Framing(HeadError::BadLength));
     }
