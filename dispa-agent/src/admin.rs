@@ -48,14 +48,31 @@ impl AdminApi {
                     "not ready: no snapshot yet\n",
                 ),
             },
-            "/metrics" => reply(
-                StatusCode::OK,
-                "text/plain; version=0.0.4; charset=utf-8",
-                self.metrics.render(),
-            ),
+            "/metrics" => {
+                self.refresh_gauges();
+                reply(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    self.metrics.render(),
+                )
+            }
             "/config" => reply(StatusCode::OK, "application/json", self.config_json()),
             _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
         })
+    }
+
+    /// Gauges read from the current snapshot at scrape time.
+    fn refresh_gauges(&self) {
+        let (mut keys, mut overflow) = (0u64, 0u64);
+        if let Some(s) = self.current.load() {
+            for g in s.rate_gates.values() {
+                keys += g.keys() as u64;
+                overflow += g.overflowed.load(std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        self.metrics.rate_limit_keys.set(gauge(keys));
+        self.metrics.rate_limit_overflow.set(gauge(overflow));
     }
 
     fn config_json(&self) -> String {

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod conn;
+pub mod policy;
 pub mod proxy;
 pub mod routing;
 mod server;

@@ -231,9 +231,9 @@ async fn slowloris_connections_are_cut_and_others_are_served() {
                     break;
                 }
                 // One byte a second; a read that ends means the agent closed the connection.
-                match tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await {
-                    Ok(Ok(0) | Err(_)) => break,
-                    Ok(Ok(_)) | Err(_) => {}
+                let read = tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await;
+                if let Ok(Ok(0) | Err(_)) = read {
+                    break;
                 }
             }
             closed.fetch_add(1, Ordering::Relaxed);

@@ -1,7 +1,5 @@
 //! Header handling on the request path: Host, hop-by-hop stripping, X-Forwarded-*.
 
-use std::net::SocketAddr;
-
 use http::{HeaderMap, HeaderName, HeaderValue, Request, header};
 
 /// Hop-by-hop headers (RFC 9110 section 7.6.1), never forwarded.
@@ -77,9 +75,33 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Sets X-Forwarded-For/-Proto/-Host from what this agent saw, replacing client-sent values
 /// (no peer is trusted to forward client addresses yet), and keeps the client's Host.
+/// The X-Forwarded-For to send upstream: from a trusted peer, its chain with the peer added;
+/// from anyone else, just the client's address (whatever it claimed is dropped).
+pub fn forwarded_for(
+    headers: &HeaderMap,
+    peer: std::net::IpAddr,
+    client: std::net::IpAddr,
+    peer_trusted: bool,
+) -> HeaderValue {
+    let own = || HeaderValue::from_str(&client.to_canonical().to_string());
+    if peer_trusted {
+        let mut chain: Vec<&str> = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        let peer = peer.to_canonical().to_string();
+        chain.push(&peer);
+        if let Ok(v) = HeaderValue::from_str(&chain.join(", ")) {
+            return v;
+        }
+    }
+    own().unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
 pub fn set_forwarded(
     headers: &mut HeaderMap,
-    peer: SocketAddr,
+    forwarded_for: HeaderValue,
     raw_host: &str,
     scheme: &'static str,
 ) {
@@ -93,10 +115,7 @@ pub fn set_forwarded(
     ] {
         headers.remove(n);
     }
-    let ip = peer.ip().to_canonical().to_string();
-    if let Ok(v) = HeaderValue::from_str(&ip) {
-        headers.insert(HeaderName::from_static("x-forwarded-for"), v);
-    }
+    headers.insert(HeaderName::from_static("x-forwarded-for"), forwarded_for);
     headers.insert(
         HeaderName::from_static("x-forwarded-proto"),
         HeaderValue::from_static(scheme),

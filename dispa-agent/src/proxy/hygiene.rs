@@ -7,7 +7,7 @@
 
 use std::borrow::Cow;
 
-use dispa_proto::config::model::{AccessPolicy, EncodedSlashes, Limits};
+use dispa_proto::config::model::{EncodedSlashes, Limits};
 use http::{HeaderMap, Request, StatusCode, Uri, header};
 
 use crate::conn::{Framing, HeadError};
@@ -185,7 +185,7 @@ pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, Rejection> {
     })
 }
 
-/// A route's body and path rules: the route's `[routes.policy]` over the global `[policy]`.
+/// A route's body and path rules, from its effective policy (`[routes.policy]` over `[policy]`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RouteHygiene {
     pub max_body_bytes: Option<u64>,
@@ -193,21 +193,18 @@ pub struct RouteHygiene {
     pub encoded_slashes: EncodedSlashes,
 }
 
-impl RouteHygiene {
-    pub fn resolve(global: &AccessPolicy, route: &AccessPolicy) -> Self {
+impl From<&crate::policy::RoutePolicy> for RouteHygiene {
+    /// The route's effective policy already has the global values merged in.
+    fn from(p: &crate::policy::RoutePolicy) -> Self {
         Self {
-            max_body_bytes: route.max_body_bytes.or(global.max_body_bytes),
-            require_content_length: route
-                .require_content_length
-                .or(global.require_content_length)
-                .unwrap_or(false),
-            encoded_slashes: route
-                .encoded_slashes
-                .or(global.encoded_slashes)
-                .unwrap_or_default(),
+            max_body_bytes: p.max_body_bytes,
+            require_content_length: p.require_content_length,
+            encoded_slashes: p.encoded_slashes,
         }
     }
+}
 
+impl RouteHygiene {
     /// Checks made once the route is known. `has_body`: the request has a body whose length
     /// the head does not declare (chunked, or HTTP/2 without Content-Length).
     pub fn check<B>(&self, req: &Request<B>, has_body: bool) -> Result<(), Rejection> {
@@ -290,26 +287,12 @@ mod tests {
     }
 
     #[test]
-    fn route_rules_inherit_and_apply() {
-        let global = AccessPolicy {
-            max_body_bytes: Some(10),
-            require_content_length: Some(true),
-            ..AccessPolicy::default()
-        };
-        let route = AccessPolicy {
-            encoded_slashes: Some(EncodedSlashes::Reject),
+    fn route_rules_apply() {
+        let h = RouteHygiene {
             max_body_bytes: Some(100),
-            ..AccessPolicy::default()
+            require_content_length: true,
+            encoded_slashes: EncodedSlashes::Reject,
         };
-        let h = RouteHygiene::resolve(&global, &route);
-        assert_eq!(
-            h,
-            RouteHygiene {
-                max_body_bytes: Some(100),
-                require_content_length: true,
-                encoded_slashes: EncodedSlashes::Reject
-            }
-        );
         let req = Request::get("/a%2Fb").body(()).unwrap();
         assert_eq!(h.check(&req, false), Err(Rejection::EncodedSlash));
         let req = Request::post("/").body(()).unwrap();
@@ -320,9 +303,6 @@ mod tests {
             .body(())
             .unwrap();
         assert_eq!(h.check(&req, false), Err(Rejection::BodyTooLarge));
-        assert_eq!(
-            RouteHygiene::resolve(&AccessPolicy::default(), &AccessPolicy::default()),
-            RouteHygiene::default()
-        );
+        assert_eq!(RouteHygiene::default().check(&req, true), Ok(()));
     }
 }

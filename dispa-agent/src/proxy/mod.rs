@@ -2,6 +2,7 @@
 //! access-log record and metrics for every request.
 
 mod body;
+mod deny;
 mod headers;
 pub mod hygiene;
 
@@ -41,7 +42,10 @@ const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 /// Who sent a request, and over what.
 struct Client {
-    peer: SocketAddr,
+    /// The client's address (see [`crate::policy::client::client_ip`]).
+    ip: std::net::IpAddr,
+    /// The X-Forwarded-For to send upstream.
+    forwarded_for: HeaderValue,
     /// "http" or "https": X-Forwarded-Proto.
     scheme: &'static str,
     /// The request's host as sent.
@@ -143,6 +147,10 @@ struct Exchange {
     conn_permit: Option<tokio::sync::OwnedSemaphorePermit>,
     /// The route's limit on waiting for the next piece of a response body.
     idle_timeout: Option<std::time::Duration>,
+    /// The client's address once known (X-Forwarded-For from a trusted proxy).
+    client_ip: Option<std::net::IpAddr>,
+    /// Why the policy refused the request.
+    policy_denied: Option<&'static str>,
 }
 
 /// Shared by every connection of the proxy listener.
@@ -244,14 +252,17 @@ impl Proxy {
             return Ok(Failure::BadRequest.response().map(LoggedBody::unlogged));
         };
         let record = &mut finish.record;
-        if let Some(f) = ex.failure {
+        if let Some(reason) = ex.failure.map(Failure::reason).or(ex.policy_denied) {
             self.metrics
                 .denied
                 .get_or_create(&ReasonLabels {
-                    reason: f.reason().to_string(),
+                    reason: reason.to_string(),
                 })
                 .inc();
-            record.denial_reason = f.reason().to_string();
+            record.denial_reason = reason.to_string();
+        }
+        if let Some(ip) = ex.client_ip {
+            record.client_ip = ip.to_string();
         }
         record.status = u32::from(status);
         record.host = access_log::capped(&ex.host, access_log::MAX_HOST);
@@ -272,7 +283,7 @@ impl Proxy {
         shadow: Arc<UpstreamRuntime>,
         parts: &http::request::Parts,
         path_and_query: &str,
-        peer: SocketAddr,
+        client_ip: std::net::IpAddr,
         timeout: std::time::Duration,
     ) {
         let Ok(permit) = self.mirror_slots.clone().try_acquire_owned() else {
@@ -280,7 +291,7 @@ impl Proxy {
             return;
         };
         let ctx = crate::upstream::PickCtx {
-            client_ip: peer.ip(),
+            client_ip,
             headers: &parts.headers,
         };
         let Some(picked) = shadow.pick(&ctx, &[]) else {
@@ -337,15 +348,44 @@ impl Proxy {
             headers: req.headers(),
             query: req.uri().query(),
         };
+        let trusted = &snapshot.trusted_proxies;
+        let client_ip = crate::policy::client::client_ip(peer.ip(), req.headers(), trusted);
+        ex.client_ip = Some(client_ip);
         let Some(route) = snapshot.routes.lookup(&ex.host, &view) else {
+            // The global allow/deny first: a refused client learns nothing about routes.
+            let u = &snapshot.unrouted;
+            if !crate::policy::address_allowed(client_ip, &u.allow, &u.deny) {
+                ex.policy_denied = Some(crate::policy::Denied::Address.reason());
+                return (ex, deny::response(crate::policy::Denied::Address, u));
+            }
             return fail(ex, Failure::NoRoute);
         };
         ex.route = route.name.to_string();
+        if let Some(a) = &route.policy.auth {
+            // Only the agent sets claim headers: a client's own copies are dropped.
+            for h in a.claim_headers() {
+                req.headers_mut().remove(h);
+            }
+        }
+        match route
+            .policy
+            .check(client_ip, req.headers(), req.uri().query())
+        {
+            Ok(authed) => {
+                for (n, v) in authed.forward {
+                    req.headers_mut().insert(n, v);
+                }
+            }
+            Err(d) => {
+                ex.policy_denied = Some(d.reason());
+                return (ex, deny::response(d, &route.policy));
+            }
+        }
         let unsized_body = {
             use hyper::body::Body;
             !req.body().is_end_stream() && req.body().size_hint().exact().is_none()
         };
-        if let Err(r) = route.hygiene.check(&req, unsized_body) {
+        if let Err(r) = hygiene::RouteHygiene::from(&route.policy).check(&req, unsized_body) {
             return fail(ex, Failure::Rejected(r));
         }
         ex.idle_timeout = route.idle_timeout;
@@ -371,7 +411,13 @@ impl Proxy {
         };
         ex.upstream = upstream.name.to_string();
         let client = Client {
-            peer,
+            ip: client_ip,
+            forwarded_for: headers::forwarded_for(
+                req.headers(),
+                peer.ip(),
+                client_ip,
+                crate::policy::client::is_trusted(peer.ip(), trusted),
+            ),
             scheme,
             raw_host,
         };
@@ -391,7 +437,8 @@ impl Proxy {
     ) -> (Exchange, Response<ProxyBody>) {
         use dispa_proto::config::model::RetryOn;
         let Client {
-            peer,
+            ip: client_ip,
+            forwarded_for,
             scheme,
             raw_host,
         } = client;
@@ -418,7 +465,7 @@ impl Proxy {
             None => path.into_owned(),
         };
         headers::strip_hop_by_hop(&mut parts.headers);
-        headers::set_forwarded(&mut parts.headers, peer, &raw_host, scheme);
+        headers::set_forwarded(&mut parts.headers, forwarded_for, &raw_host, scheme);
         if let Some((protocol, _)) = &upgrade {
             parts
                 .headers
@@ -472,14 +519,20 @@ impl Proxy {
             && buffered.is_none()
             && fastrand::u32(0..100) < *percent
         {
-            self.mirror(shadow.clone(), &parts, &path_and_query, peer, route.timeout);
+            self.mirror(
+                shadow.clone(),
+                &parts,
+                &path_and_query,
+                client_ip,
+                route.timeout,
+            );
         }
         let fault = Arc::new(body::BodyFault::default());
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut last_failure = Failure::NoEndpoint;
         loop {
             let ctx = crate::upstream::PickCtx {
-                client_ip: peer.ip(),
+                client_ip,
                 headers: &parts.headers,
             };
             let Some(picked) = upstream.pick(&ctx, &tried) else {
@@ -497,7 +550,7 @@ impl Proxy {
             let upstream_body = match &buffered {
                 Some(b) => CountedBody::buffered(b.clone()),
                 None => CountedBody::new(body.take(), bytes_in.clone())
-                    .limited(route.hygiene.max_body_bytes, fault.clone()),
+                    .limited(route.policy.max_body_bytes, fault.clone()),
             };
             let mut upstream_req = Request::new(upstream_body);
             *upstream_req.method_mut() = parts.method.clone();

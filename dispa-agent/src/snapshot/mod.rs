@@ -16,7 +16,6 @@ use dispa_proto::config::model::{Action, EndpointAddr, HeaderOps, PathMatch, Rou
 use dispa_proto::{RouteName, Version};
 use http::{HeaderName, HeaderValue};
 
-use crate::proxy::hygiene::RouteHygiene;
 use crate::routing::RouteTable;
 use crate::upstream::{self, ResolvedEndpoint, UpstreamRuntime, Upstreams};
 
@@ -44,6 +43,8 @@ pub enum CompileError {
     Resolve(#[from] ResolveError),
     #[error("{0}")]
     Matcher(String),
+    #[error("policy: {0}")]
+    Policy(String),
     #[error("route {route}: {detail}")]
     Route { route: String, detail: String },
     #[error("{what}: TLS: {detail}")]
@@ -152,8 +153,8 @@ pub struct CompiledRoute {
     pub response_headers: CompiledHeaderOps,
     /// (matched prefix, replacement)
     pub rewrite: Option<(PathMatch, String)>,
-    /// Encoded slashes, Content-Length and body size rules (route policy over global).
-    pub hygiene: RouteHygiene,
+    /// Allow/deny, rate limit, auth and body limits: the route's own, else the global ones.
+    pub policy: crate::policy::RoutePolicy,
 }
 
 impl CompiledRoute {
@@ -188,6 +189,12 @@ pub struct RuntimeSnapshot {
     pub resolved: Resolved,
     /// The TLS listener's certificates by SNI.
     pub tls: Arc<crate::tls::CertTable>,
+    /// Peers whose X-Forwarded-For is believed.
+    pub trusted_proxies: Vec<dispa_proto::config::model::Cidr>,
+    /// The global policy, for requests no route matches.
+    pub unrouted: crate::policy::RoutePolicy,
+    /// Rate-limit buckets, carried to the next snapshot while their rules are unchanged.
+    pub rate_gates: crate::policy::RateGates,
 }
 
 /// Endpoint names and the addresses they resolved to.
@@ -253,11 +260,12 @@ pub fn compile(
                 },
             )?),
         };
+    let (policies, rate_gates, unrouted) =
+        crate::policy::compile(config, previous.map(|p| &p.rate_gates))
+            .map_err(CompileError::Policy)?;
     let mut compiled = Vec::with_capacity(config.routes.len());
-    for r in &config.routes {
-        let mut c = compile_route(r, &upstreams)?;
-        c.hygiene = RouteHygiene::resolve(&config.policy.access, &r.policy);
-        compiled.push((r, c));
+    for (r, policy) in config.routes.iter().zip(policies) {
+        compiled.push((r, compile_route(r, &upstreams, policy)?));
     }
     Ok(RuntimeSnapshot {
         version,
@@ -267,10 +275,17 @@ pub fn compile(
         config: Arc::new(config.clone()),
         resolved: resolved.clone(),
         tls,
+        trusted_proxies: config.policy.trusted_proxies.clone(),
+        unrouted,
+        rate_gates,
     })
 }
 
-fn compile_route(r: &Route, upstreams: &Upstreams) -> Result<CompiledRoute, CompileError> {
+fn compile_route(
+    r: &Route,
+    upstreams: &Upstreams,
+    policy: crate::policy::RoutePolicy,
+) -> Result<CompiledRoute, CompileError> {
     let bad = |detail: String| CompileError::Route {
         route: r.name.to_string(),
         detail,
@@ -333,7 +348,7 @@ fn compile_route(r: &Route, upstreams: &Upstreams) -> Result<CompiledRoute, Comp
         request_headers: CompiledHeaderOps::compile(&r.request_headers, &r.name)?,
         response_headers: CompiledHeaderOps::compile(&r.response_headers, &r.name)?,
         rewrite: r.rewrite_prefix.clone().map(|to| (r.path.clone(), to)),
-        hygiene: RouteHygiene::default(),
+        policy,
     })
 }
 

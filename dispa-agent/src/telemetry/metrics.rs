@@ -76,6 +76,11 @@ pub struct Metrics {
     pub snapshots_applied: Counter,
     pub snapshots_rejected: Counter,
     pub plane_connected: Gauge,
+    /// Keys tracked by the current snapshot's rate limits (each limit holds at most
+    /// `policy::rate::MAX_KEYS`).
+    pub rate_limit_keys: Gauge,
+    /// Requests counted in a shared overflow bucket because a limit's key table was full.
+    pub rate_limit_overflow: Gauge,
     pub log_queue_depth: Gauge,
     pub log_spool_batches: Gauge,
     pub log_spool_bytes: Gauge,
@@ -119,6 +124,8 @@ impl Metrics {
             log_batches_shipped: Counter::default(),
             log_dropped: Family::default(),
             log_dropped_total: AtomicU64::new(0),
+            rate_limit_keys: Gauge::default(),
+            rate_limit_overflow: Gauge::default(),
         };
         r.register(
             "requests",
@@ -240,6 +247,16 @@ impl Metrics {
             "endpoint_healthy",
             "1 while an endpoint takes traffic, 0 while down or ejected",
             m.endpoint_healthy.clone(),
+        );
+        r.register(
+            "rate_limit_keys",
+            "Keys (clients, API keys, header values) tracked by rate limits now",
+            m.rate_limit_keys.clone(),
+        );
+        r.register(
+            "rate_limit_overflow",
+            "Requests counted in a shared bucket because a rate limit's key table was full (since the limit was configured)",
+            m.rate_limit_overflow.clone(),
         );
         Metrics { registry: r, ..m }
     }
