@@ -423,8 +423,18 @@ async fn connection_limits_per_ip_refuse_and_count() {
     let up = TestUpstream::start("up").await;
     let (_plane, agent) =
         fleet_with(dir.path(), &config(up.addr, "max_connections_per_ip = 2")).await;
-    let a = TcpStream::connect(agent.proxy).await.unwrap();
-    let b = TcpStream::connect(agent.proxy).await.unwrap();
+    // Two keep-alive connections, each known to be counted once it has been answered.
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(agent.proxy).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 16];
+        s.read_exact(&mut buf).await.unwrap();
+        assert!(buf.starts_with(b"HTTP/1.1 200"));
+        open.push(s);
+    }
     // The third from the same IP is closed at once; another IP is not affected.
     let (resp, closed) = exchange(agent.proxy, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
     assert!(closed && resp.is_empty(), "{resp}");
@@ -434,7 +444,7 @@ async fn connection_limits_per_ip_refuse_and_count() {
         .await
         .unwrap();
     assert_eq!(r.status, 200);
-    drop((a, b));
+    drop(open);
     eventually("slots released", Duration::from_secs(10), || async {
         let (resp, _) = exchange(
             agent.proxy,
