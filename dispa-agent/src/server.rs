@@ -77,7 +77,7 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         // A backstop only: the watchdog closes slow heads after header_timeout and idle
         // connections after idle_timeout; hyper's timer also runs while a connection idles.
-        .header_read_timeout(limits.header_timeout + limits.idle_timeout)
+        .header_read_timeout(limits.header_timeout.saturating_add(limits.idle_timeout))
         .max_headers(usize::try_from(limits.max_header_count).unwrap_or(100))
         .max_buf_size(head.max(MIN_BUF));
     b.http2()
