@@ -85,6 +85,7 @@ pub async fn run(a: DevArgs) -> Result<()> {
         plane: dispa_proto::connect::PlaneConnect::new(format!("http://{plane_addr}")),
         listen: a.listen,
         listen_tls: None,
+        proxy_protocol: false,
         admin: a.admin,
         id: AgentId::new("dev"),
         labels: [("mode".to_string(), "dev".to_string())].into(),

@@ -120,6 +120,11 @@ struct AgentArgs {
     /// config's [certificates.NAME] and are chosen by SNI. Off unless given.
     #[arg(long)]
     listen_tls: Option<SocketAddr>,
+    /// Require a PROXY protocol v1 or v2 header on every proxy connection (plaintext and TLS,
+    /// before the handshake), accepted only from the config's policy.trusted_proxies; the
+    /// client address it declares replaces the TCP peer.
+    #[arg(long)]
+    proxy_protocol: bool,
     /// Admin listener: /healthz /readyz /metrics /config.
     #[arg(long, default_value = "127.0.0.1:9901")]
     admin: SocketAddr,
@@ -305,6 +310,7 @@ async fn run_agent(a: AgentArgs) -> Result<()> {
         plane,
         listen: a.listen,
         listen_tls: a.listen_tls,
+        proxy_protocol: a.proxy_protocol,
         admin: a.admin,
         id: AgentId::new(id),
         labels: a.labels.into_iter().collect::<BTreeMap<_, _>>(),

@@ -4,6 +4,7 @@
 //! `Agent::bind` then `Agent::run` is the whole lifecycle; the `dispa` binary only parses flags.
 
 pub mod admin;
+pub mod conn;
 pub mod policy;
 pub mod proxy;
 pub mod routing;
@@ -56,6 +57,8 @@ pub struct AgentOptions {
     /// Threads serving client connections, each with its own event loop (default: one per
     /// CPU).
     pub workers: usize,
+    /// The proxy listeners require a PROXY protocol (v1 or v2) header from a trusted peer.
+    pub proxy_protocol: bool,
 }
 
 /// On exit, how long the agent waits for the plane to ack its last log batches.
@@ -227,37 +230,41 @@ impl Agent {
         ));
         let drain = self.opts.drain_timeout;
         let workers = self.opts.workers;
-        let tls_task = self.tls_listener.map(|listener| {
+        let listener = |name, transport, proxy_protocol| server::ListenerOptions {
+            name,
+            transport,
+            current: self.applier.current.clone(),
+            proxy_protocol,
+            drain,
+            metrics: Some(self.metrics.clone()),
+            limiter: Default::default(),
+        };
+        let pp = self.opts.proxy_protocol;
+        let tls_task = self.tls_listener.map(|l| {
             let proxy = proxy.clone();
             tokio::spawn(server::serve_on_threads(
-                "proxy-tls",
                 workers,
-                listener,
-                server::Transport::Tls(self.applier.current.clone()),
+                l,
+                listener("proxy-tls", server::Transport::Tls, pp),
                 move |req, peer| proxy.clone().serve(req, peer, "https"),
                 stop_rx.clone(),
-                drain,
-                Some(self.metrics.clone()),
             ))
         });
         let proxy_task = tokio::spawn(server::serve_on_threads(
-            "proxy",
             workers,
             self.proxy_listener,
-            server::Transport::Plain,
+            listener("proxy", server::Transport::Plain, pp),
             move |req, peer| proxy.clone().serve(req, peer, "http"),
             stop_rx.clone(),
-            drain,
-            Some(self.metrics.clone()),
         ));
         let admin_task = tokio::spawn(server::serve(
-            "admin",
             self.admin_listener,
-            server::Transport::Plain,
+            server::ListenerOptions {
+                metrics: None,
+                ..listener("admin", server::Transport::Plain, false)
+            },
             move |req, _peer| admin.clone().serve(req),
             stop_rx,
-            drain,
-            None,
         ));
         shutdown.await;
         let _ = stop_tx.send(true);

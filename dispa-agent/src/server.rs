@@ -1,21 +1,37 @@
 //! Accept loops for the agent's listeners, with graceful drain on shutdown.
+//!
+//! Per connection, in order: the listener's connection limit, the PROXY header (when enabled,
+//! from trusted peers only), the per-client-IP limit, TLS, then hyper configured from the limits
+//! of the snapshot current at accept time, watched for header and idle timeouts.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use dispa_proto::config::model::{DEFAULT_LIMITS, Limits};
 use hyper::body::{Body, Incoming};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
 
-use crate::snapshot::Current;
-use crate::telemetry::Metrics;
+use crate::conn::{self, ConnIo, ConnLimiter, Shared, Tracked, Tracker, Watch, proxy_protocol};
+use crate::snapshot::{Current, RuntimeSnapshot};
+use crate::telemetry::{Metrics, ReasonLabels};
 use crate::tls;
+
+/// hyper refuses a read buffer smaller than this.
+const MIN_BUF: usize = 8192;
+/// HTTP/2 streams a client may reset before the agent has accepted them (rapid reset,
+/// CVE-2023-44487), and streams the agent may reset for protocol errors (MadeYouReset);
+/// past either the connection gets GOAWAY.
+const H2_MAX_PENDING_RESETS: usize = 20;
+const H2_MAX_LOCAL_ERROR_RESETS: usize = 200;
+/// How long a connection told to close may take to finish what it is writing.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// What a listener speaks on top of TCP.
 #[derive(Clone)]
@@ -23,7 +39,56 @@ pub enum Transport {
     /// HTTP/1.1 and h2c (prior knowledge).
     Plain,
     /// TLS with the current snapshot's certificates, then HTTP/1.1 or HTTP/2 (by ALPN).
-    Tls(Arc<Current>),
+    Tls,
+}
+
+/// How a listener treats its clients.
+#[derive(Clone)]
+pub struct ListenerOptions {
+    pub name: &'static str,
+    pub transport: Transport,
+    /// Limits, trusted proxies and certificates come from here; defaults without a snapshot.
+    pub current: Arc<Current>,
+    /// Require a PROXY protocol header first.
+    pub proxy_protocol: bool,
+    pub drain: Duration,
+    pub metrics: Option<Arc<Metrics>>,
+    /// Open-connection counts, shared by every thread serving this listener.
+    pub limiter: Arc<ConnLimiter>,
+}
+
+fn count(
+    family: &prometheus_client::metrics::family::Family<
+        ReasonLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
+    reason: &str,
+) {
+    family
+        .get_or_create(&ReasonLabels {
+            reason: reason.to_string(),
+        })
+        .inc();
+}
+
+/// The hyper builder for one connection, from the limits current at accept time.
+fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    let head = usize::try_from(limits.max_header_bytes).unwrap_or(usize::MAX);
+    b.http1()
+        .timer(TokioTimer::new())
+        // A backstop only: the watchdog closes slow heads after header_timeout and idle
+        // connections after idle_timeout; hyper's timer also runs while a connection idles.
+        .header_read_timeout(limits.header_timeout.saturating_add(limits.idle_timeout))
+        .max_headers(usize::try_from(limits.max_header_count).unwrap_or(100))
+        .max_buf_size(head.max(MIN_BUF));
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.h2_max_concurrent_streams)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+        .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESETS)
+        .max_header_list_size(limits.max_header_bytes);
+    b
 }
 
 /// Serves `listener` from `threads` OS threads, each with its own single-threaded runtime, so a
@@ -32,14 +97,11 @@ pub enum Transport {
 /// Every thread accepts from the same socket. Resolves when every thread has drained.
 #[allow(clippy::too_many_arguments)]
 pub async fn serve_on_threads<F, Fut, B>(
-    name: &'static str,
     threads: usize,
     listener: TcpListener,
-    transport: Transport,
+    opts: ListenerOptions,
     handler: F,
     shutdown: watch::Receiver<bool>,
-    drain: Duration,
-    metrics: Option<Arc<Metrics>>,
 ) where
     F: Fn(http::Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<http::Response<B>, std::convert::Infallible>> + Send + 'static,
@@ -47,6 +109,7 @@ pub async fn serve_on_threads<F, Fut, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let name = opts.name;
     let std_listener = match listener.into_std() {
         Ok(l) => l,
         Err(e) => {
@@ -67,12 +130,7 @@ pub async fn serve_on_threads<F, Fut, B>(
                 break;
             }
         };
-        let (transport, handler, shutdown, metrics) = (
-            transport.clone(),
-            handler.clone(),
-            shutdown.clone(),
-            metrics.clone(),
-        );
+        let (opts, handler, shutdown) = (opts.clone(), handler.clone(), shutdown.clone());
         let spawned = std::thread::Builder::new()
             .name(format!("dispa-{name}-{i}"))
             .spawn(move || {
@@ -88,7 +146,7 @@ pub async fn serve_on_threads<F, Fut, B>(
                 };
                 rt.block_on(async move {
                     match TcpListener::from_std(listener) {
-                        Ok(l) => serve(name, l, transport, handler, shutdown, drain, metrics).await,
+                        Ok(l) => serve(l, opts, handler, shutdown).await,
                         Err(e) => {
                             tracing::error!(listener = name, "cannot register the listener: {e}")
                         }
@@ -109,13 +167,10 @@ pub async fn serve_on_threads<F, Fut, B>(
 /// Serves HTTP on `listener` until `shutdown` turns true, then stops accepting and waits up
 /// to `drain` for in-flight requests to finish.
 pub async fn serve<F, Fut, B>(
-    name: &'static str,
     listener: TcpListener,
-    transport: Transport,
+    opts: ListenerOptions,
     handler: F,
     mut shutdown: watch::Receiver<bool>,
-    drain: Duration,
-    metrics: Option<Arc<Metrics>>,
 ) where
     F: Fn(http::Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<http::Response<B>, std::convert::Infallible>> + Send + 'static,
@@ -123,8 +178,10 @@ pub async fn serve<F, Fut, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let name = opts.name;
+    let limiter = opts.limiter.clone();
+    // Every connection task holds a sender; recv() returns None when all have finished.
+    let (alive, mut drained) = mpsc::channel::<()>(1);
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -139,57 +196,233 @@ pub async fn serve<F, Fut, B>(
                 continue;
             }
         };
+        let snapshot = opts.current.load();
+        let limits = snapshot
+            .as_ref()
+            .map_or(DEFAULT_LIMITS, |s| s.config.policy.limits.clone());
+        let permit = match limiter.acquire(limits.max_connections) {
+            Ok(p) => p,
+            Err(why) => {
+                if let Some(m) = &opts.metrics {
+                    count(&m.connections_refused, why.reason());
+                }
+                tracing::debug!(listener = name, %peer, "connection refused: {why}");
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
-        let h = handler.clone();
-        let svc = service_fn(move |req| h(req, peer));
-        let m = metrics.clone();
-        if let Some(m) = &m {
+        if let Some(m) = &opts.metrics {
             m.connections_accepted.inc();
             m.connections_open.inc();
         }
-        let ended = move |r: Result<(), Box<dyn std::error::Error + Send + Sync>>| {
-            if let Err(e) = r {
-                tracing::debug!(listener = name, %peer, "connection ended: {e}");
-            }
-            if let Some(m) = m {
+        let conn = Conn {
+            opts: opts.clone(),
+            handler: handler.clone(),
+            limits,
+            snapshot,
+            shutdown: shutdown.clone(),
+        };
+        let alive = alive.clone();
+        tokio::spawn(async move {
+            let metrics = conn.opts.metrics.clone();
+            conn.run(stream, peer, permit).await;
+            if let Some(m) = metrics {
                 m.connections_open.dec();
             }
-        };
-        match &transport {
-            Transport::Plain => {
-                let conn = builder
-                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                    .into_owned();
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move { ended(conn.await) });
-            }
-            Transport::Tls(current) => {
-                let (builder, watcher, current) =
-                    (builder.clone(), graceful.watcher(), current.clone());
-                tokio::spawn(async move {
-                    match tls::accept(stream, &current).await {
-                        Ok(tls) => {
-                            let conn = builder
-                                .serve_connection_with_upgrades(TokioIo::new(tls), svc)
-                                .into_owned();
-                            ended(watcher.watch(conn).await);
-                        }
-                        Err(why) => {
-                            tracing::info!(listener = name, %peer, "TLS handshake failed: {why}");
-                            ended(Ok(()));
-                        }
-                    }
-                });
-            }
-        }
+            drop(alive);
+        });
     }
     drop(listener);
+    drop(alive);
     tracing::info!(
         listener = name,
         "stopped accepting; draining in-flight requests"
     );
     tokio::select! {
-        _ = graceful.shutdown() => tracing::info!(listener = name, "drained"),
-        _ = tokio::time::sleep(drain) => tracing::warn!(listener = name, "drain deadline passed; closing remaining connections"),
+        _ = drained.recv() => tracing::info!(listener = name, "drained"),
+        _ = tokio::time::sleep(opts.drain) => tracing::warn!(listener = name, "drain deadline passed; closing remaining connections"),
+    }
+}
+
+/// One accepted connection and what it needs.
+struct Conn<F> {
+    opts: ListenerOptions,
+    handler: F,
+    limits: Limits,
+    snapshot: Option<Arc<RuntimeSnapshot>>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl<F, Fut, B> Conn<F>
+where
+    F: Fn(http::Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<http::Response<B>, std::convert::Infallible>> + Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn refuse(&self, family: &'static str, reason: &'static str) {
+        if let Some(m) = &self.opts.metrics {
+            match family {
+                "proxy" => count(&m.proxy_protocol_rejected, reason),
+                _ => count(&m.connections_refused, reason),
+            }
+        }
+    }
+
+    async fn run(self, mut stream: TcpStream, tcp_peer: SocketAddr, mut permit: conn::Permit) {
+        let name = self.opts.name;
+        let mut peer = tcp_peer;
+        let mut prefix = Bytes::new();
+        if self.opts.proxy_protocol {
+            // Only a trusted balancer may say who the client is; anyone else is cut off
+            // before a byte is read.
+            let trusted = self.snapshot.as_ref().is_some_and(|s| {
+                s.config
+                    .policy
+                    .trusted_proxies
+                    .iter()
+                    .any(|c| c.contains(tcp_peer.ip()))
+            });
+            if !trusted {
+                tracing::info!(listener = name, peer = %tcp_peer, "PROXY protocol from an untrusted peer; closing");
+                self.refuse("proxy", "untrusted");
+                return;
+            }
+            match proxy_protocol::read_header(&mut stream, self.limits.header_timeout).await {
+                Ok((source, rest)) => {
+                    if let Some(s) = source {
+                        peer = s;
+                    }
+                    prefix = rest;
+                }
+                Err(e) => {
+                    tracing::info!(listener = name, peer = %tcp_peer, "PROXY header refused: {e}");
+                    self.refuse("proxy", e.reason());
+                    return;
+                }
+            }
+        }
+        if let Err(why) = permit.for_ip(peer.ip(), self.limits.max_connections_per_ip) {
+            tracing::debug!(listener = name, %peer, "connection refused: {why}");
+            self.refuse("conn", why.reason());
+            return;
+        }
+        let io = ConnIo::new(stream, prefix);
+        match self.opts.transport {
+            Transport::Plain => self.serve_http(io, peer, true).await,
+            Transport::Tls => match tls::accept(io, &self.opts.current).await {
+                Ok(tls) => {
+                    let h1 = tls.get_ref().1.alpn_protocol() != Some(b"h2");
+                    self.serve_http(tls, peer, h1).await;
+                }
+                Err(why) => {
+                    tracing::info!(listener = name, %peer, "TLS handshake failed: {why}");
+                }
+            },
+        }
+        drop(permit);
+    }
+
+    /// Serves HTTP on an established stream; `h1`: HTTP/1 or h2c is possible (tracked).
+    async fn serve_http<S>(self, io: S, peer: SocketAddr, h1: bool)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let name = self.opts.name;
+        let limits = self.limits.clone();
+        let head = usize::try_from(limits.max_header_bytes).unwrap_or(usize::MAX);
+        let tracker = h1.then(|| {
+            Tracker::new(
+                head.max(MIN_BUF),
+                usize::try_from(limits.max_header_count).unwrap_or(100),
+            )
+        });
+        let shared = Shared::new(tracker, Instant::now());
+        let io = ConnIo::new(io, Bytes::new()).tracked(shared.clone());
+        let h = self.handler.clone();
+        let svc_shared = shared.clone();
+        let svc = service_fn(move |mut req: http::Request<Incoming>| {
+            let http1 = req.version() <= http::Version::HTTP_11;
+            let (guard, verdict) = svc_shared.begin(http1);
+            if let Some(v) = verdict {
+                req.extensions_mut().insert(v);
+            }
+            let fut = h(req, peer);
+            async move {
+                let resp = fut.await?;
+                Ok::<_, std::convert::Infallible>(resp.map(|b| Tracked::new(b, guard)))
+            }
+        });
+        let builder = builder(&limits);
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(io), svc)
+            .into_owned();
+        tokio::pin!(conn);
+        let mut shutdown = self.shutdown.clone();
+        let mut closing: Option<tokio::time::Instant> = None;
+        let mut stop_asked = *shutdown.borrow();
+        let result = loop {
+            if stop_asked && closing.is_none() {
+                conn.as_mut().graceful_shutdown();
+                // Drain is bounded by the listener's deadline, not by CLOSE_GRACE.
+                closing = Some(tokio::time::Instant::now() + self.opts.drain);
+            }
+            let next = match closing {
+                Some(at) => at,
+                None => match conn::watch(&shared.lock(), Instant::now(), &limits) {
+                    Watch::Until(t) => tokio::time::Instant::from_std(t),
+                    Watch::Close(why) => {
+                        tracing::debug!(listener = name, %peer, "closing connection: {}", why.reason());
+                        if let Some(m) = &self.opts.metrics {
+                            count(&m.connections_closed, why.reason());
+                        }
+                        conn.as_mut().graceful_shutdown();
+                        let at = tokio::time::Instant::now() + CLOSE_GRACE;
+                        closing = Some(at);
+                        at
+                    }
+                },
+            };
+            tokio::select! {
+                r = conn.as_mut() => break r,
+                _ = tokio::time::sleep_until(next) => {
+                    if closing.is_some_and(|at| tokio::time::Instant::now() >= at) {
+                        break Ok(());
+                    }
+                }
+                r = shutdown.changed(), if !stop_asked => {
+                    stop_asked = r.is_err() || *shutdown.borrow();
+                }
+            }
+        };
+        // hyper is done with the stream; an upgraded tunnel reads it without tracking.
+        shared.lock().handed_off = true;
+        if let Err(e) = result {
+            self.count_error(&*e);
+            tracing::debug!(listener = name, %peer, "connection ended: {e}");
+        }
+    }
+
+    /// Counts requests hyper refused itself (malformed heads, too large, bad bodies).
+    fn count_error(&self, e: &(dyn std::error::Error + 'static)) {
+        let Some(m) = &self.opts.metrics else { return };
+        let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        while let Some(s) = src {
+            if let Some(h) = s.downcast_ref::<hyper::Error>() {
+                let reason = if h.is_parse_too_large() {
+                    "head_too_large"
+                } else if h.is_parse() {
+                    "malformed_head"
+                } else if h.is_timeout() {
+                    "header_timeout"
+                } else {
+                    return;
+                };
+                count(&m.denied, reason);
+                return;
+            }
+            src = s.source();
+        }
     }
 }

@@ -14,15 +14,47 @@ use dispa_proto::v1::LogRecord;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use super::ProxyBody;
+use super::hygiene::Rejection;
 use crate::telemetry::access_log::LogSink;
 use crate::telemetry::window::Window;
 use crate::telemetry::{Metrics, RouteLabels};
 
-/// The client's request body on its way upstream, counted.
+/// The client's request body on its way upstream, counted, and cut off past the route's
+/// `max_body_bytes`.
 pub struct CountedBody {
     inner: Source,
     count: Arc<AtomicU64>,
+    /// (limit, bytes seen so far)
+    limit: Option<(u64, u64)>,
+    fault: Option<Arc<BodyFault>>,
 }
+
+/// What went wrong with a client's body, for the answer when the upstream request then fails:
+/// the client, not the upstream, is at fault.
+#[derive(Debug, Default)]
+pub struct BodyFault(std::sync::atomic::AtomicU8);
+
+impl BodyFault {
+    fn set(&self, r: Rejection) {
+        let v = match r {
+            Rejection::BodyTooLarge => 1,
+            _ => 2,
+        };
+        self.0.store(v, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> Option<Rejection> {
+        match self.0.load(Ordering::Relaxed) {
+            1 => Some(Rejection::BodyTooLarge),
+            2 => Some(Rejection::BadBody),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct ClientBodyError(Rejection);
 
 enum Source {
     Stream(Incoming),
@@ -37,7 +69,16 @@ impl CountedBody {
         Self {
             inner: inner.map_or(Source::Empty, Source::Stream),
             count,
+            limit: None,
+            fault: None,
         }
+    }
+
+    /// Fails the body past `max` bytes; records client-side failures in `fault`.
+    pub fn limited(mut self, max: Option<u64>, fault: Arc<BodyFault>) -> Self {
+        self.limit = max.map(|m| (m, 0));
+        self.fault = Some(fault);
+        self
     }
 
     /// A body already read into memory (counted once, when it was read).
@@ -45,30 +86,50 @@ impl CountedBody {
         Self {
             inner: Source::Buffered(Some(bytes)),
             count: Arc::default(),
+            limit: None,
+            fault: None,
         }
     }
 }
 
 impl Body for CountedBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let inner = match &mut self.inner {
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        let inner = match &mut this.inner {
             Source::Empty => return Poll::Ready(None),
             Source::Buffered(b) => return Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Source::Stream(inner) => inner,
         };
-        let p = Pin::new(inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(f))) = &p
-            && let Some(d) = f.data_ref()
-        {
-            self.count.fetch_add(d.len() as u64, Ordering::Relaxed);
+        let fail = |fault: &Option<Arc<BodyFault>>, r: Rejection| {
+            if let Some(f) = fault {
+                f.set(r);
+            }
+            Poll::Ready(Some(Err(Box::new(ClientBodyError(r)) as Self::Error)))
+        };
+        match std::task::ready!(Pin::new(inner).poll_frame(cx)) {
+            Some(Ok(f)) => {
+                if let Some(d) = f.data_ref() {
+                    let n = d.len() as u64;
+                    this.count.fetch_add(n, Ordering::Relaxed);
+                    if let Some((max, seen)) = &mut this.limit {
+                        *seen += n;
+                        if *seen > *max {
+                            return fail(&this.fault, Rejection::BodyTooLarge);
+                        }
+                    }
+                }
+                Poll::Ready(Some(Ok(f)))
+            }
+            // Invalid chunked framing, a body cut short, ...: the client's fault.
+            Some(Err(_)) => fail(&this.fault, Rejection::BadBody),
+            None => Poll::Ready(None),
         }
-        p
     }
 
     fn is_end_stream(&self) -> bool {

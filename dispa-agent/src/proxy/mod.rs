@@ -4,6 +4,7 @@
 mod body;
 mod deny;
 pub mod headers;
+pub mod hygiene;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -62,6 +63,8 @@ enum Failure {
     UpstreamTimeout,
     UpstreamFailed,
     CircuitOpen,
+    /// Refused by request hygiene (framing, path, limits).
+    Rejected(hygiene::Rejection),
 }
 
 impl Failure {
@@ -74,6 +77,7 @@ impl Failure {
             Failure::NoRoute => StatusCode::NOT_FOUND,
             Failure::UpstreamRefused | Failure::UpstreamFailed => StatusCode::BAD_GATEWAY,
             Failure::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Failure::Rejected(r) => r.status(),
         }
     }
 
@@ -88,6 +92,7 @@ impl Failure {
             Failure::UpstreamTimeout => "upstream timed out\n",
             Failure::UpstreamFailed => "upstream connection failed\n",
             Failure::CircuitOpen => "upstream overloaded: too many requests in flight\n",
+            Failure::Rejected(r) => r.body(),
         }
     }
 
@@ -101,6 +106,7 @@ impl Failure {
             Failure::UpstreamTimeout => "upstream_timeout",
             Failure::UpstreamFailed => "upstream_failed",
             Failure::CircuitOpen => "circuit_open",
+            Failure::Rejected(r) => r.reason(),
         }
     }
 
@@ -113,6 +119,14 @@ impl Failure {
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
+        if let Failure::Rejected(rej) = self
+            && rej.closes()
+        {
+            // hyper closes an HTTP/1 connection after a response saying so (and drops the
+            // header on HTTP/2); nothing more is read from a stream in doubt.
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         r
     }
 }
@@ -311,7 +325,7 @@ impl Proxy {
 
     async fn handle(
         &self,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         peer: SocketAddr,
         scheme: &'static str,
         bytes_in: Arc<AtomicU64>,
@@ -321,6 +335,9 @@ impl Proxy {
         let Some(snapshot) = self.current.load() else {
             return fail(ex, Failure::NoSnapshot);
         };
+        if let Err(r) = hygiene::check_request(&mut req, &snapshot.config.policy.limits) {
+            return fail(ex, Failure::Rejected(r));
+        }
         let Some(raw_host) = headers::request_host(&req) else {
             return fail(ex, Failure::BadRequest);
         };
@@ -344,7 +361,6 @@ impl Proxy {
             return fail(ex, Failure::NoRoute);
         };
         ex.route = route.name.to_string();
-        let mut req = req;
         if let Some(a) = &route.policy.auth {
             // Only the agent sets claim headers: a client's own copies are dropped.
             for h in a.claim_headers() {
@@ -364,6 +380,13 @@ impl Proxy {
                 ex.policy_denied = Some(d.reason());
                 return (ex, deny::response(d, &route.policy));
             }
+        }
+        let unsized_body = {
+            use hyper::body::Body;
+            !req.body().is_end_stream() && req.body().size_hint().exact().is_none()
+        };
+        if let Err(r) = hygiene::RouteHygiene::from(&route.policy).check(&req, unsized_body) {
+            return fail(ex, Failure::Rejected(r));
         }
         ex.idle_timeout = route.idle_timeout;
         let upstream = match &route.action {
@@ -504,6 +527,7 @@ impl Proxy {
                 route.timeout,
             );
         }
+        let fault = Arc::new(body::BodyFault::default());
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut last_failure = Failure::NoEndpoint;
         loop {
@@ -525,7 +549,8 @@ impl Proxy {
             };
             let upstream_body = match &buffered {
                 Some(b) => CountedBody::buffered(b.clone()),
-                None => CountedBody::new(body.take(), bytes_in.clone()),
+                None => CountedBody::new(body.take(), bytes_in.clone())
+                    .limited(route.policy.max_body_bytes, fault.clone()),
             };
             let mut upstream_req = Request::new(upstream_body);
             *upstream_req.method_mut() = parts.method.clone();
@@ -549,6 +574,10 @@ impl Proxy {
             let mut failed: Option<String> = None;
             // What went wrong, if anything, and whether the route retries it.
             let (outcome, retry_on) = match sent {
+                // The client's body was invalid or too large: its fault, never retried.
+                Ok(Err(_)) if let Some(r) = fault.get() => {
+                    return fail(ex, Failure::Rejected(r));
+                }
                 Err(_) => (Err(Failure::UpstreamTimeout), None),
                 Ok(Err(e)) => {
                     let f = classify(&e);

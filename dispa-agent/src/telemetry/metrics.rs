@@ -66,6 +66,12 @@ pub struct Metrics {
     pub endpoint_healthy: Family<EndpointLabels, Gauge>,
     pub connections_open: Gauge,
     pub connections_accepted: Counter,
+    /// Connections closed at accept, by reason (max_connections, max_connections_per_ip, ...).
+    pub connections_refused: Family<ReasonLabels, Counter>,
+    /// Connections closed because their PROXY header was refused (untrusted, malformed, ...).
+    pub proxy_protocol_rejected: Family<ReasonLabels, Counter>,
+    /// Connections the agent closed for a timeout (header_timeout, idle_timeout).
+    pub connections_closed: Family<ReasonLabels, Counter>,
     pub config_version: Gauge,
     pub snapshots_applied: Counter,
     pub snapshots_rejected: Counter,
@@ -105,6 +111,9 @@ impl Metrics {
             endpoint_healthy: Family::default(),
             connections_open: Gauge::default(),
             connections_accepted: Counter::default(),
+            connections_refused: Family::default(),
+            proxy_protocol_rejected: Family::default(),
+            connections_closed: Family::default(),
             config_version: Gauge::default(),
             snapshots_applied: Counter::default(),
             snapshots_rejected: Counter::default(),
@@ -152,6 +161,21 @@ impl Metrics {
             "connections_accepted",
             "Client connections accepted",
             m.connections_accepted.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "Client connections closed at accept by a connection limit, by reason",
+            m.connections_refused.clone(),
+        );
+        r.register(
+            "proxy_protocol_rejected",
+            "Client connections closed because their PROXY protocol header was refused, by reason",
+            m.proxy_protocol_rejected.clone(),
+        );
+        r.register(
+            "connections_closed",
+            "Client connections the agent closed for a timeout, by reason",
+            m.connections_closed.clone(),
         );
         r.register(
             "config_version",

@@ -9,7 +9,6 @@ use dispa_proto::config::model::{Certificate, HostPattern, TlsVersion};
 use dispa_proto::config::pem;
 use rustls::ServerConfig;
 use rustls::server::WebPkiClientVerifier;
-use tokio::net::TcpStream;
 use tokio_rustls::LazyConfigAcceptor;
 use tokio_rustls::server::TlsStream;
 
@@ -113,7 +112,10 @@ fn server_config(c: &Certificate) -> Result<ServerConfig, String> {
 
 /// Reads the ClientHello, picks the certificate of the snapshot current at that moment, and
 /// completes the handshake. The error says why, never with key material.
-pub async fn accept(stream: TcpStream, current: &Current) -> Result<TlsStream<TcpStream>, String> {
+pub async fn accept<S>(stream: S, current: &Current) -> Result<TlsStream<S>, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
         let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream)
             .await

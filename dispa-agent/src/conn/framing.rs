@@ -1,0 +1,544 @@
+//! HTTP/1.1 message framing as the agent's client connections see it, byte for byte.
+//!
+//! hyper is lenient where a front proxy may not be: it accepts `Content-Length` beside
+//! `Transfer-Encoding: chunked` (dropping the length), repeated equal lengths, `gzip, chunked`,
+//! and bare LF line ends. Each of these lets two parsers disagree about where a request ends
+//! (request smuggling). The [`Tracker`] follows the raw bytes hyper reads, parses every request
+//! head itself, and queues one verdict per head; the server hands each verdict to the request
+//! hyper parsed from that head, and the proxy answers a bad one with 400 and closes.
+//!
+//! Pure: bytes and the time in, verdicts out (fuzzed).
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+/// Verdicts waiting for their request: pipelining deeper than this closes the connection.
+const MAX_QUEUED: usize = 256;
+/// Longest chunk-size line accepted, extensions included.
+const MAX_CHUNK_LINE: usize = 4096;
+
+/// Why a request head is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HeadError {
+    #[error("both Content-Length and Transfer-Encoding")]
+    LengthAndChunked,
+    #[error("more than one Content-Length")]
+    DuplicateLength,
+    #[error("invalid Content-Length")]
+    BadLength,
+    #[error("Transfer-Encoding other than chunked")]
+    BadTransferEncoding,
+    #[error("bare LF or CR in the request head")]
+    BareLineEnd,
+    #[error("malformed request head")]
+    Malformed,
+    #[error("request head too large")]
+    TooLarge,
+    #[error("invalid chunked body framing")]
+    BadChunk,
+}
+
+impl HeadError {
+    /// Short static label (the `denied_requests` reason).
+    pub fn reason(self) -> &'static str {
+        match self {
+            HeadError::LengthAndChunked => "length_and_chunked",
+            HeadError::DuplicateLength => "duplicate_length",
+            HeadError::BadLength => "bad_length",
+            HeadError::BadTransferEncoding => "bad_transfer_encoding",
+            HeadError::BareLineEnd => "bare_line_end",
+            HeadError::Malformed => "malformed_head",
+            HeadError::TooLarge => "head_too_large",
+            HeadError::BadChunk => "bad_chunk",
+        }
+    }
+}
+
+/// Why the connection must end now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum StreamError {
+    #[error("too many pipelined requests")]
+    TooDeep,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// Reading hex digits; `digits` so far.
+    Size {
+        value: u64,
+        digits: u8,
+    },
+    /// Whitespace or `;extension` after the size, up to CR.
+    Ext(u64),
+    SizeLf(u64),
+    Data(u64),
+    DataCr,
+    DataLf,
+    /// Trailer section after the last chunk: at a line start.
+    TrailerStart,
+    TrailerLine,
+    TrailerLf,
+    EndLf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Head,
+    Body(u64),
+    Chunked(Chunk, usize),
+    /// Not HTTP/1 framing any more: h2c, CONNECT tunnel, or after a refused head.
+    Passthrough,
+}
+
+/// What the tracker knows of one connection.
+#[derive(Debug)]
+pub struct Tracker {
+    state: State,
+    head: Vec<u8>,
+    /// Where the search for the end of the head resumes.
+    scanned: usize,
+    max_head: usize,
+    max_headers: usize,
+    verdicts: VecDeque<Result<(), HeadError>>,
+    /// When the current head's first byte arrived.
+    head_since: Option<Instant>,
+    heads: u64,
+    /// Set when a head was refused: every later request is refused too.
+    poisoned: Option<HeadError>,
+}
+
+impl Tracker {
+    pub fn new(max_head: usize, max_headers: usize) -> Self {
+        Self {
+            state: State::Head,
+            head: Vec::new(),
+            scanned: 0,
+            max_head,
+            max_headers: max_headers.max(1),
+            verdicts: VecDeque::new(),
+            head_since: None,
+            heads: 0,
+            poisoned: None,
+        }
+    }
+
+    /// When the head being read began, if one is being read.
+    pub fn head_since(&self) -> Option<Instant> {
+        self.head_since
+    }
+
+    /// Whether this connection has stopped being HTTP/1 (h2c or a tunnel).
+    pub fn is_passthrough(&self) -> bool {
+        self.state == State::Passthrough && self.poisoned.is_none()
+    }
+
+    /// The verdict for the next request hyper hands over. `None`: not tracked (h2c, tunnel).
+    pub fn next_verdict(&mut self) -> Option<Result<(), HeadError>> {
+        if let Some(v) = self.verdicts.pop_front() {
+            return Some(v);
+        }
+        if let Some(e) = self.poisoned {
+            return Some(Err(e));
+        }
+        if self.state == State::Passthrough {
+            return None;
+        }
+        // hyper parsed a head this tracker has not seen: the two disagree, refuse.
+        Some(Err(HeadError::Malformed))
+    }
+
+    /// Follows `bytes`, read from the client at `now`.
+    pub fn feed(&mut self, mut bytes: &[u8], now: Instant) -> Result<(), StreamError> {
+        while !bytes.is_empty() {
+            match self.state {
+                State::Passthrough => return Ok(()),
+                State::Head => bytes = self.feed_head(bytes, now)?,
+                State::Body(left) => {
+                    let n = usize::try_from(left).unwrap_or(usize::MAX).min(bytes.len());
+                    bytes = &bytes[n..];
+                    let left = left - n as u64;
+                    self.state = if left == 0 {
+                        State::Head
+                    } else {
+                        State::Body(left)
+                    };
+                }
+                State::Chunked(c, line) => match self.feed_chunked(c, line, bytes) {
+                    Some(rest) => bytes = rest,
+                    None => self.bad_body(),
+                },
+            }
+        }
+        Ok(())
+    }
+
+    fn feed_head<'a>(
+        &mut self,
+        mut bytes: &'a [u8],
+        now: Instant,
+    ) -> Result<&'a [u8], StreamError> {
+        if self.head.is_empty() {
+            // Empty lines before a request line are ignored (RFC 9112 section 2.2).
+            while let [b'\r' | b'\n', rest @ ..] = bytes {
+                bytes = rest;
+            }
+            if bytes.is_empty() {
+                return Ok(bytes);
+            }
+            self.head_since = Some(now);
+        }
+        let room = (self.max_head + 1).saturating_sub(self.head.len());
+        let take = room.min(bytes.len());
+        // Take up to the end of the head only, so body bytes are not parsed as head.
+        let old = self.head.len();
+        self.head.extend_from_slice(&bytes[..take]);
+        let from = self.scanned.saturating_sub(3);
+        let end = find_head_end(&self.head[from..]).map(|e| from + e);
+        let Some(end) = end else {
+            self.scanned = self.head.len();
+            if self.heads == 0 && self.head.starts_with(b"PRI * HTTP/2.0") {
+                self.state = State::Passthrough;
+            } else if self.head.len() > self.max_head {
+                self.refuse(HeadError::TooLarge)?;
+            }
+            return Ok(&bytes[take..]);
+        };
+        let used = end.saturating_sub(old);
+        let rest = &bytes[used..];
+        let head = std::mem::take(&mut self.head);
+        let head = &head[..end];
+        self.scanned = 0;
+        self.head_since = None;
+        if self.heads == 0 && head.starts_with(b"PRI * HTTP/2.0") {
+            self.state = State::Passthrough;
+            return Ok(rest);
+        }
+        self.heads += 1;
+        match analyse(head, self.max_headers) {
+            Ok(next) => {
+                self.push(Ok(()))?;
+                self.state = next;
+            }
+            Err(e) => self.refuse(e)?,
+        }
+        Ok(rest)
+    }
+
+    fn refuse(&mut self, e: HeadError) -> Result<(), StreamError> {
+        self.push(Err(e))?;
+        self.poisoned = Some(e);
+        self.state = State::Passthrough;
+        self.head = Vec::new();
+        self.head_since = None;
+        Ok(())
+    }
+
+    /// A body that cannot be followed: its request is refused if it has not been handed
+    /// over yet (hyper's own decoder fails it otherwise), and so is every later one.
+    fn bad_body(&mut self) {
+        if let Some(last) = self.verdicts.back_mut() {
+            *last = Err(HeadError::BadChunk);
+        }
+        self.poisoned = Some(HeadError::BadChunk);
+        self.state = State::Passthrough;
+    }
+
+    fn push(&mut self, v: Result<(), HeadError>) -> Result<(), StreamError> {
+        if self.verdicts.len() >= MAX_QUEUED {
+            return Err(StreamError::TooDeep);
+        }
+        self.verdicts.push_back(v);
+        Ok(())
+    }
+
+    fn feed_chunked<'a>(
+        &mut self,
+        mut c: Chunk,
+        mut line: usize,
+        bytes: &'a [u8],
+    ) -> Option<&'a [u8]> {
+        let bad = None;
+        let mut i = 0;
+        while i < bytes.len() {
+            if let Chunk::Data(left) = c {
+                let n = usize::try_from(left)
+                    .unwrap_or(usize::MAX)
+                    .min(bytes.len() - i);
+                i += n;
+                let left = left - n as u64;
+                c = if left == 0 {
+                    Chunk::DataCr
+                } else {
+                    Chunk::Data(left)
+                };
+                continue;
+            }
+            let b = bytes[i];
+            i += 1;
+            line += 1;
+            if line > MAX_CHUNK_LINE {
+                return bad;
+            }
+            c = match (c, b) {
+                (Chunk::Size { value, digits }, _) if b.is_ascii_hexdigit() => {
+                    if digits >= 15 {
+                        return bad;
+                    }
+                    let d = u64::from((b as char).to_digit(16).unwrap_or(0));
+                    Chunk::Size {
+                        value: (value << 4) | d,
+                        digits: digits + 1,
+                    }
+                }
+                // A size needs at least one digit: no sign, no "0x", no leading space.
+                (Chunk::Size { digits: 0, .. }, _) => return bad,
+                (Chunk::Size { value, .. }, b'\r') => Chunk::SizeLf(value),
+                (Chunk::Size { value, .. }, b' ' | b'\t' | b';') => Chunk::Ext(value),
+                (Chunk::Size { .. }, _) => return bad,
+                (Chunk::Ext(v), b'\r') => Chunk::SizeLf(v),
+                (Chunk::Ext(_), b'\n') => return bad,
+                (Chunk::Ext(v), _) => Chunk::Ext(v),
+                (Chunk::SizeLf(0), b'\n') => {
+                    line = 0;
+                    Chunk::TrailerStart
+                }
+                (Chunk::SizeLf(n), b'\n') => {
+                    line = 0;
+                    Chunk::Data(n)
+                }
+                (Chunk::SizeLf(_), _) => return bad,
+                (Chunk::DataCr, b'\r') => Chunk::DataLf,
+                (Chunk::DataLf, b'\n') => {
+                    line = 0;
+                    Chunk::Size {
+                        value: 0,
+                        digits: 0,
+                    }
+                }
+                (Chunk::DataCr | Chunk::DataLf, _) => return bad,
+                (Chunk::TrailerStart, b'\r') => Chunk::EndLf,
+                (Chunk::TrailerStart | Chunk::TrailerLine, b'\n') => return bad,
+                (Chunk::TrailerLine, b'\r') => Chunk::TrailerLf,
+                (Chunk::TrailerStart | Chunk::TrailerLine, _) => Chunk::TrailerLine,
+                (Chunk::TrailerLf, b'\n') => {
+                    line = 0;
+                    Chunk::TrailerStart
+                }
+                (Chunk::TrailerLf, _) => return bad,
+                (Chunk::EndLf, b'\n') => {
+                    self.state = State::Head;
+                    return Some(&bytes[i..]);
+                }
+                (Chunk::EndLf, _) => return bad,
+                (Chunk::Data(_), _) => c,
+            };
+        }
+        self.state = State::Chunked(c, line);
+        Some(&bytes[i..])
+    }
+}
+
+/// Index just past the empty line ending a head (`\r\n\r\n`, or with bare LFs).
+fn find_head_end(buf: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    while i < buf.len() {
+        if buf[i] == b'\n' {
+            // Skip leading empty lines, as httparse does.
+            if buf[i + 1..].starts_with(b"\n") {
+                return Some(i + 2);
+            }
+            if buf[i + 1..].starts_with(b"\r\n") {
+                return Some(i + 3);
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Checks one complete head and says how its body is framed.
+fn analyse(head: &[u8], max_headers: usize) -> Result<State, HeadError> {
+    // httparse accepts a bare LF as a line end; a front proxy may not split lines there.
+    for (i, &b) in head.iter().enumerate() {
+        let prev = i.checked_sub(1).map(|p| head[p]);
+        let next = head.get(i + 1).copied();
+        if (b == b'\n' && prev != Some(b'\r')) || (b == b'\r' && next != Some(b'\n')) {
+            return Err(HeadError::BareLineEnd);
+        }
+    }
+    let mut headers = vec![httparse::EMPTY_HEADER; max_headers];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => return Err(HeadError::Malformed),
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+        Err(_) => return Err(HeadError::Malformed),
+    }
+    let mut length: Option<u64> = None;
+    let mut chunked = false;
+    for h in req.headers.iter() {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            if length.is_some() {
+                return Err(HeadError::DuplicateLength);
+            }
+            length = Some(parse_length(h.value).ok_or(HeadError::BadLength)?);
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            if chunked || !h.value.eq_ignore_ascii_case(b"chunked") {
+                return Err(HeadError::BadTransferEncoding);
+            }
+            chunked = true;
+        }
+    }
+    if chunked && length.is_some() {
+        return Err(HeadError::LengthAndChunked);
+    }
+    if chunked && req.version != Some(1) {
+        return Err(HeadError::BadTransferEncoding);
+    }
+    if req.method == Some("CONNECT") {
+        return Ok(State::Passthrough);
+    }
+    Ok(match (chunked, length) {
+        (true, _) => State::Chunked(
+            Chunk::Size {
+                value: 0,
+                digits: 0,
+            },
+            0,
+        ),
+        (false, Some(n)) if n > 0 => State::Body(n),
+        _ => State::Head,
+    })
+}
+
+/// `1*DIGIT`, nothing else (no sign, no spaces, no list), at most 18 digits.
+pub fn parse_length(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 18 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verdicts(input: &[u8]) -> (Vec<Result<(), HeadError>>, Result<(), StreamError>) {
+        let mut t = Tracker::new(16384, 100);
+        let r = t.feed(input, Instant::now());
+        (t.verdicts.drain(..).collect(), r)
+    }
+
+    #[test]
+    fn follows_lengths_and_chunks_across_pipelined_requests() {
+        let input = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello\
+GET / HTTP/1.1\r\nHost: a\r\n\r\n\
+POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5;x=y\r\nhello\r\n0\r\nT: 1\r\n\r\n\
+GET /last HTTP/1.1\r\nHost: a\r\n\r\n";
+        assert_eq!(verdicts(input), (vec![Ok(()); 4], Ok(())));
+        // The same bytes one at a time.
+        let mut t = Tracker::new(16384, 100);
+        for b in input {
+            t.feed(std::slice::from_ref(b), Instant::now()).unwrap();
+        }
+        assert_eq!(t.verdicts.len(), 4);
+        assert!(t.head_since().is_none());
+    }
+
+    #[test]
+    fn refuses_ambiguous_framing() {
+        let cases: [(&[u8], HeadError); 9] = [
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n",
+                HeadError::LengthAndChunked,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n",
+                HeadError::LengthAndChunked,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 4\r\nContent-Length: 4\r\n\r\n",
+                HeadError::DuplicateLength,
+            ),
+            (b"POST / HTTP/1.1\r\nContent-Length: +4\r\n\r\n", HeadError::BadLength),
+            (b"POST / HTTP/1.1\r\nContent-Length: 4, 4\r\n\r\n", HeadError::BadLength),
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                HeadError::BadTransferEncoding,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+                HeadError::BadTransferEncoding,
+            ),
+            (
+                b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+                HeadError::BadTransferEncoding,
+            ),
+            (b"GET / HTTP/1.1\nHost: a\n\n", HeadError::BareLineEnd),
+        ];
+        for (input, want) in cases {
+            let (v, r) = verdicts(input);
+            assert_eq!(v, vec![Err(want)], "{}", String::from_utf8_lossy(input));
+            assert_eq!(r, Ok(()));
+        }
+        let mut t = Tracker::new(16384, 100);
+        t.feed(cases[0].0, Instant::now()).unwrap();
+        // Once refused, every later request on the connection is refused.
+        assert_eq!(t.next_verdict(), Some(Err(HeadError::LengthAndChunked)));
+        assert_eq!(t.next_verdict(), Some(Err(HeadError::LengthAndChunked)));
+    }
+
+    #[test]
+    fn bad_chunk_lines_end_the_stream() {
+        for body in [
+            &b"0x5\r\nhello\r\n0\r\n\r\n"[..],
+            b"+5\r\nhello\r\n0\r\n\r\n",
+            b"5\nhello\r\n0\r\n\r\n",
+            b"5\r\nhello\n0\r\n\r\n",
+            b"5\r\nhelloXX0\r\n\r\n",
+            b" 5\r\nhello\r\n0\r\n\r\n",
+            b"fffffffffffffffff\r\n",
+            b"5;a\nb\r\nhello\r\n0\r\n\r\n",
+        ] {
+            let input = [
+                &b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
+                body,
+            ]
+            .concat();
+            assert_eq!(
+                verdicts(&input),
+                (vec![Err(HeadError::BadChunk)], Ok(())),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn h2c_and_connect_pass_through() {
+        let mut t = Tracker::new(16384, 100);
+        t.feed(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00", Instant::now())
+            .unwrap();
+        assert!(t.is_passthrough());
+        assert_eq!(t.next_verdict(), None);
+        let mut t = Tracker::new(16384, 100);
+        t.feed(
+            b"CONNECT a:443 HTTP/1.1\r\n\r\n\x16\x03\x01",
+            Instant::now(),
+        )
+        .unwrap();
+        assert_eq!(t.next_verdict(), Some(Ok(())));
+        assert_eq!(t.next_verdict(), None);
+    }
+
+    #[test]
+    fn oversized_heads_and_deep_pipelines_are_bounded() {
+        let mut t = Tracker::new(8192, 100);
+        let big = [b"GET / HTTP/1.1\r\nX: ".as_slice(), &[b'a'; 9000]].concat();
+        t.feed(&big, Instant::now()).unwrap();
+        assert_eq!(t.next_verdict(), Some(Err(HeadError::TooLarge)));
+        let mut t = Tracker::new(8192, 100);
+        let many = b"GET / HTTP/1.1\r\n\r\n".repeat(MAX_QUEUED + 1);
+        assert_eq!(t.feed(&many, Instant::now()), Err(StreamError::TooDeep));
+    }
+}
