@@ -79,6 +79,8 @@ cat "$WORK/cert.pem" "$WORK/key.pem" > "$WORK/haproxy.pem"
 
 # --- the upstream: nginx answering 20 bytes at / and 64 KiB at /big ---
 head -c 65536 /dev/zero | tr '\0' 'x' > "$WORK/big"
+# nginx workers run as nobody: they must be able to read it.
+chmod 755 "$WORK"; chmod 644 "$WORK/big"
 mkdir -p "$WORK/up"
 cat > "$WORK/nginx-up.conf" <<EOF
 worker_processes 1;
@@ -206,7 +208,9 @@ run_wrk() { # scenario name url [extra wrk args...]
   rps="$(awk '/^Requests\/sec/ {print $2}' <<<"$out")"
   p50="$(to_ms "$(awk '$1 == "50%" {print $2}' <<<"$out")")"
   p99="$(to_ms "$(awk '$1 == "99%" {print $2}' <<<"$out")")"
-  if grep -q "Non-2xx" <<<"$out"; then echo "$name $scenario: errors: $(grep Non-2xx <<<"$out")" >&2; fi
+  if grep -q "Non-2xx" <<<"$out"; then
+    echo "$name $scenario: errors: $(grep Non-2xx <<<"$out"); a sample: HTTP $(curl -sk -o /dev/null -w "%{http_code}" "$url" 2>&1)" >&2
+  fi
   printf '%s\t%s\t%s\t%s\t%s\n' "$scenario" "$name" "${rps:-0}" "${p50:-0}" "${p99:-0}" >> "$RESULTS"
 }
 run_h2load() { # scenario name url

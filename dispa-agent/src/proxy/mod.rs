@@ -224,10 +224,13 @@ impl Proxy {
             in_flight: None,
             conn_permit: None,
         });
-        let (ex, mut resp) = self
-            .handle(req, peer, scheme, bytes_in.clone())
-            .instrument(span.clone())
-            .await;
+        // Boxed: hyper keeps one service-future slot per connection for its whole life, so a
+        // large inline state would cost every idle keep-alive connection that much memory.
+        let (ex, mut resp) = Box::pin(
+            self.handle(req, peer, scheme, bytes_in.clone())
+                .instrument(span.clone()),
+        )
+        .await;
         resp.headers_mut().insert(X_REQUEST_ID, rid);
 
         let status = resp.status().as_u16();
