@@ -155,7 +155,7 @@ struct AgentArgs {
     #[arg(long = "log-redact-query", value_name = "PARAM")]
     log_redact_query: Vec<String>,
     /// Bound on the on-disk access-log spool, e.g. "1GiB", "64MiB", "100000" (bytes).
-    #[arg(long, default_value = "1GiB", value_parser = parse_bytes)]
+    #[arg(long, default_value = "1GiB", value_parser = dispa_proto::config::parse_size)]
     log_spool_max: u64,
     /// How often endpoint DNS names are re-resolved (addresses that appear or vanish take
     /// effect without a config push).
@@ -164,23 +164,6 @@ struct AgentArgs {
     /// Threads serving client connections, each with its own event loop (0 = one per CPU).
     #[arg(long, default_value_t = 0)]
     workers: usize,
-}
-
-fn parse_bytes(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (num, mult) = [
-        ("GiB", 1u64 << 30),
-        ("MiB", 1 << 20),
-        ("KiB", 1 << 10),
-        ("B", 1),
-    ]
-    .iter()
-    .find_map(|(suf, m)| t.strip_suffix(suf).map(|n| (n.trim(), *m)))
-    .unwrap_or((t, 1));
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| format!("invalid size {s:?}: write e.g. \"1GiB\", \"64MiB\", \"4096\""))
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {

@@ -41,6 +41,27 @@ async fn synced(plane: &str, token: &str, version: u64) -> Vec<String> {
         .collect()
 }
 
+/// A plane with `--auth`, and its bootstrap admin token.
+async fn auth_plane(dir: &Path) -> (PlaneProc, String) {
+    let token_file = dir.join("admin.token");
+    let plane = PlaneProc::start_with(
+        dir,
+        "127.0.0.1:0".parse().unwrap(),
+        &[
+            "--auth",
+            "--bootstrap-token-file",
+            token_file.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let admin = std::fs::read_to_string(&token_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    assert!(admin.starts_with("dsp_"));
+    (plane, admin)
+}
+
 fn config(upstream: &TestUpstream) -> String {
     format!(
         "[upstreams.app]\nendpoints = [\"{}\"]\n\n[[routes]]\nname = \"all\"\nhosts = [\"*\"]\nupstream = \"app\"\n",
@@ -68,23 +89,8 @@ fn has(entries: &[Value], action: &str, outcome: &str, role: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auth_roles_join_tokens_and_audit() {
     let dir = tempfile::tempdir().unwrap();
-    let token_file = dir.path().join("admin.token");
-    let plane = PlaneProc::start_with(
-        dir.path(),
-        "127.0.0.1:0".parse().unwrap(),
-        &[
-            "--auth",
-            "--bootstrap-token-file",
-            token_file.to_str().unwrap(),
-        ],
-    )
-    .await;
+    let (plane, admin) = auth_plane(dir.path()).await;
     let url = plane.url();
-    let admin = std::fs::read_to_string(&token_file)
-        .unwrap()
-        .trim()
-        .to_string();
-    assert!(admin.starts_with("dsp_"));
 
     // No token: refused, with a message that says what to do.
     let out = ctl(&url, &["status"]).await;
@@ -376,22 +382,8 @@ async fn private_keys_are_never_printed_without_an_admin_asking() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     std::fs::create_dir(d.join("certs")).unwrap();
-    let token_file = d.join("admin.token");
-    let plane = PlaneProc::start_with(
-        d,
-        "127.0.0.1:0".parse().unwrap(),
-        &[
-            "--auth",
-            "--bootstrap-token-file",
-            token_file.to_str().unwrap(),
-        ],
-    )
-    .await;
+    let (plane, admin) = auth_plane(d).await;
     let url = plane.url();
-    let admin = std::fs::read_to_string(&token_file)
-        .unwrap()
-        .trim()
-        .to_string();
     let operator = create_token(&url, &admin, "operator").await;
     let viewer = create_token(&url, &admin, "viewer").await;
     let join = create_token(&url, &admin, "agent").await;
