@@ -380,18 +380,52 @@ mod tests {
         );
     }
 
+    #[test]
+    fn rs256_from_a_jwks() {
+        use base64::Engine;
+        let fixture = include_str!("testdata/rs256-test-key.txt");
+        let field = |k: &str| {
+            fixture
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .unwrap_or_else(|| panic!("{k}"))
+                .to_string()
+        };
+        let (n, der) = (field("N="), field("DER="));
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(der)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let jwks = serde_json::json!({"keys": [{"kty": "RSA", "kid": "r1", "alg": "RS256", "n": n, "e": "AQAB"}]});
+        let a = auth(Some(Jwt {
+            key: JwtKey::Jwks(jwks.to_string()),
+            issuer: None,
+            audience: Some("api".into()),
+            leeway: Duration::from_secs(5),
+            forward_claims: vec![],
+        }));
+        let claims = serde_json::json!({"sub": "carol", "aud": "api", "exp": now() + 60});
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = Some("r1".into());
+        let t = encode(&header, &claims, &EncodingKey::from_rsa_der(&der))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            a.check(&headers(&[("authorization", &format!("Bearer {t}"))]), None)
+                .is_ok()
+        );
+        // HS256 signed with the public modulus as the secret: algorithm confusion.
+        let forged = token(claims, Algorithm::HS256, &n);
+        assert_eq!(
+            a.check(
+                &headers(&[("authorization", &format!("Bearer {forged}"))]),
+                None
+            )
+            .unwrap_err(),
+            AuthError::InvalidToken
+        );
+    }
+
     fn base64_url(s: &str) -> String {
-        // Enough for the test: standard alphabet without padding, made URL-safe.
-        const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-        let b = s.as_bytes();
-        let mut out = String::new();
-        for chunk in b.chunks(3) {
-            let n = chunk.iter().fold(0u32, |acc, &x| (acc << 8) | u32::from(x))
-                << (8 * (3 - chunk.len()));
-            for i in 0..=chunk.len() {
-                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            }
-        }
-        out
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
     }
 }
