@@ -318,6 +318,9 @@ where
                 }
                 Err(why) => {
                     tracing::info!(listener = name, %peer, "TLS handshake failed: {why}");
+                    if let Some(m) = &self.opts.metrics {
+                        m.tls_handshake_failures.inc();
+                    }
                 }
             },
         }

@@ -129,8 +129,33 @@ async fn handshake(
     roots: RootCertStore,
     client: Option<&Leaf>,
 ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+    handshake_with(addr, sni, roots, client, rustls::DEFAULT_VERSIONS).await
+}
+
+/// A handshake offering only `versions` (e.g. `&[&rustls::version::TLS12]`); the negotiated
+/// protocol version on success.
+pub async fn negotiate(
+    addr: SocketAddr,
+    sni: &str,
+    roots: RootCertStore,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Result<rustls::ProtocolVersion, String> {
+    let tls = handshake_with(addr, sni, roots, None, versions).await?;
+    tls.get_ref()
+        .1
+        .protocol_version()
+        .ok_or_else(|| "no protocol version".to_string())
+}
+
+async fn handshake_with(
+    addr: SocketAddr,
+    sni: &str,
+    roots: RootCertStore,
+    client: Option<&Leaf>,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(versions)
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots);
     let mut config = match client {

@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use dispa_tests::tls::{Leaf, Pki, connect, refusal};
+use dispa_tests::tls::{Leaf, Pki, connect, negotiate, refusal};
 use dispa_tests::*;
 
 fn write(dir: &Path, name: &str, content: &str) {
@@ -167,6 +167,84 @@ async fn rotation_keeps_open_connections_and_new_handshakes_get_the_new_certific
     );
     assert!(fresh.peer_cert != old.der);
     assert_no_keys(&agent, &[&old, &new, &b]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn min_version_refuses_older_clients_and_failures_are_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new("versions CA");
+    let (modern, classic) = (
+        pki.leaf(&["modern.example.test"]),
+        pki.leaf(&["classic.example.test"]),
+    );
+    write_leaf(dir.path(), "modern", &modern);
+    write_leaf(dir.path(), "classic", &classic);
+    let web = TestUpstream::start("web").await;
+    let plane = PlaneProc::start(dir.path()).await;
+    let agent = AgentProc::start_tls(dir.path(), &plane.url(), "edge").await;
+    let config = format!(
+        r#"
+[upstreams.web]
+endpoints = ["{}"]
+
+[[routes]]
+name = "all"
+upstream = "web"
+
+[certificates.modern]
+hosts = ["modern.example.test"]
+cert_file = "modern.pem"
+key_file = "modern.key"
+min_version = "1.3"
+
+[certificates.classic]
+hosts = ["classic.example.test"]
+cert_file = "classic.pem"
+key_file = "classic.key"
+"#,
+        web.addr
+    );
+    apply(&plane, dir.path(), &config, 1).await;
+    let addr = agent.proxy_tls.unwrap();
+    let tls12: &[&'static rustls::SupportedProtocolVersion] = &[&rustls::version::TLS12];
+    let tls13: &[&'static rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+    // A TLS 1.2-only client is refused by the 1.3-only host and served by the default one.
+    let refused = negotiate(addr, "modern.example.test", pki.roots(), tls12).await;
+    assert!(
+        refused.is_err(),
+        "TLS 1.2 accepted by a min_version 1.3 host"
+    );
+    assert_eq!(
+        negotiate(addr, "modern.example.test", pki.roots(), tls13).await,
+        Ok(rustls::ProtocolVersion::TLSv1_3)
+    );
+    assert_eq!(
+        negotiate(addr, "classic.example.test", pki.roots(), tls12).await,
+        Ok(rustls::ProtocolVersion::TLSv1_2)
+    );
+    // The refusal is counted.
+    let http = HttpClient::new();
+    eventually(
+        "a counted handshake failure",
+        Duration::from_secs(10),
+        || async {
+            let m = http
+                .get(&format!("http://{}/metrics", agent.admin), None)
+                .await
+                .ok()?
+                .text();
+            let n: f64 = m
+                .lines()
+                .find(|l| l.starts_with("dispa_tls_handshake_failures_total "))?
+                .rsplit(' ')
+                .next()?
+                .parse()
+                .ok()?;
+            (n >= 1.0).then_some(())
+        },
+    )
+    .await;
+    assert_no_keys(&agent, &[&modern, &classic]);
 }
 
 #[tokio::test(flavor = "multi_thread")]

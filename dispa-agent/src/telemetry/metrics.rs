@@ -66,6 +66,9 @@ pub struct Metrics {
     pub endpoint_healthy: Family<EndpointLabels, Gauge>,
     pub connections_open: Gauge,
     pub connections_accepted: Counter,
+    /// TLS handshakes that failed (no certificate for the name, protocol version, client
+    /// certificate refused, or the client gave up).
+    pub tls_handshake_failures: Counter,
     /// Connections closed at accept, by reason (max_connections, max_connections_per_ip, ...).
     pub connections_refused: Family<ReasonLabels, Counter>,
     /// Connections closed because their PROXY header was refused (untrusted, malformed, ...).
@@ -124,6 +127,7 @@ impl Metrics {
             log_batches_shipped: Counter::default(),
             log_dropped: Family::default(),
             log_dropped_total: AtomicU64::new(0),
+            tls_handshake_failures: Counter::default(),
             rate_limit_keys: Gauge::default(),
             rate_limit_overflow: Gauge::default(),
         };
@@ -247,6 +251,11 @@ impl Metrics {
             "endpoint_healthy",
             "1 while an endpoint takes traffic, 0 while down or ejected",
             m.endpoint_healthy.clone(),
+        );
+        r.register(
+            "tls_handshake_failures",
+            "TLS handshakes on the TLS listener that failed",
+            m.tls_handshake_failures.clone(),
         );
         r.register(
             "rate_limit_keys",
