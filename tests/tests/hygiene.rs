@@ -310,10 +310,17 @@ async fn http2_rapid_reset_gets_goaway_and_others_are_served() {
         .expect("the abusive connection stayed open")
         .unwrap();
     let err = ended.expect_err("the connection ended without an error");
-    assert!(
-        err.is_go_away() && err.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM),
-        "after {sent} resets: {err:?}"
-    );
+    // The agent sends GOAWAY ENHANCE_YOUR_CALM and closes. A client still writing resets may
+    // hit the closed socket (broken pipe, reset) before it reads the GOAWAY: either way the
+    // server cut the connection.
+    let cut = (err.is_go_away() && err.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM))
+        || err.get_io().is_some_and(|e| {
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+            )
+        });
+    assert!(cut, "after {sent} resets: {err:?}");
     assert!(sent < 20_000, "never cut off");
     // Others are still served, over HTTP/2 and HTTP/1.1.
     let r = dispa_tests::http_client::h2c_get(agent.proxy, "a", "/after")
