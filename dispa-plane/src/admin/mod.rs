@@ -69,7 +69,7 @@ fn file_infos(rec: &VersionRecord, show_secrets: bool) -> Vec<v1::FileInfo> {
     // Stored versions were valid when stored; if one no longer parses, treat every file as
     // secret rather than risk showing a key.
     let secret = config::parse_with_files(&rec.meta.source_name, &rec.content, &rec.files)
-        .map(|c| c.secret_files)
+        .map(|c| c.key_files())
         .ok();
     rec.files
         .0

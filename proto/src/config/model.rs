@@ -26,16 +26,13 @@ pub struct Config {
     pub routes: Vec<Route>,
     /// Certificates the agents' TLS listener serves, by entry name.
     pub certificates: BTreeMap<String, Certificate>,
-    /// Paths (as written) of uploaded files that hold secrets (private keys): never shown
-    /// without an admin's `--show-secrets`.
-    pub secret_files: std::collections::BTreeSet<String>,
     /// The global `[policy]`.
     pub policy: Policy,
 }
 
 impl Config {
-    /// The paths of every private-key file the config names (certificate keys, upstream
-    /// client keys): what [`Config::secret_files`] holds.
+    /// The paths (as written) of every private-key file the config names (certificate keys,
+    /// upstream client keys): never shown without an admin's `--show-secrets`.
     pub fn key_files(&self) -> std::collections::BTreeSet<String> {
         let certs = self.certificates.values().map(|c| c.key.path.clone());
         let clients = self

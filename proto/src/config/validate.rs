@@ -178,15 +178,12 @@ impl Validator<'_> {
         }
         let certificates = self.certificates(raw.certificates);
         let policy = self.global_policy(raw.policy.as_ref());
-        let mut config = Config {
+        Config {
             upstreams,
             routes,
             certificates,
-            secret_files: Default::default(),
             policy,
-        };
-        config.secret_files = config.key_files();
-        config
+        }
     }
 
     fn check_name(&mut self, name: &Spanned<String>, key: &str, what: &str) {

@@ -400,15 +400,12 @@ pub fn from_snapshot(s: v1::Snapshot) -> Result<Config, WireError> {
     }
     let certificates = tls::certificates_from_wire(s.certificates)?;
     let policy = policy::policy_from_wire(s.policy)?;
-    let mut config = Config {
+    Ok(Config {
         upstreams,
         routes,
         certificates,
-        secret_files: Default::default(),
         policy,
-    };
-    config.secret_files = config.key_files();
-    Ok(config)
+    })
 }
 
 #[cfg(test)]

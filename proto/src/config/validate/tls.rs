@@ -315,7 +315,8 @@ tls = { sni = "u.internal", ca_file = "ca.pem", cert_file = "www.pem", key_file 
         assert_eq!(api.min_version, crate::config::model::TlsVersion::V1_3);
         assert!(api.client_ca.is_some() && !api.default);
         assert!(c.certificates["www"].default);
-        let secret: Vec<&str> = c.secret_files.iter().map(String::as_str).collect();
+        let keys = c.key_files();
+        let secret: Vec<&str> = keys.iter().map(String::as_str).collect();
         assert_eq!(secret, ["api.key", "www.key"]);
         let mut refs = referenced_files("routes.toml", src).unwrap();
         refs.sort();
