@@ -65,20 +65,52 @@ key_file = "certs/b.key"
     )
 }
 
+/// A plane and a TLS agent serving [`sites`]: `a.example.test` and `*.b.example.test`, each
+/// with its own certificate from one CA (files under `dir/certs`), applied as version 1.
+struct Sites {
+    pki: Pki,
+    a: Leaf,
+    b: Leaf,
+    web: TestUpstream,
+    plane: PlaneProc,
+    agent: AgentProc,
+}
+
+impl Sites {
+    async fn start(dir: &Path, ca: &str) -> Sites {
+        let certs = dir.join("certs");
+        std::fs::create_dir(&certs).unwrap();
+        let pki = Pki::new(ca);
+        let a = pki.leaf(&["a.example.test"]);
+        let b = pki.leaf(&["*.b.example.test"]);
+        write_leaf(&certs, "a", &a);
+        write_leaf(&certs, "b", &b);
+        let web = TestUpstream::start("web").await;
+        let plane = PlaneProc::start(dir).await;
+        let agent = AgentProc::start_tls(dir, &plane.url(), "edge").await;
+        apply(&plane, dir, &sites(&web), 1).await;
+        Sites {
+            pki,
+            a,
+            b,
+            web,
+            plane,
+            agent,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sni_picks_each_hosts_certificate_and_alpn_negotiates_h2() {
     let dir = tempfile::tempdir().unwrap();
-    let certs = dir.path().join("certs");
-    std::fs::create_dir(&certs).unwrap();
-    let pki = Pki::new("sites CA");
-    let a = pki.leaf(&["a.example.test"]);
-    let b = pki.leaf(&["*.b.example.test"]);
-    write_leaf(&certs, "a", &a);
-    write_leaf(&certs, "b", &b);
-    let web = TestUpstream::start("web").await;
-    let plane = PlaneProc::start(dir.path()).await;
-    let agent = AgentProc::start_tls(dir.path(), &plane.url(), "edge").await;
-    apply(&plane, dir.path(), &sites(&web), 1).await;
+    let Sites {
+        pki,
+        a,
+        b,
+        web: _web,
+        plane,
+        agent,
+    } = Sites::start(dir.path(), "sites CA").await;
     let tls_addr = agent.proxy_tls.unwrap();
 
     for (sni, leaf) in [("a.example.test", &a), ("x.b.example.test", &b)] {
@@ -130,17 +162,15 @@ async fn sni_picks_each_hosts_certificate_and_alpn_negotiates_h2() {
 #[tokio::test(flavor = "multi_thread")]
 async fn rotation_keeps_open_connections_and_new_handshakes_get_the_new_certificate() {
     let dir = tempfile::tempdir().unwrap();
+    let Sites {
+        pki,
+        a: old,
+        b,
+        web,
+        plane,
+        agent,
+    } = Sites::start(dir.path(), "rotation CA").await;
     let certs = dir.path().join("certs");
-    std::fs::create_dir(&certs).unwrap();
-    let pki = Pki::new("rotation CA");
-    let old = pki.leaf(&["a.example.test"]);
-    let b = pki.leaf(&["*.b.example.test"]);
-    write_leaf(&certs, "a", &old);
-    write_leaf(&certs, "b", &b);
-    let web = TestUpstream::start("web").await;
-    let plane = PlaneProc::start(dir.path()).await;
-    let agent = AgentProc::start_tls(dir.path(), &plane.url(), "edge").await;
-    apply(&plane, dir.path(), &sites(&web), 1).await;
     let tls_addr = agent.proxy_tls.unwrap();
 
     let mut held = connect(tls_addr, "a.example.test", pki.roots(), None)
