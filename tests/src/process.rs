@@ -268,7 +268,12 @@ pub async fn ctl(plane_url: &str, args: &[&str]) -> CtlOutput {
 
 /// A process's resident set size in KiB (Linux /proc), if readable.
 pub fn rss_kib(pid: u32) -> Option<u64> {
+    proc_status_kib(pid, "VmRSS:")
+}
+
+/// A KiB field of /proc/PID/status ("VmRSS:", "VmHWM:" for the peak), if readable.
+pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     line.split_whitespace().nth(1)?.parse().ok()
 }

@@ -16,6 +16,7 @@ use dispa_proto::v1::admin_client::AdminClient;
 use dispa_proto::v1::config_discovery_client::ConfigDiscoveryClient;
 use dispa_proto::v1::{self, DiscoveryRequest, Node, discovery_request};
 use dispa_proto::{BUILD_VERSION, PROTOCOL_VERSION};
+use dispa_tests::process::proc_status_kib;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -49,17 +50,6 @@ fn args() -> Args {
         "pass --dispa PATH or --plane URL"
     );
     a
-}
-
-fn proc_field(pid: u32, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(key))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// utime + stime in clock ticks (1/100 s).
@@ -271,8 +261,8 @@ async fn main() {
         let cpu = (cpu_ticks(pid) - ticks0) as f64 / 100.0;
         println!(
             "plane: peak RSS {:.1} MiB, RSS now {:.1} MiB, CPU {cpu:.2} s over {} versions",
-            proc_field(pid, "VmHWM:") as f64 / 1024.0,
-            proc_field(pid, "VmRSS:") as f64 / 1024.0,
+            proc_status_kib(pid, "VmHWM:").unwrap_or(0) as f64 / 1024.0,
+            proc_status_kib(pid, "VmRSS:").unwrap_or(0) as f64 / 1024.0,
             a.versions
         );
     }
