@@ -15,23 +15,9 @@ impl Attachments {
         self.0.get(path)
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
     /// From the wire; a path sent twice keeps its last content.
     pub fn from_wire(files: Vec<crate::v1::Attachment>) -> Self {
         files.into_iter().map(|a| (a.path, a.content)).collect()
-    }
-
-    pub fn to_wire(&self) -> Vec<crate::v1::Attachment> {
-        self.0
-            .iter()
-            .map(|(path, content)| crate::v1::Attachment {
-                path: path.clone(),
-                content: content.clone(),
-            })
-            .collect()
     }
 }
 
