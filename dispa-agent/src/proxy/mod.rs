@@ -193,11 +193,19 @@ impl Proxy {
         let tp = access_log::traceparent(req.headers());
         req.headers_mut().insert(X_REQUEST_ID, rid.clone());
         req.headers_mut().insert(TRACEPARENT, tp.clone());
-        let rid_str = rid.to_str().unwrap_or_default().to_string();
-        let record = LogRecord {
+        let rid_str = rid.to_str().unwrap_or_default();
+        // Without a traffic log only the status and route are needed (metrics, window).
+        let logging = self.logs.enabled();
+        let record = if !logging {
+            LogRecord {
+                ts_us,
+                ..Default::default()
+            }
+        } else {
+            LogRecord {
             ts_us,
             agent: self.logs.agent.to_string(),
-            request_id: rid_str.clone(),
+            request_id: rid_str.to_string(),
             client_ip: peer.ip().to_canonical().to_string(),
             method: req.method().as_str().to_string(),
             scheme: scheme.into(),
@@ -209,8 +217,9 @@ impl Proxy {
             user_agent: header_str(req.headers(), &header::USER_AGENT),
             traceparent: tp.to_str().unwrap_or_default().to_string(),
             ..Default::default()
+        }
         };
-        let span = tracing::debug_span!("request", id = %rid_str, method = %record.method, path = %record.path);
+        let span = tracing::debug_span!("request", id = %rid_str, method = %req.method(), path = %req.uri().path());
         let bytes_in = Arc::new(AtomicU64::new(0));
         // Finishes the record (499, client_closed) if the client goes away before a response.
         let mut pending = body::Pending::new(body::Finish {
@@ -264,16 +273,18 @@ impl Proxy {
                 .inc();
             record.denial_reason = reason.to_string();
         }
-        if let Some(ip) = ex.client_ip {
-            record.client_ip = ip.to_string();
-        }
         record.status = u32::from(status);
-        record.host = access_log::capped(&ex.host, access_log::MAX_HOST);
         record.route = ex.route;
-        record.upstream = ex.upstream;
-        record.endpoint = ex.endpoint.map(|e| e.to_string()).unwrap_or_default();
-        record.attempts = ex.attempts;
-        record.upstream_duration_us = ex.upstream_us.unwrap_or(0);
+        if logging {
+            if let Some(ip) = ex.client_ip {
+                record.client_ip = ip.to_string();
+            }
+            record.host = access_log::capped(&ex.host, access_log::MAX_HOST);
+            record.upstream = ex.upstream;
+            record.endpoint = ex.endpoint.map(|e| e.to_string()).unwrap_or_default();
+            record.attempts = ex.attempts;
+            record.upstream_duration_us = ex.upstream_us.unwrap_or(0);
+        }
         finish.in_flight = ex.in_flight;
         finish.conn_permit = ex.conn_permit;
         let idle = ex.idle_timeout;

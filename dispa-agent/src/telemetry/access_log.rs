@@ -56,6 +56,11 @@ pub struct LogSink {
 }
 
 impl LogSink {
+    /// Whether records are kept; when not, the request path skips filling them in.
+    pub fn enabled(&self) -> bool {
+        !self.disabled
+    }
+
     pub fn record(&self, r: LogRecord) {
         if self.disabled {
             return;

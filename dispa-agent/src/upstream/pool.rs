@@ -1,10 +1,15 @@
-//! Pooled keep-alive HTTP client per upstream, kept across snapshots while the upstream's
+//! Pooled keep-alive HTTP clients per upstream, kept across snapshots while the upstream's
 //! identity (name + connect and TLS settings) is unchanged. Inside, hyper pools connections
 //! by endpoint address; a TLS upstream without a configured `sni` gets one client per
 //! endpoint DNS name, so connections are keyed by endpoint and server name.
-
+//!
+//! Every thread gets clients of its own (a lane): an upstream connection's task runs on the
+//! thread that opened it, so a request served on another thread would cross threads twice
+//! (a wake-up through the kernel each way). Lanes keep each exchange on one thread.
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,11 +21,33 @@ use hyper_util::rt::TokioExecutor;
 
 use crate::tls::Connector;
 
-/// Idle upstream connections kept per endpoint; more are closed when released.
+/// Idle upstream connections kept per endpoint and lane; more are closed when released.
 const MAX_IDLE_PER_ENDPOINT: usize = 256;
 
 /// Most per-server-name clients one pool keeps (an upstream has at most 1000 endpoints).
 const MAX_NAMED_CLIENTS: usize = 2048;
+
+/// Lanes per pool; threads past this many share lanes (round robin). Serving threads are
+/// few (one per core and listener), and an unused lane costs about 200 bytes.
+const LANES: usize = 16;
+
+static NEXT_LANE: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    static LANE: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// This thread's lane, assigned on first use.
+fn lane() -> usize {
+    LANE.with(|l| match l.get() {
+        Some(i) => i,
+        None => {
+            let i = NEXT_LANE.fetch_add(1, Ordering::Relaxed) % LANES;
+            l.set(Some(i));
+            i
+        }
+    })
+}
 
 pub type UpstreamClient = Client<Connector, crate::proxy::CountedBody>;
 
@@ -37,8 +64,14 @@ pub struct PoolKey {
 pub struct Pool {
     key: PoolKey,
     connector: Connector,
+    lanes: Box<[Lane]>,
+}
+
+/// One thread's clients of a pool.
+#[derive(Debug, Default)]
+struct Lane {
     /// Plaintext; or TLS with the configured sni, else the endpoint's IP as server name.
-    client: UpstreamClient,
+    client: OnceLock<UpstreamClient>,
     /// TLS without a configured sni: a client per endpoint DNS name.
     named: Mutex<HashMap<String, UpstreamClient>>,
 }
@@ -57,12 +90,10 @@ impl Pool {
                 }
             }
         };
-        let client = Self::build(&key, connector.clone());
         Ok(Self {
             key,
             connector,
-            client,
-            named: Mutex::default(),
+            lanes: (0..LANES).map(|_| Lane::default()).collect(),
         })
     }
 
@@ -92,17 +123,23 @@ impl Pool {
     /// The client for an endpoint whose certificate is checked against `server_name` (its
     /// DNS name when the upstream sets no sni); `None`: the configured sni or the address.
     pub fn client_for(&self, server_name: Option<&str>) -> UpstreamClient {
-        let Some(name) = server_name.filter(|_| self.named_clients()) else {
-            return self.client.clone();
+        let lane = &self.lanes[lane()];
+        let default = || {
+            lane.client
+                .get_or_init(|| Self::build(&self.key, self.connector.clone()))
+                .clone()
         };
-        let Ok(mut named) = self.named.lock() else {
-            return self.client.clone();
+        let Some(name) = server_name.filter(|_| self.named_clients()) else {
+            return default();
+        };
+        let Ok(mut named) = lane.named.lock() else {
+            return default();
         };
         if let Some(c) = named.get(name) {
             return c.clone();
         }
         let Ok(sn) = crate::tls::server_name(name) else {
-            return self.client.clone();
+            return default();
         };
         if named.len() >= MAX_NAMED_CLIENTS {
             // Names from old configs: dropping them closes only idle connections.
