@@ -366,6 +366,10 @@ where
         let mut shutdown = self.shutdown.clone();
         let mut closing: Option<tokio::time::Instant> = None;
         let mut stop_asked = *shutdown.borrow();
+        // One timer for the connection's life, moved rather than remade on every wake-up
+        // (moving a deadline later does not touch tokio's timer wheel).
+        let timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(timer);
         let result = loop {
             if stop_asked && closing.is_none() {
                 conn.as_mut().graceful_shutdown();
@@ -388,9 +392,12 @@ where
                     }
                 },
             };
+            if timer.deadline() != next {
+                timer.as_mut().reset(next);
+            }
             tokio::select! {
                 r = conn.as_mut() => break r,
-                _ = tokio::time::sleep_until(next) => {
+                _ = timer.as_mut() => {
                     if closing.is_some_and(|at| tokio::time::Instant::now() >= at) {
                         break Ok(());
                     }

@@ -15,9 +15,9 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use super::ProxyBody;
 use super::hygiene::Rejection;
+use crate::telemetry::Metrics;
 use crate::telemetry::access_log::LogSink;
 use crate::telemetry::window::Window;
-use crate::telemetry::{Metrics, RouteLabels};
 
 /// The client's request body on its way upstream, counted, and cut off past the route's
 /// `max_body_bytes`.
@@ -161,6 +161,8 @@ pub struct Finish {
     /// Released when the response ends, so least_conn and p2c see streaming responses as busy.
     pub in_flight: Option<crate::upstream::InFlight>,
     pub conn_permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// The request's series, once its route and upstream are known.
+    pub meters: Option<Arc<crate::telemetry::RequestMeters>>,
 }
 
 impl Finish {
@@ -171,12 +173,11 @@ impl Finish {
         r.bytes_out = bytes_out;
         r.bytes_in = self.bytes_in.load(Ordering::Relaxed);
         self.metrics.in_flight.dec();
-        self.metrics
-            .request_duration
-            .get_or_create(&RouteLabels {
-                route: r.route.clone(),
-            })
-            .observe(elapsed.as_secs_f64());
+        let meters = match self.meters.take() {
+            Some(m) => m,
+            None => self.metrics.meters(&r.route, ""),
+        };
+        meters.request_took(&self.metrics, elapsed.as_secs_f64());
         self.window
             .record(u16::try_from(r.status).unwrap_or(0), elapsed);
         let status = r.status;

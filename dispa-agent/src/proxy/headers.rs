@@ -2,17 +2,32 @@
 
 use http::{HeaderMap, HeaderName, HeaderValue, Request, header};
 
-/// Hop-by-hop headers (RFC 9110 section 7.6.1), never forwarded.
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "upgrade",
+/// Hop-by-hop headers (RFC 9110 section 7.6.1), never forwarded. Parsed names: removing by
+/// `&str` would parse the name again on every request.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
 ];
+
+/// Other conventions for the client's address, port and path than X-Forwarded-*; dropped so
+/// a client cannot spoof them past us.
+const SPOOFABLE: [HeaderName; 5] = [
+    header::FORWARDED,
+    HeaderName::from_static("x-real-ip"),
+    HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("x-forwarded-prefix"),
+    HeaderName::from_static("x-forwarded-server"),
+];
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// The request's host as sent: the URI authority (HTTP/2, absolute-form) or the Host header.
 pub fn request_host<B>(req: &Request<B>) -> Option<String> {
@@ -66,7 +81,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for n in named {
         headers.remove(n);
     }
-    for n in HOP_BY_HOP {
+    for n in &HOP_BY_HOP {
         headers.remove(n);
     }
     // The client's framing does not apply upstream; hyper re-frames the body.
@@ -86,7 +101,7 @@ pub fn forwarded_for(
     let own = || HeaderValue::from_str(&client.to_canonical().to_string());
     if peer_trusted {
         let mut chain: Vec<&str> = headers
-            .get_all("x-forwarded-for")
+            .get_all(&X_FORWARDED_FOR)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .collect();
@@ -105,23 +120,13 @@ pub fn set_forwarded(
     raw_host: &str,
     scheme: &'static str,
 ) {
-    // Other conventions for the same facts would let a client spoof them past us.
-    for n in [
-        "forwarded",
-        "x-real-ip",
-        "x-forwarded-port",
-        "x-forwarded-prefix",
-        "x-forwarded-server",
-    ] {
+    for n in &SPOOFABLE {
         headers.remove(n);
     }
-    headers.insert(HeaderName::from_static("x-forwarded-for"), forwarded_for);
-    headers.insert(
-        HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static(scheme),
-    );
+    headers.insert(X_FORWARDED_FOR, forwarded_for);
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
     if let Ok(v) = HeaderValue::from_str(raw_host) {
-        headers.insert(HeaderName::from_static("x-forwarded-host"), v.clone());
+        headers.insert(X_FORWARDED_HOST, v.clone());
         headers.insert(header::HOST, v);
     }
 }

@@ -24,9 +24,9 @@ pub use body::{CountedBody, LoggedBody};
 use crate::routing::RequestView;
 use crate::routing::normalize_host;
 use crate::snapshot::{CompiledRoute, Current, RouteAction};
-use crate::telemetry::access_log::{self, LogSink};
+use crate::telemetry::access_log::{self, LogSink, TRACEPARENT, X_REQUEST_ID};
 use crate::telemetry::window::Window;
-use crate::telemetry::{Metrics, ReasonLabels, RequestLabels, UpstreamLabels, status_class};
+use crate::telemetry::{Metrics, ReasonLabels};
 use crate::upstream::UpstreamRuntime;
 
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
@@ -36,9 +36,6 @@ const MAX_RETRY_BODY: u64 = 64 * 1024;
 
 /// Mirror copies in flight per agent.
 const MAX_MIRRORS_IN_FLIGHT: usize = 64;
-
-const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 /// Who sent a request, and over what.
 struct Client {
@@ -203,21 +200,24 @@ impl Proxy {
             }
         } else {
             LogRecord {
-            ts_us,
-            agent: self.logs.agent.to_string(),
-            request_id: rid_str.to_string(),
-            client_ip: peer.ip().to_canonical().to_string(),
-            method: req.method().as_str().to_string(),
-            scheme: scheme.into(),
-            path: access_log::capped(req.uri().path(), access_log::MAX_PATH),
-            query: access_log::capped(
-                &access_log::redact_query(req.uri().query().unwrap_or(""), &self.logs.redact_query),
-                access_log::MAX_PATH,
-            ),
-            user_agent: header_str(req.headers(), &header::USER_AGENT),
-            traceparent: tp.to_str().unwrap_or_default().to_string(),
-            ..Default::default()
-        }
+                ts_us,
+                agent: self.logs.agent.to_string(),
+                request_id: rid_str.to_string(),
+                client_ip: peer.ip().to_canonical().to_string(),
+                method: req.method().as_str().to_string(),
+                scheme: scheme.into(),
+                path: access_log::capped(req.uri().path(), access_log::MAX_PATH),
+                query: access_log::capped(
+                    &access_log::redact_query(
+                        req.uri().query().unwrap_or(""),
+                        &self.logs.redact_query,
+                    ),
+                    access_log::MAX_PATH,
+                ),
+                user_agent: header_str(req.headers(), &header::USER_AGENT),
+                traceparent: tp.to_str().unwrap_or_default().to_string(),
+                ..Default::default()
+            }
         };
         let span = tracing::debug_span!("request", id = %rid_str, method = %req.method(), path = %req.uri().path());
         let bytes_in = Arc::new(AtomicU64::new(0));
@@ -232,6 +232,7 @@ impl Proxy {
             span: span.clone(),
             in_flight: None,
             conn_permit: None,
+            meters: None,
         });
         // Boxed: hyper keeps one service-future slot per connection for its whole life, so a
         // large inline state would cost every idle keep-alive connection that much memory.
@@ -243,22 +244,10 @@ impl Proxy {
         resp.headers_mut().insert(X_REQUEST_ID, rid);
 
         let status = resp.status().as_u16();
-        self.metrics
-            .requests
-            .get_or_create(&RequestLabels {
-                route: ex.route.clone(),
-                upstream: ex.upstream.clone(),
-                status_class: status_class(status).to_string(),
-            })
-            .inc();
+        let meters = self.metrics.meters(&ex.route, &ex.upstream);
+        meters.answered(&self.metrics, status);
         if let Some(us) = ex.upstream_us {
-            self.metrics
-                .upstream_duration
-                .get_or_create(&UpstreamLabels {
-                    route: ex.route.clone(),
-                    upstream: ex.upstream.clone(),
-                })
-                .observe(us as f64 / 1e6);
+            meters.upstream_took(&self.metrics, us as f64 / 1e6);
         }
         let Some(mut finish) = pending.take() else {
             return Ok(Failure::BadRequest.response().map(LoggedBody::unlogged));
@@ -287,6 +276,7 @@ impl Proxy {
         }
         finish.in_flight = ex.in_flight;
         finish.conn_permit = ex.conn_permit;
+        finish.meters = Some(meters);
         let idle = ex.idle_timeout;
         Ok(resp.map(|b| LoggedBody::new(b, finish).with_idle_timeout(idle)))
     }

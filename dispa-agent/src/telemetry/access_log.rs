@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use dispa_proto::v1::{LogBatch, LogRecord};
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use tokio::sync::{Notify, mpsc, watch};
 
 use super::Metrics;
@@ -17,6 +17,9 @@ pub const QUEUE_CAPACITY: usize = 65_536;
 const BATCH_MAX: usize = 1_000;
 const BATCH_LINGER: Duration = Duration::from_millis(100);
 const MAX_REQUEST_ID: usize = 128;
+
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 /// Longest host kept in a record: a DNS name is at most 253 bytes, and stores index it.
 pub const MAX_HOST: usize = 255;
 /// Longest path (and query) kept in a record.
@@ -77,7 +80,7 @@ pub fn now_us() -> i64 {
 
 /// The inbound `x-request-id` if it is sane, else a new random one.
 pub fn request_id(headers: &HeaderMap) -> HeaderValue {
-    if let Some(v) = headers.get("x-request-id") {
+    if let Some(v) = headers.get(&X_REQUEST_ID) {
         let ok = !v.is_empty()
             && v.len() <= MAX_REQUEST_ID
             && v.as_bytes().iter().all(|b| b.is_ascii_graphic());
@@ -85,13 +88,14 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
             return v.clone();
         }
     }
-    let id = format!("{:032x}", fastrand::u128(..));
-    HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+    let mut id = [0u8; 32];
+    hex_into(&fastrand::u128(..).to_be_bytes(), &mut id);
+    HeaderValue::from_bytes(&id).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
 }
 
 /// A W3C `traceparent`: the inbound one if well-formed, else a new trace.
 pub fn traceparent(headers: &HeaderMap) -> HeaderValue {
-    if let Some(v) = headers.get("traceparent") {
+    if let Some(v) = headers.get(&TRACEPARENT) {
         let s = v.as_bytes();
         let hex = |r: std::ops::Range<usize>| {
             s[r].iter()
@@ -109,12 +113,17 @@ pub fn traceparent(headers: &HeaderMap) -> HeaderValue {
             return v.clone();
         }
     }
-    let tp = format!(
-        "00-{:032x}-{:016x}-01",
-        fastrand::u128(1..),
-        fastrand::u64(1..)
-    );
-    HeaderValue::from_str(&tp).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+    // "00-<32 hex trace id>-<16 hex parent id>-01", written in place (no formatter).
+    let mut tp = *b"00-00000000000000000000000000000000-0000000000000000-01";
+    hex_into(&fastrand::u128(1..).to_be_bytes(), &mut tp[3..35]);
+    hex_into(&fastrand::u64(1..).to_be_bytes(), &mut tp[36..52]);
+    HeaderValue::from_bytes(&tp).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+/// Lower-case hex of `bytes` into `out` (twice as long).
+fn hex_into(bytes: &[u8], out: &mut [u8]) {
+    // encode_to_slice fails only on a length mismatch, which the callers rule out.
+    let _ = hex::encode_to_slice(bytes, out);
 }
 
 /// Replaces the values of the named query parameters ("*": all) with "REDACTED".
@@ -261,6 +270,15 @@ mod tests {
         let new = traceparent(&h);
         assert_eq!(new.len(), 55);
         assert!(new.to_str().unwrap().starts_with("00-"));
+        // A new one is well-formed: it is kept as is when it comes back.
+        h.insert("traceparent", new.clone());
+        assert_eq!(traceparent(&h), new);
+        let id = request_id(&HeaderMap::new());
+        assert!(
+            id.as_bytes()
+                .iter()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        );
     }
 
     #[test]

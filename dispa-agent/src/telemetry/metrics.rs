@@ -1,7 +1,9 @@
 //! Prometheus metrics. Labels are bounded: route and upstream names come from config, status
 //! is a class ("2xx"), reasons are fixed strings; never raw paths or client addresses.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -90,6 +92,62 @@ pub struct Metrics {
     pub log_batches_shipped: Counter,
     log_dropped: Family<ReasonLabels, Counter>,
     log_dropped_total: AtomicU64,
+    /// Request series handles by route, then upstream: looked up without building labels.
+    meters: RwLock<HashMap<String, HashMap<String, Arc<RequestMeters>>>>,
+}
+
+/// One (route, upstream) pair's request series, each made on first use (an unused status
+/// class stays out of the exposition).
+#[derive(Default)]
+pub struct RequestMeters {
+    route: String,
+    upstream: String,
+    by_class: [OnceLock<Counter>; 5],
+    upstream_duration: OnceLock<Histogram>,
+    request_duration: OnceLock<Histogram>,
+}
+
+impl RequestMeters {
+    /// Counts a request answered with `status`.
+    pub fn answered(&self, m: &Metrics, status: u16) {
+        let i = usize::from((status / 100).clamp(1, 5) - 1);
+        self.by_class[i]
+            .get_or_init(|| {
+                m.requests
+                    .get_or_create(&RequestLabels {
+                        route: self.route.clone(),
+                        upstream: self.upstream.clone(),
+                        status_class: status_class(status).to_string(),
+                    })
+                    .clone()
+            })
+            .inc();
+    }
+
+    pub fn upstream_took(&self, m: &Metrics, seconds: f64) {
+        self.upstream_duration
+            .get_or_init(|| {
+                m.upstream_duration
+                    .get_or_create(&UpstreamLabels {
+                        route: self.route.clone(),
+                        upstream: self.upstream.clone(),
+                    })
+                    .clone()
+            })
+            .observe(seconds);
+    }
+
+    pub fn request_took(&self, m: &Metrics, seconds: f64) {
+        self.request_duration
+            .get_or_init(|| {
+                m.request_duration
+                    .get_or_create(&RouteLabels {
+                        route: self.route.clone(),
+                    })
+                    .clone()
+            })
+            .observe(seconds);
+    }
 }
 
 impl Default for Metrics {
@@ -99,6 +157,31 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// The request series of `route` and `upstream` ("" for none). Bounded like the series
+    /// themselves: names come from config.
+    pub fn meters(&self, route: &str, upstream: &str) -> Arc<RequestMeters> {
+        if let Ok(m) = self.meters.read()
+            && let Some(found) = m.get(route).and_then(|u| u.get(upstream))
+        {
+            return found.clone();
+        }
+        let mut m = self
+            .meters
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        m.entry(route.to_string())
+            .or_default()
+            .entry(upstream.to_string())
+            .or_insert_with(|| {
+                Arc::new(RequestMeters {
+                    route: route.to_string(),
+                    upstream: upstream.to_string(),
+                    ..RequestMeters::default()
+                })
+            })
+            .clone()
+    }
+
     pub fn new() -> Self {
         let mut r = Registry::with_prefix("dispa");
         let m = Metrics {
@@ -127,6 +210,7 @@ impl Metrics {
             log_batches_shipped: Counter::default(),
             log_dropped: Family::default(),
             log_dropped_total: AtomicU64::new(0),
+            meters: RwLock::default(),
             tls_handshake_failures: Counter::default(),
             rate_limit_keys: Gauge::default(),
             rate_limit_overflow: Gauge::default(),

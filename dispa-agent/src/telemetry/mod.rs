@@ -7,6 +7,4 @@ pub mod shipper;
 pub mod spool;
 pub mod window;
 
-pub use metrics::{
-    EndpointLabels, Metrics, ReasonLabels, RequestLabels, RouteLabels, UpstreamLabels, status_class,
-};
+pub use metrics::{EndpointLabels, Metrics, ReasonLabels, RequestMeters};

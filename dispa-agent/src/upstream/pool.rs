@@ -6,8 +6,8 @@
 //! Every thread gets clients of its own (a lane): an upstream connection's task runs on the
 //! thread that opened it, so a request served on another thread would cross threads twice
 //! (a wake-up through the kernel each way). Lanes keep each exchange on one thread.
-use std::collections::HashMap;
 use std::cell::Cell;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
