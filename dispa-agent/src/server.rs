@@ -76,10 +76,9 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     let head = usize::try_from(limits.max_header_bytes).unwrap_or(usize::MAX);
     b.http1()
-        .timer(TokioTimer::new())
-        // A backstop only: the watchdog closes slow heads after header_timeout and idle
-        // connections after idle_timeout; hyper's timer also runs while a connection idles.
-        .header_read_timeout(limits.header_timeout.saturating_add(limits.idle_timeout))
+        // The watchdog closes slow heads after header_timeout and idle connections after
+        // idle_timeout; hyper's own head timer would cost a boxed timer per request.
+        .header_read_timeout(None)
         .max_headers(usize::try_from(limits.max_header_count).unwrap_or(100))
         .max_buf_size(head.max(MIN_BUF));
     b.http2()
@@ -425,8 +424,6 @@ where
                     "head_too_large"
                 } else if h.is_parse() {
                     "malformed_head"
-                } else if h.is_timeout() {
-                    "header_timeout"
                 } else {
                     return;
                 };

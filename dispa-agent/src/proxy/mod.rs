@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use dispa_proto::v1::LogRecord;
-use http::{HeaderName, HeaderValue, Request, Response, StatusCode, Uri, header};
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use tracing::Instrument;
@@ -301,8 +301,7 @@ impl Proxy {
         let Some(picked) = shadow.pick(&ctx, &[]) else {
             return;
         };
-        let scheme = shadow.pool.scheme();
-        let Ok(uri) = format!("{scheme}://{}{path_and_query}", picked.addr).parse::<Uri>() else {
+        let Ok(uri) = shadow.request_uri(picked.addr, path_and_query) else {
             return;
         };
         let mut req = Request::new(CountedBody::new(None, Arc::default()));
@@ -315,12 +314,12 @@ impl Proxy {
         };
         *req.headers_mut() = parts.headers.clone();
         self.metrics.mirrored.inc();
-        let client = shadow.client(picked.addr);
         tokio::spawn(async move {
             let _permit = permit;
             let _in_flight = picked.in_flight;
             // The answer is read and dropped: a mirror never affects the client.
-            if let Ok(Ok(resp)) = tokio::time::timeout(timeout, client.request(req)).await {
+            let sent = shadow.send(picked.addr, req);
+            if let Ok(Ok(resp)) = tokio::time::timeout(timeout, sent).await {
                 use http_body_util::BodyExt;
                 let _ = tokio::time::timeout(timeout, resp.into_body().collect()).await;
             }
@@ -546,9 +545,7 @@ impl Proxy {
             tried.push(endpoint);
             ex.attempts += 1;
             ex.endpoint = Some(endpoint);
-            let Ok(uri) =
-                format!("{}://{endpoint}{path_and_query}", upstream.pool.scheme()).parse::<Uri>()
-            else {
+            let Ok(uri) = upstream.request_uri(endpoint, &path_and_query) else {
                 return fail(ex, Failure::BadRequest);
             };
             let upstream_body = match &buffered {
@@ -572,8 +569,8 @@ impl Proxy {
             };
 
             let sent_at = Instant::now();
-            let client = upstream.client(endpoint);
-            let sent = tokio::time::timeout(route.timeout, client.request(upstream_req)).await;
+            let sent =
+                tokio::time::timeout(route.timeout, upstream.send(endpoint, upstream_req)).await;
             ex.upstream_us = Some(u64::try_from(sent_at.elapsed().as_micros()).unwrap_or(u64::MAX));
             let mut failed: Option<String> = None;
             // What went wrong, if anything, and whether the route retries it.
@@ -710,7 +707,7 @@ fn header_str(h: &http::HeaderMap, name: &HeaderName) -> String {
 }
 
 /// Maps a client error to where it came from by walking its source chain.
-fn classify(e: &hyper_util::client::legacy::Error) -> Failure {
+fn classify(e: &crate::upstream::SendError) -> Failure {
     let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
     while let Some(s) = src {
         if let Some(io) = s.downcast_ref::<std::io::Error>() {

@@ -4,6 +4,7 @@
 
 pub mod balancer;
 pub mod checker;
+mod h1;
 pub mod health;
 mod pool;
 mod retry_budget;
@@ -18,6 +19,7 @@ use dispa_proto::UpstreamName;
 use dispa_proto::config::model::{HealthCheck, Outlier, Upstream};
 
 pub use balancer::{Balancer, Endpoint, InFlight, PickCtx};
+pub use h1::SendError;
 pub use pool::{Pool, PoolKey, UpstreamClient};
 pub use retry_budget::RetryBudget;
 
@@ -96,10 +98,37 @@ pub struct Picked {
 }
 
 impl UpstreamRuntime {
-    /// The pooled client for requests to `addr` (TLS: with that endpoint's server name).
-    pub fn client(&self, addr: SocketAddr) -> UpstreamClient {
-        self.pool
-            .client_for(self.server_names.get(&addr).map(String::as_str))
+    /// The URI a request to `addr` carries: origin form for HTTP/1.1 (what goes on the wire),
+    /// absolute for the pooled HTTP/2 client (which connects by it).
+    pub fn request_uri(
+        &self,
+        addr: SocketAddr,
+        path_and_query: &str,
+    ) -> Result<http::Uri, http::uri::InvalidUri> {
+        if self.pool.key().h2 {
+            format!("{}://{addr}{path_and_query}", self.pool.scheme()).parse()
+        } else {
+            path_and_query.parse()
+        }
+    }
+
+    /// Sends `req` to `addr`: over this thread's HTTP/1.1 connections (the URI in origin
+    /// form), or the pooled HTTP/2 client (the URI absolute).
+    pub async fn send(
+        &self,
+        addr: SocketAddr,
+        req: http::Request<crate::proxy::CountedBody>,
+    ) -> Result<http::Response<hyper::body::Incoming>, SendError> {
+        let name = self.server_names.get(&addr).map(String::as_str);
+        if self.pool.key().h2 {
+            return self
+                .pool
+                .client_for(name)
+                .request(req)
+                .await
+                .map_err(SendError::Pooled);
+        }
+        self.pool.h1_for(name).send(addr, req).await
     }
 
     /// A non-pooling client for a health check of `addr`, for TLS upstreams.

@@ -19,6 +19,7 @@ use http_body_util::Empty;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+use super::h1::H1Conns;
 use crate::tls::Connector;
 
 /// Idle upstream connections kept per endpoint and lane; more are closed when released.
@@ -74,6 +75,9 @@ struct Lane {
     client: OnceLock<UpstreamClient>,
     /// TLS without a configured sni: a client per endpoint DNS name.
     named: Mutex<HashMap<String, UpstreamClient>>,
+    /// HTTP/1.1 upstreams: the request path's connections, as `client` and `named` above.
+    h1: OnceLock<Arc<H1Conns>>,
+    h1_named: Mutex<HashMap<String, Arc<H1Conns>>>,
 }
 
 impl Pool {
@@ -146,6 +150,37 @@ impl Pool {
             named.clear();
         }
         let c = Self::build(&self.key, self.connector.with_server_name(sn));
+        named.insert(name.to_string(), c.clone());
+        c
+    }
+
+    /// This thread's HTTP/1.1 connections for endpoints with `server_name` (as [`Self::client_for`]).
+    pub fn h1_for(&self, server_name: Option<&str>) -> Arc<H1Conns> {
+        let lane = &self.lanes[lane()];
+        let make = |connector: Connector| {
+            Arc::new(H1Conns::new(
+                connector,
+                self.scheme(),
+                self.key.idle_timeout,
+            ))
+        };
+        let default = || lane.h1.get_or_init(|| make(self.connector.clone())).clone();
+        let Some(name) = server_name.filter(|_| self.named_clients()) else {
+            return default();
+        };
+        let Ok(mut named) = lane.h1_named.lock() else {
+            return default();
+        };
+        if let Some(c) = named.get(name) {
+            return c.clone();
+        }
+        let Ok(sn) = crate::tls::server_name(name) else {
+            return default();
+        };
+        if named.len() >= MAX_NAMED_CLIENTS {
+            named.clear();
+        }
+        let c = make(self.connector.with_server_name(sn));
         named.insert(name.to_string(), c.clone());
         c
     }
