@@ -189,6 +189,14 @@ impl Tracker {
         }
         let room = (self.max_head + 1).saturating_sub(self.head.len());
         let take = room.min(bytes.len());
+        if self.head.is_empty()
+            && let Some(end) = find_head_end(&bytes[..take])
+        {
+            // A whole head in one read (the usual case): looked at in place, not copied.
+            self.head_since = None;
+            self.finish_head(&bytes[..end])?;
+            return Ok(&bytes[end..]);
+        }
         // Take up to the end of the head only, so body bytes are not parsed as head.
         let old = self.head.len();
         self.head.extend_from_slice(&bytes[..take]);
@@ -206,12 +214,17 @@ impl Tracker {
         let used = end.saturating_sub(old);
         let rest = &bytes[used..];
         let head = std::mem::take(&mut self.head);
-        let head = &head[..end];
         self.scanned = 0;
         self.head_since = None;
+        self.finish_head(&head[..end])?;
+        Ok(rest)
+    }
+
+    /// A complete head (terminator included) was read: its verdict, and what follows it.
+    fn finish_head(&mut self, head: &[u8]) -> Result<(), StreamError> {
         if self.heads == 0 && head.starts_with(b"PRI * HTTP/2.0") {
             self.state = State::Passthrough;
-            return Ok(rest);
+            return Ok(());
         }
         self.heads += 1;
         match analyse(head, self.max_headers) {
@@ -221,7 +234,7 @@ impl Tracker {
             }
             Err(e) => self.refuse(e)?,
         }
-        Ok(rest)
+        Ok(())
     }
 
     fn refuse(&mut self, e: HeadError) -> Result<(), StreamError> {
