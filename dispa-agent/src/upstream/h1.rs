@@ -108,7 +108,8 @@ impl H1Conns {
                 },
             }
         }
-        let mut sender = self.connect(addr).await?;
+        // Boxed: connecting is rare, and its future would make every request's future large.
+        let mut sender = Box::pin(self.connect(addr)).await?;
         let sent = sender.send_request(req);
         self.keep(addr, sender);
         sent.await.map_err(SendError::Exchange)

@@ -121,10 +121,8 @@ impl UpstreamRuntime {
     ) -> Result<http::Response<hyper::body::Incoming>, SendError> {
         let name = self.server_names.get(&addr).map(String::as_str);
         if self.pool.key().h2 {
-            return self
-                .pool
-                .client_for(name)
-                .request(req)
+            // Boxed: the pooled client's future is large, and HTTP/1.1 requests need none of it.
+            return Box::pin(self.pool.client_for(name).request(req))
                 .await
                 .map_err(SendError::Pooled);
         }
