@@ -124,7 +124,7 @@ impl H1Conns {
         while i > 0 {
             i -= 1;
             let k = &list[i];
-            if k.sender.is_closed() || (k.sender.is_ready() && self.expired(k, now)) {
+            if self.stale(k, now) {
                 list.swap_remove(i);
             } else if k.sender.is_ready() {
                 return Some(list.swap_remove(i).sender);
@@ -133,8 +133,10 @@ impl H1Conns {
         None
     }
 
-    fn expired(&self, k: &Kept, now: Instant) -> bool {
-        now.duration_since(k.since) >= self.idle_timeout
+    /// Closed, or idle (ready, not in use) past the idle timeout.
+    fn stale(&self, k: &Kept, now: Instant) -> bool {
+        k.sender.is_closed()
+            || (k.sender.is_ready() && now.duration_since(k.since) >= self.idle_timeout)
     }
 
     fn keep(&self, addr: SocketAddr, sender: SendRequest<CountedBody>) {
@@ -186,9 +188,7 @@ impl H1Conns {
         let now = Instant::now();
         let mut map = self.lock();
         map.retain(|_, list| {
-            list.retain(|k| {
-                !(k.sender.is_closed() || (k.sender.is_ready() && self.expired(k, now)))
-            });
+            list.retain(|k| !self.stale(k, now));
             !list.is_empty()
         });
     }

@@ -128,15 +128,34 @@ impl Pool {
     /// DNS name when the upstream sets no sni); `None`: the configured sni or the address.
     pub fn client_for(&self, server_name: Option<&str>) -> UpstreamClient {
         let lane = &self.lanes[lane()];
-        let default = || {
-            lane.client
-                .get_or_init(|| Self::build(&self.key, self.connector.clone()))
-                .clone()
-        };
+        self.for_name(server_name, &lane.client, &lane.named, |c| {
+            Self::build(&self.key, c)
+        })
+    }
+
+    /// This thread's HTTP/1.1 connections for endpoints with `server_name` (as
+    /// [`Self::client_for`]).
+    pub fn h1_for(&self, server_name: Option<&str>) -> Arc<H1Conns> {
+        let lane = &self.lanes[lane()];
+        self.for_name(server_name, &lane.h1, &lane.h1_named, |c| {
+            Arc::new(H1Conns::new(c, self.scheme(), self.key.idle_timeout))
+        })
+    }
+
+    /// `default` (made on first use), or for TLS without a configured sni the entry of
+    /// `named` for `server_name`, made with a connector that sends and checks that name.
+    fn for_name<T: Clone>(
+        &self,
+        server_name: Option<&str>,
+        default: &OnceLock<T>,
+        named: &Mutex<HashMap<String, T>>,
+        make: impl Fn(Connector) -> T,
+    ) -> T {
+        let default = || default.get_or_init(|| make(self.connector.clone())).clone();
         let Some(name) = server_name.filter(|_| self.named_clients()) else {
             return default();
         };
-        let Ok(mut named) = lane.named.lock() else {
+        let Ok(mut named) = named.lock() else {
             return default();
         };
         if let Some(c) = named.get(name) {
@@ -147,37 +166,6 @@ impl Pool {
         };
         if named.len() >= MAX_NAMED_CLIENTS {
             // Names from old configs: dropping them closes only idle connections.
-            named.clear();
-        }
-        let c = Self::build(&self.key, self.connector.with_server_name(sn));
-        named.insert(name.to_string(), c.clone());
-        c
-    }
-
-    /// This thread's HTTP/1.1 connections for endpoints with `server_name` (as [`Self::client_for`]).
-    pub fn h1_for(&self, server_name: Option<&str>) -> Arc<H1Conns> {
-        let lane = &self.lanes[lane()];
-        let make = |connector: Connector| {
-            Arc::new(H1Conns::new(
-                connector,
-                self.scheme(),
-                self.key.idle_timeout,
-            ))
-        };
-        let default = || lane.h1.get_or_init(|| make(self.connector.clone())).clone();
-        let Some(name) = server_name.filter(|_| self.named_clients()) else {
-            return default();
-        };
-        let Ok(mut named) = lane.h1_named.lock() else {
-            return default();
-        };
-        if let Some(c) = named.get(name) {
-            return c.clone();
-        }
-        let Ok(sn) = crate::tls::server_name(name) else {
-            return default();
-        };
-        if named.len() >= MAX_NAMED_CLIENTS {
             named.clear();
         }
         let c = make(self.connector.with_server_name(sn));
