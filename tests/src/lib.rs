@@ -15,7 +15,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 pub use http_client::{HttpClient, Reply};
-pub use process::{AgentProc, CtlOutput, PlaneProc, ctl, rss_kib};
+pub use process::{AgentProc, CtlOutput, PlaneProc, ctl, metric_value, rss_kib};
 pub use upstream::{TestUpstream, refused_addr};
 
 /// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.

@@ -159,6 +159,15 @@ pub struct AgentProc {
 }
 
 impl AgentProc {
+    /// The agent's /metrics text; None if the scrape fails.
+    pub async fn metrics_text(&self) -> Option<String> {
+        let reply = crate::http_client::HttpClient::new()
+            .get(&format!("http://{}/metrics", self.admin), None)
+            .await
+            .ok()?;
+        Some(reply.text())
+    }
+
     /// Starts an agent with its cache in `dir/<id>-cache`.
     pub async fn start(dir: &Path, plane_url: &str, id: &str) -> AgentProc {
         Self::start_with(dir, plane_url, id, &[]).await
@@ -276,4 +285,15 @@ pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with(field))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The value of the first sample in Prometheus `text` whose line starts with `line_prefix`
+/// (name and labels, e.g. `dispa_retries_total `).
+pub fn metric_value(text: &str, line_prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(line_prefix))?
+        .rsplit(' ')
+        .next()?
+        .parse()
+        .ok()
 }

@@ -130,16 +130,13 @@ impl Edge {
     }
 
     async fn metric(&self, line_prefix: &str) -> f64 {
-        let m = HttpClient::new()
-            .get(&format!("http://{}/metrics", self.agent.admin), None)
+        let text = self
+            .agent
+            .metrics_text()
             .await
-            .unwrap()
-            .text();
-        m.lines()
-            .find(|l| l.starts_with(line_prefix))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
+            .expect("the agent's /metrics");
+        // A counter not yet created counts as 0.
+        metric_value(&text, line_prefix).unwrap_or(0.0)
     }
 }
 

@@ -253,23 +253,12 @@ key_file = "classic.key"
         Ok(rustls::ProtocolVersion::TLSv1_2)
     );
     // The refusal is counted.
-    let http = HttpClient::new();
     eventually(
         "a counted handshake failure",
         Duration::from_secs(10),
         || async {
-            let m = http
-                .get(&format!("http://{}/metrics", agent.admin), None)
-                .await
-                .ok()?
-                .text();
-            let n: f64 = m
-                .lines()
-                .find(|l| l.starts_with("dispa_tls_handshake_failures_total "))?
-                .rsplit(' ')
-                .next()?
-                .parse()
-                .ok()?;
+            let text = agent.metrics_text().await?;
+            let n = metric_value(&text, "dispa_tls_handshake_failures_total ")?;
             (n >= 1.0).then_some(())
         },
     )
