@@ -6,7 +6,6 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::Full;
-use hyper::body::Incoming;
 
 use crate::snapshot::Current;
 use crate::telemetry::Metrics;
@@ -32,7 +31,7 @@ fn reply(
 impl AdminApi {
     pub async fn serve(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<crate::conn::ClientBody>,
     ) -> Result<Response<Full<Bytes>>, Infallible> {
         Ok(match req.uri().path() {
             "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n"),

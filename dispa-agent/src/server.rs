@@ -18,7 +18,9 @@ use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
-use crate::conn::{self, ConnIo, ConnLimiter, Shared, Tracked, Tracker, Watch, proxy_protocol};
+use crate::conn::{
+    self, ClientBody, ConnIo, ConnLimiter, Shared, Tracked, Tracker, Watch, h1, proxy_protocol,
+};
 use crate::snapshot::{Current, RuntimeSnapshot};
 use crate::telemetry::{Metrics, ReasonLabels};
 use crate::tls;
@@ -71,6 +73,12 @@ fn count(
         .inc();
 }
 
+/// The watchdog's verdict, with the state unlocked again before anything acts on it.
+fn watch_now(shared: &Shared, limits: &Limits) -> Watch {
+    let state = shared.lock();
+    conn::watch(&state, Instant::now(), limits)
+}
+
 /// The hyper builder for one connection, from the limits current at accept time.
 fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
@@ -103,7 +111,7 @@ pub async fn serve_on_threads<F, Fut, B>(
     handler: F,
     shutdown: watch::Receiver<bool>,
 ) where
-    F: Fn(http::Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(http::Request<ClientBody>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<http::Response<B>, std::convert::Infallible>> + Send + 'static,
     B: Body + Send + 'static,
     B::Data: Send,
@@ -172,7 +180,7 @@ pub async fn serve<F, Fut, B>(
     handler: F,
     mut shutdown: watch::Receiver<bool>,
 ) where
-    F: Fn(http::Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(http::Request<ClientBody>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<http::Response<B>, std::convert::Infallible>> + Send + 'static,
     B: Body + Send + 'static,
     B::Data: Send,
@@ -255,7 +263,7 @@ struct Conn<F> {
 
 impl<F, Fut, B> Conn<F>
 where
-    F: Fn(http::Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(http::Request<ClientBody>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<http::Response<B>, std::convert::Infallible>> + Send + 'static,
     B: Body + Send + 'static,
     B::Data: Send,
@@ -310,42 +318,74 @@ where
         }
         let io = ConnIo::new(stream, prefix);
         match self.opts.transport {
-            Transport::Plain => self.serve_http(io, peer, true).await,
-            Transport::Tls => match tls::accept(io, &self.opts.current).await {
-                Ok(tls) => {
-                    let h1 = tls.get_ref().1.alpn_protocol() != Some(b"h2");
-                    self.serve_http(tls, peer, h1).await;
-                }
-                Err(why) => {
-                    tracing::info!(listener = name, %peer, "TLS handshake failed: {why}");
-                    if let Some(m) = &self.opts.metrics {
-                        m.tls_handshake_failures.inc();
-                    }
-                }
-            },
+            Transport::Plain => self.serve_plain(io, peer).await,
+            // Boxed: a handshake's state would otherwise size every plain connection's task.
+            Transport::Tls => Box::pin(self.serve_tls(io, peer)).await,
         }
         drop(permit);
     }
 
-    /// Serves HTTP on an established stream; `h1`: HTTP/1 or h2c is possible (tracked).
-    async fn serve_http<S>(self, io: S, peer: SocketAddr, h1: bool)
+    async fn serve_tls(&self, io: ConnIo<TcpStream>, peer: SocketAddr) {
+        match tls::accept(io, &self.opts.current).await {
+            Ok(tls) => {
+                let h1 = tls.get_ref().1.alpn_protocol() != Some(b"h2");
+                let shared = Shared::new(self.tracker(h1), Instant::now());
+                let io = ConnIo::new(tls, Bytes::new()).tracked(shared.clone());
+                self.serve_hyper(io, shared, peer).await;
+            }
+            Err(why) => {
+                tracing::info!(listener = self.opts.name, %peer, "TLS handshake failed: {why}");
+                if let Some(m) = &self.opts.metrics {
+                    m.tls_handshake_failures.inc();
+                }
+            }
+        }
+    }
+
+    /// The HTTP/1 framing tracker for a connection that may speak HTTP/1.
+    fn tracker(&self, h1: bool) -> Option<Tracker> {
+        let head = usize::try_from(self.limits.max_header_bytes).unwrap_or(usize::MAX);
+        h1.then(|| {
+            Tracker::new(
+                head.max(MIN_BUF),
+                usize::try_from(self.limits.max_header_count).unwrap_or(100),
+            )
+        })
+    }
+
+    /// Plain TCP: the agent's own HTTP/1.1 path ([`h1`]) first; hyper takes over for the rest
+    /// of the connection at the first request that path does not take (bodies, upgrades, h2c).
+    async fn serve_plain(&self, io: ConnIo<TcpStream>, peer: SocketAddr) {
+        let shared = Shared::new(self.tracker(true), Instant::now());
+        let io = io.tracked(shared.clone());
+        let head = usize::try_from(self.limits.max_header_bytes).unwrap_or(usize::MAX);
+        let fast = h1::serve(io, shared.clone(), peer, &self.handler, head.max(MIN_BUF));
+        let stop = |_: std::pin::Pin<&mut _>| {
+            let mut s = shared.lock();
+            s.closing = true;
+            s.in_flight == 0
+        };
+        match self.watched(&shared, peer, std::pin::pin!(fast), stop).await {
+            Some(Ok(h1::Outcome::HandOff(io, read))) => {
+                // Boxed: hyper's connection would otherwise size every connection's task.
+                Box::pin(self.serve_hyper(ConnIo::new(io, read), shared, peer)).await;
+            }
+            Some(Ok(h1::Outcome::Closed)) | None => {}
+            Some(Err(e)) => {
+                tracing::debug!(listener = self.opts.name, %peer, "connection ended: {e}")
+            }
+        }
+    }
+
+    /// Serves HTTP with hyper on a stream whose reads `shared` tracks.
+    async fn serve_hyper<S>(&self, io: S, shared: Shared, peer: SocketAddr)
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let name = self.opts.name;
-        let limits = self.limits.clone();
-        let head = usize::try_from(limits.max_header_bytes).unwrap_or(usize::MAX);
-        let tracker = h1.then(|| {
-            Tracker::new(
-                head.max(MIN_BUF),
-                usize::try_from(limits.max_header_count).unwrap_or(100),
-            )
-        });
-        let shared = Shared::new(tracker, Instant::now());
-        let io = ConnIo::new(io, Bytes::new()).tracked(shared.clone());
         let h = self.handler.clone();
         let svc_shared = shared.clone();
-        let svc = service_fn(move |mut req: http::Request<Incoming>| {
+        let svc = service_fn(move |req: http::Request<Incoming>| {
+            let mut req = req.map(ClientBody::Stream);
             let http1 = req.version() <= http::Version::HTTP_11;
             let (guard, verdict) = svc_shared.begin(http1);
             if let Some(v) = verdict {
@@ -357,11 +397,37 @@ where
                 Ok::<_, std::convert::Infallible>(resp.map(|b| Tracked::new(b, guard)))
             }
         });
-        let builder = builder(&limits);
+        let builder = builder(&self.limits);
         let conn = builder
             .serve_connection_with_upgrades(TokioIo::new(io), svc)
             .into_owned();
-        tokio::pin!(conn);
+        let graceful = |c: std::pin::Pin<&mut _>| {
+            auto::UpgradeableConnection::graceful_shutdown(c);
+            false
+        };
+        let result = self
+            .watched(&shared, peer, std::pin::pin!(conn), graceful)
+            .await;
+        // hyper is done with the stream; an upgraded tunnel reads it without tracking.
+        shared.lock().handed_off = true;
+        if let Some(Err(e)) = result {
+            self.count_error(&*e);
+            tracing::debug!(listener = self.opts.name, %peer, "connection ended: {e}");
+        }
+    }
+
+    /// Runs a connection under the watchdog (header and idle timeouts) and the shutdown
+    /// signal. `stop` asks it to finish the request in progress and end, and says whether it
+    /// may be dropped at once. `None`: it was dropped, or cut off at the deadline.
+    async fn watched<C: Future>(
+        &self,
+        shared: &Shared,
+        peer: SocketAddr,
+        mut conn: std::pin::Pin<&mut C>,
+        mut stop: impl FnMut(std::pin::Pin<&mut C>) -> bool,
+    ) -> Option<C::Output> {
+        let name = self.opts.name;
+        let limits = &self.limits;
         let mut shutdown = self.shutdown.clone();
         let mut closing: Option<tokio::time::Instant> = None;
         let mut stop_asked = *shutdown.borrow();
@@ -369,22 +435,26 @@ where
         // (moving a deadline later does not touch tokio's timer wheel).
         let timer = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(timer);
-        let result = loop {
+        loop {
             if stop_asked && closing.is_none() {
-                conn.as_mut().graceful_shutdown();
+                if stop(conn.as_mut()) {
+                    return None;
+                }
                 // Drain is bounded by the listener's deadline, not by CLOSE_GRACE.
                 closing = Some(tokio::time::Instant::now() + self.opts.drain);
             }
             let next = match closing {
                 Some(at) => at,
-                None => match conn::watch(&shared.lock(), Instant::now(), &limits) {
+                None => match watch_now(shared, limits) {
                     Watch::Until(t) => tokio::time::Instant::from_std(t),
                     Watch::Close(why) => {
                         tracing::debug!(listener = name, %peer, "closing connection: {}", why.reason());
                         if let Some(m) = &self.opts.metrics {
                             count(&m.connections_closed, why.reason());
                         }
-                        conn.as_mut().graceful_shutdown();
+                        if stop(conn.as_mut()) {
+                            return None;
+                        }
                         let at = tokio::time::Instant::now() + CLOSE_GRACE;
                         closing = Some(at);
                         at
@@ -395,22 +465,16 @@ where
                 timer.as_mut().reset(next);
             }
             tokio::select! {
-                r = conn.as_mut() => break r,
+                r = conn.as_mut() => return Some(r),
                 _ = timer.as_mut() => {
                     if closing.is_some_and(|at| tokio::time::Instant::now() >= at) {
-                        break Ok(());
+                        return None;
                     }
                 }
                 r = shutdown.changed(), if !stop_asked => {
                     stop_asked = r.is_err() || *shutdown.borrow();
                 }
             }
-        };
-        // hyper is done with the stream; an upgraded tunnel reads it without tracking.
-        shared.lock().handed_off = true;
-        if let Err(e) = result {
-            self.count_error(&*e);
-            tracing::debug!(listener = name, %peer, "connection ended: {e}");
         }
     }
 

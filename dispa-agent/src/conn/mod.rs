@@ -5,6 +5,7 @@
 //! [`watch`] decides, from plain state and the time, whether a connection must close.
 
 pub mod framing;
+pub mod h1;
 pub mod limiter;
 pub mod proxy_protocol;
 
@@ -16,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
 use dispa_proto::config::model::Limits;
-use hyper::body::{Body, Frame, SizeHint};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 pub use framing::{HeadError, Tracker};
@@ -37,6 +38,8 @@ pub struct ConnState {
     pub idle_since: Instant,
     /// hyper is done with the connection (an upgrade took it over).
     pub handed_off: bool,
+    /// The connection closes after the response in progress (shutdown or a timeout).
+    pub closing: bool,
 }
 
 /// One connection's shared state.
@@ -51,6 +54,7 @@ impl Shared {
             requests: 0,
             idle_since: now,
             handed_off: false,
+            closing: false,
         })))
     }
 
@@ -221,6 +225,43 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ConnIo<S> {
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+/// A client's request body: hyper's stream, or none at all (the agent's own HTTP/1.1 path,
+/// [`h1`], only takes requests without a body).
+#[derive(Debug)]
+pub enum ClientBody {
+    Stream(Incoming),
+    Empty,
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ClientBody::Stream(b) => Pin::new(b).poll_frame(cx),
+            ClientBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Stream(b) => b.is_end_stream(),
+            ClientBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Stream(b) => b.size_hint(),
+            ClientBody::Empty => SizeHint::with_exact(0),
+        }
     }
 }
 

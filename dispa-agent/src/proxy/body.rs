@@ -11,9 +11,10 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use dispa_proto::v1::LogRecord;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
 
 use super::ProxyBody;
+use crate::conn::ClientBody;
 use super::hygiene::Rejection;
 use crate::telemetry::Metrics;
 use crate::telemetry::access_log::LogSink;
@@ -57,7 +58,7 @@ impl BodyFault {
 struct ClientBodyError(Rejection);
 
 enum Source {
-    Stream(Incoming),
+    Stream(ClientBody),
     /// A small body read ahead so a retry can send it again.
     Buffered(Option<Bytes>),
     Empty,
@@ -65,7 +66,7 @@ enum Source {
 
 impl CountedBody {
     /// The client's body as it streams; `None`: an empty body.
-    pub fn new(inner: Option<Incoming>, count: Arc<AtomicU64>) -> Self {
+    pub fn new(inner: Option<ClientBody>, count: Arc<AtomicU64>) -> Self {
         Self {
             inner: inner.map_or(Source::Empty, Source::Stream),
             count,

@@ -21,6 +21,7 @@ use tracing::Instrument;
 
 pub use body::{CountedBody, LoggedBody};
 
+use crate::conn::ClientBody;
 use crate::routing::RequestView;
 use crate::routing::normalize_host;
 use crate::snapshot::{CompiledRoute, Current, RouteAction};
@@ -179,7 +180,7 @@ impl Proxy {
     /// Serves one request that arrived over `scheme` ("http" or "https").
     pub async fn serve(
         self: Arc<Self>,
-        mut req: Request<Incoming>,
+        mut req: Request<ClientBody>,
         peer: SocketAddr,
         scheme: &'static str,
     ) -> Result<Response<LoggedBody>, Infallible> {
@@ -328,7 +329,7 @@ impl Proxy {
 
     async fn handle(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<ClientBody>,
         peer: SocketAddr,
         scheme: &'static str,
         bytes_in: Arc<AtomicU64>,
@@ -434,7 +435,7 @@ impl Proxy {
         mut ex: Exchange,
         route: &CompiledRoute,
         upstream: &UpstreamRuntime,
-        mut req: Request<Incoming>,
+        mut req: Request<ClientBody>,
         client: Client,
         bytes_in: Arc<AtomicU64>,
     ) -> (Exchange, Response<ProxyBody>) {

@@ -1,0 +1,569 @@
+//! The agent's own HTTP/1.1 server path for the common request: a whole head, no body, no
+//! upgrade. hyper's connection keeps a read and a write buffer of 8 KiB each for the
+//! connection's life and passes every request through its dispatcher; here an idle connection
+//! holds no buffer, and a request is parsed, answered and written from the connection's task.
+//!
+//! Anything else (a body, an upgrade, `Expect`, CONNECT, h2c, a head httparse refuses, one
+//! past 64 header lines or the head limit) hands the connection, with the bytes already read,
+//! to hyper for the rest of its life, so hyper's checks and answers stay the only ones there.
+
+use std::cell::RefCell;
+use std::convert::Infallible;
+use std::future::{Future, poll_fn};
+use std::io;
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::task::{Context, Poll};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http::{Version, header};
+use hyper::body::Body;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::{ClientBody, ConnIo, Shared};
+
+/// Heads with more header lines go to hyper, which applies the configured limit.
+const MAX_HEADERS: usize = 64;
+/// Read buffer of a request head; grows up to the head limit.
+const READ_SIZE: usize = 4096;
+/// Response bytes gathered into one write before the rest streams.
+const COALESCE: usize = 16 * 1024;
+
+/// How the connection left this path.
+pub enum Outcome<S> {
+    Closed,
+    /// hyper takes over, starting with these bytes already read.
+    HandOff(S, Bytes),
+}
+
+/// A stream that can wait for input without a buffer to read into.
+pub trait ReadReady {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+impl ReadReady for ConnIo<TcpStream> {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.prefix.has_remaining() {
+            return Poll::Ready(Ok(()));
+        }
+        self.inner.poll_read_ready(cx)
+    }
+}
+
+/// What the response needs to know about its request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Asked {
+    head: bool,
+    version: Version,
+    keep_alive: bool,
+}
+
+enum Parse {
+    /// More bytes needed.
+    Partial,
+    /// Not for this path: hyper serves the connection from here.
+    HandOff,
+    Request(Request<ClientBody>, Asked),
+}
+
+/// Serves requests on `io` until the client leaves, a response closes the connection, or a
+/// request is not for this path. `max_head`: the configured head limit.
+pub async fn serve<S, F, Fut, B>(
+    mut io: S,
+    shared: Shared,
+    peer: SocketAddr,
+    handler: &F,
+    max_head: usize,
+) -> io::Result<Outcome<S>>
+where
+    S: AsyncRead + AsyncWrite + ReadReady + Unpin + Send,
+    F: Fn(Request<ClientBody>, SocketAddr) -> Fut,
+    Fut: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+{
+    let mut buf = BytesMut::new();
+    loop {
+        let (mut req, asked) = loop {
+            if !buf.is_empty() {
+                match parse(&mut buf) {
+                    Parse::Request(r, a) => break (r, a),
+                    Parse::Partial if buf.len() < max_head => {}
+                    Parse::Partial | Parse::HandOff => {
+                        return Ok(Outcome::HandOff(io, buf.freeze()));
+                    }
+                }
+            }
+            if fill(&mut io, &mut buf).await? == 0 {
+                return Ok(Outcome::Closed);
+            }
+        };
+        let (guard, verdict) = shared.begin(true);
+        if let Some(v) = verdict {
+            req.extensions_mut().insert(v);
+        }
+        // Boxed, like the response writer, so an idle connection's task stays small.
+        let mut answer = Box::pin(handler(req, peer));
+        let resp = loop {
+            tokio::select! {
+                biased;
+                Ok(resp) = answer.as_mut() => break resp,
+                // A client that leaves cancels its request (hyper does the same without
+                // half_close); what a pipelining client sends meanwhile is kept.
+                read = fill(&mut io, &mut buf), if buf.len() < max_head => {
+                    if !matches!(read, Ok(n) if n > 0) {
+                        return Ok(Outcome::Closed);
+                    }
+                }
+            }
+        };
+        let closing = shared.lock().closing;
+        let keep = Box::pin(write_response(&mut io, resp, asked, closing)).await;
+        drop(guard);
+        if !keep? {
+            let _ = io.shutdown().await;
+            return Ok(Outcome::Closed);
+        }
+        if buf.is_empty() {
+            buf = BytesMut::new();
+        }
+    }
+}
+
+/// Reads more of the client's bytes into `buf`; 0 at the end of the stream. Nothing is
+/// allocated until there is something to read, so an idle connection holds no buffer.
+async fn fill<S>(io: &mut S, buf: &mut BytesMut) -> io::Result<usize>
+where
+    S: AsyncRead + ReadReady + Unpin,
+{
+    poll_fn(|cx| io.poll_read_ready(cx)).await?;
+    if buf.capacity() - buf.len() < READ_SIZE / 4 {
+        buf.reserve(READ_SIZE);
+    }
+    io.read_buf(buf).await
+}
+
+/// Parses one request head from the front of `buf`, taking it out when it is whole.
+fn parse(buf: &mut BytesMut) -> Parse {
+    let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut lines);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Parse::Partial,
+        Err(_) => return Parse::HandOff,
+    };
+    let (Some(method), Some(target), Some(minor)) = (req.method, req.path, req.version) else {
+        return Parse::HandOff;
+    };
+    let Ok(method) = Method::from_bytes(method.as_bytes()) else {
+        return Parse::HandOff;
+    };
+    if method == Method::CONNECT {
+        return Parse::HandOff;
+    }
+    let version = if minor == 0 {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    let base = buf.as_ptr() as usize;
+    let span = |s: &[u8]| {
+        let start = s.as_ptr() as usize - base;
+        (start, start + s.len())
+    };
+    let target = span(target.as_bytes());
+    let mut keep_alive = version == Version::HTTP_11;
+    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+    let count = req.headers.len();
+    for (h, slot) in req.headers.iter().zip(spans.iter_mut()) {
+        let name = h.name.as_bytes();
+        if [&b"content-length"[..], b"transfer-encoding", b"upgrade", b"expect"]
+            .iter()
+            .any(|n| name.eq_ignore_ascii_case(n))
+        {
+            return Parse::HandOff;
+        }
+        if name.eq_ignore_ascii_case(b"connection") {
+            for token in h.value.split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    keep_alive = false;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") && version == Version::HTTP_10
+                {
+                    keep_alive = true;
+                }
+            }
+        }
+        let (ns, ne) = span(name);
+        let (vs, ve) = span(h.value);
+        *slot = (ns, ne, vs, ve);
+    }
+    let head = buf.split_to(len).freeze();
+    let Ok(uri) = Uri::from_maybe_shared(head.slice(target.0..target.1)) else {
+        return put_back(buf, &head);
+    };
+    let mut headers = HeaderMap::with_capacity(count);
+    for &(ns, ne, vs, ve) in &spans[..count] {
+        let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(&head[ns..ne]),
+            HeaderValue::from_maybe_shared(head.slice(vs..ve)),
+        ) else {
+            return put_back(buf, &head);
+        };
+        headers.append(name, value);
+    }
+    let asked = Asked {
+        head: method == Method::HEAD,
+        version,
+        keep_alive,
+    };
+    let mut req = Request::new(ClientBody::Empty);
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.version_mut() = version;
+    *req.headers_mut() = headers;
+    Parse::Request(req, asked)
+}
+
+/// Puts a head taken out of `buf` back in front, for hyper.
+fn put_back(buf: &mut BytesMut, head: &Bytes) -> Parse {
+    let mut all = BytesMut::with_capacity(head.len() + buf.len());
+    all.extend_from_slice(head);
+    all.extend_from_slice(buf);
+    *buf = all;
+    Parse::HandOff
+}
+
+/// How a response body is delimited on the wire.
+#[derive(Clone, Copy)]
+enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+    /// HTTP/1.0 without a length: the end of the connection ends the body.
+    Close,
+}
+
+/// Writes `resp`; returns whether the connection stays open for another request.
+async fn write_response<S, B>(
+    io: &mut S,
+    resp: Response<B>,
+    asked: Asked,
+    closing: bool,
+) -> io::Result<bool>
+where
+    S: AsyncWrite + Unpin,
+    B: Body,
+{
+    let (mut parts, body) = resp.into_parts();
+    let mut body = pin!(body);
+    let status = parts.status;
+    let mut keep_alive = asked.keep_alive && !closing && !says_close(&parts.headers);
+    // Hop-by-hop: this connection's own are written below.
+    parts.headers.remove(header::CONNECTION);
+    parts.headers.remove(header::TRANSFER_ENCODING);
+    let mut out = Vec::with_capacity(512);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let bodyless = asked.head
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .map(|v| std::str::from_utf8(v.as_bytes()).ok()?.parse::<u64>().ok());
+    let framing = if bodyless {
+        Framing::None
+    } else if let Some(Some(n)) = declared {
+        Framing::Length(n)
+    } else {
+        if declared.is_some() {
+            parts.headers.remove(header::CONTENT_LENGTH);
+        }
+        if let Some(n) = body.size_hint().exact() {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(itoa(n, &mut [0; 20]));
+            out.extend_from_slice(b"\r\n");
+            Framing::Length(n)
+        } else if asked.version == Version::HTTP_11 {
+            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+            Framing::Chunked
+        } else {
+            keep_alive = false;
+            Framing::Close
+        }
+    };
+    for (name, value) in &parts.headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !parts.headers.contains_key(header::DATE) {
+        push_date(&mut out);
+    }
+    if !keep_alive && asked.version == Version::HTTP_11 {
+        out.extend_from_slice(b"connection: close\r\n");
+    } else if keep_alive && asked.version == Version::HTTP_10 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if matches!(framing, Framing::None) {
+        io.write_all(&out).await?;
+        return Ok(keep_alive);
+    }
+    let mut sent = 0u64;
+    loop {
+        // Gathered bytes go out before waiting on the body, never after.
+        let step = poll_fn(|cx| match body.as_mut().poll_frame(cx) {
+            Poll::Pending if !out.is_empty() => Poll::Ready(None),
+            // The error itself is not needed, and need not be Send.
+            other => other.map(|f| Some(f.map(|r| r.map_err(drop)))),
+        })
+        .await;
+        let frame = match step {
+            None => {
+                io.write_all(&out).await?;
+                out.clear();
+                continue;
+            }
+            Some(None) => break,
+            // The upstream broke off: the client sees the message cut short.
+            Some(Some(Err(_))) => {
+                io.write_all(&out).await?;
+                return Ok(false);
+            }
+            Some(Some(Ok(f))) => f,
+        };
+        // Trailers are not passed on over HTTP/1.1.
+        let Ok(mut data) = frame.into_data() else {
+            continue;
+        };
+        let n = data.remaining() as u64;
+        if n == 0 {
+            continue;
+        }
+        sent += n;
+        match framing {
+            Framing::Length(total) if sent > total => {
+                io.write_all(&out).await?;
+                return Ok(false);
+            }
+            Framing::Chunked => {
+                out.extend_from_slice(format!("{n:x}\r\n").as_bytes());
+            }
+            _ => {}
+        }
+        if out.len() as u64 + n <= COALESCE as u64 {
+            while data.has_remaining() {
+                let chunk = data.chunk();
+                let l = chunk.len();
+                out.extend_from_slice(chunk);
+                data.advance(l);
+            }
+        } else {
+            io.write_all(&out).await?;
+            out.clear();
+            while data.has_remaining() {
+                let l = io.write(data.chunk()).await?;
+                if l == 0 {
+                    return Err(io::ErrorKind::WriteZero.into());
+                }
+                data.advance(l);
+            }
+        }
+        if matches!(framing, Framing::Chunked) {
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    match framing {
+        Framing::Chunked => out.extend_from_slice(b"0\r\n\r\n"),
+        Framing::Length(total) if sent != total => keep_alive = false,
+        _ => {}
+    }
+    if !out.is_empty() {
+        io.write_all(&out).await?;
+    }
+    io.flush().await?;
+    Ok(keep_alive)
+}
+
+fn says_close(headers: &HeaderMap) -> bool {
+    headers.get_all(header::CONNECTION).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+    })
+}
+
+/// `n` in decimal, in `buf`.
+fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
+/// Appends a `date` header; the text is made once a second per thread.
+fn push_date(out: &mut Vec<u8>) {
+    thread_local!(static DATE: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) });
+    let now = SystemTime::now();
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    DATE.with_borrow_mut(|(at, text)| {
+        if *at != secs || text.is_empty() {
+            *text = httpdate::fmt_http_date(now);
+            *at = secs;
+        }
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(text.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(raw: &[u8]) -> (Option<(Request<ClientBody>, Asked)>, BytesMut) {
+        let mut buf = BytesMut::from(raw);
+        match parse(&mut buf) {
+            Parse::Request(r, a) => (Some((r, a)), buf),
+            Parse::Partial => panic!("partial"),
+            Parse::HandOff => (None, buf),
+        }
+    }
+
+    #[test]
+    fn a_plain_request_is_taken_and_the_next_one_is_left() {
+        let (r, rest) = parsed(
+            b"GET /a?b=1 HTTP/1.1\r\nHost: x.test\r\nX-Two: 1\r\nx-two: 2\r\n\r\nGET /next",
+        );
+        let (req, asked) = r.expect("taken");
+        assert_eq!(req.uri(), "/a?b=1");
+        assert_eq!(req.headers()["host"], "x.test");
+        assert_eq!(req.headers().get_all("x-two").iter().count(), 2);
+        assert!(asked.keep_alive && !asked.head);
+        assert_eq!(&rest[..], b"GET /next");
+    }
+
+    #[test]
+    fn keep_alive_follows_the_version_and_connection() {
+        let ka = |raw: &[u8]| parsed(raw).0.expect("taken").1.keep_alive;
+        assert!(!ka(b"GET / HTTP/1.0\r\n\r\n"));
+        assert!(ka(b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n"));
+        assert!(!ka(b"GET / HTTP/1.1\r\nConnection: foo, close\r\n\r\n"));
+    }
+
+    #[test]
+    fn bodies_upgrades_and_odd_heads_go_to_hyper_untouched() {
+        for raw in [
+            &b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi"[..],
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            b"PUT / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n",
+            b"CONNECT a:1 HTTP/1.1\r\n\r\n",
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            b"GET / HTTP/1.1\r\nBad Header: x\r\n\r\n",
+        ] {
+            let (r, rest) = parsed(raw);
+            assert!(r.is_none(), "{}", String::from_utf8_lossy(raw));
+            assert_eq!(&rest[..], raw, "bytes kept for hyper");
+        }
+    }
+
+    #[test]
+    fn a_head_partly_read_waits_for_more() {
+        let mut buf = BytesMut::from(&b"GET / HTTP/1.1\r\nHost: a"[..]);
+        assert!(matches!(parse(&mut buf), Parse::Partial));
+    }
+
+    async fn written(resp: Response<http_body_util::Full<Bytes>>, asked: Asked) -> (String, bool) {
+        let mut out = Vec::new();
+        let keep = write_response(&mut out, resp, asked, false).await.unwrap();
+        (String::from_utf8(out).unwrap(), keep)
+    }
+
+    const GET11: Asked = Asked {
+        head: false,
+        version: Version::HTTP_11,
+        keep_alive: true,
+    };
+
+    #[tokio::test]
+    async fn responses_are_framed_by_length_and_closed_when_they_say_so() {
+        let mut resp = Response::new(http_body_util::Full::new(Bytes::from_static(b"hello")));
+        resp.headers_mut()
+            .insert("x-a", HeaderValue::from_static("1"));
+        let (text, keep) = written(resp, GET11).await;
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-a: 1\r\ndate: "));
+        assert!(text.ends_with("\r\n\r\nhello"));
+        assert!(keep);
+
+        let mut resp = Response::new(http_body_util::Full::new(Bytes::new()));
+        *resp.status_mut() = StatusCode::BAD_REQUEST;
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        let (text, keep) = written(resp, GET11).await;
+        assert!(text.contains("connection: close\r\n"), "{text}");
+        assert!(!keep);
+
+        let head = Asked { head: true, ..GET11 };
+        let mut resp = Response::new(http_body_util::Full::new(Bytes::from_static(b"x")));
+        resp.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from_static("1"));
+        let (text, _) = written(resp, head).await;
+        assert!(text.ends_with("\r\n\r\n") && text.contains("content-length: 1"));
+    }
+
+    /// A body of unknown length.
+    struct Stream(Vec<&'static [u8]>);
+
+    impl Body for Stream {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+            if self.0.is_empty() {
+                return Poll::Ready(None);
+            }
+            let d = self.0.remove(0);
+            Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from_static(d)))))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_without_length_is_chunked_or_ends_the_connection() {
+        let mut out = Vec::new();
+        let keep = write_response(&mut out, Response::new(Stream(vec![b"abc", b"de"])), GET11, false)
+            .await
+            .unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("transfer-encoding: chunked\r\n"));
+        assert!(text.ends_with("\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"), "{text}");
+        assert!(keep);
+
+        let get10 = Asked { version: Version::HTTP_10, ..GET11 };
+        let mut out = Vec::new();
+        let keep = write_response(&mut out, Response::new(Stream(vec![b"abc"])), get10, false)
+            .await
+            .unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(!text.contains("transfer-encoding") && text.ends_with("\r\n\r\nabc"));
+        assert!(!keep);
+    }
+}
