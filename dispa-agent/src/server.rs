@@ -331,7 +331,11 @@ where
                 let h1 = tls.get_ref().1.alpn_protocol() != Some(b"h2");
                 let shared = Shared::new(self.tracker(h1), Instant::now());
                 let io = ConnIo::new(tls, Bytes::new()).tracked(shared.clone());
-                self.serve_hyper(io, shared, peer).await;
+                if h1 {
+                    self.serve_h1(io, shared, peer).await;
+                } else {
+                    self.serve_hyper(io, shared, peer).await;
+                }
             }
             Err(why) => {
                 tracing::info!(listener = self.opts.name, %peer, "TLS handshake failed: {why}");
@@ -353,11 +357,20 @@ where
         })
     }
 
-    /// Plain TCP: the agent's own HTTP/1.1 path ([`h1`]) first; hyper takes over for the rest
-    /// of the connection at the first request that path does not take (bodies, upgrades, h2c).
     async fn serve_plain(&self, io: ConnIo<TcpStream>, peer: SocketAddr) {
         let shared = Shared::new(self.tracker(true), Instant::now());
         let io = io.tracked(shared.clone());
+        self.serve_h1(io, shared, peer).await;
+    }
+
+    /// HTTP/1 (or h2c): the agent's own HTTP/1.1 path ([`h1`]) first; hyper takes over for the
+    /// rest of the connection at the first request that path does not take (bodies, upgrades,
+    /// h2c prior knowledge).
+    async fn serve_h1<S>(&self, io: ConnIo<S>, shared: Shared, peer: SocketAddr)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        ConnIo<S>: h1::ReadReady,
+    {
         let head = usize::try_from(self.limits.max_header_bytes).unwrap_or(usize::MAX);
         let fast = h1::serve(io, shared.clone(), peer, &self.handler, head.max(MIN_BUF));
         let stop = |_: std::pin::Pin<&mut _>| {
@@ -365,7 +378,10 @@ where
             s.closing = true;
             s.in_flight == 0
         };
-        match self.watched(&shared, peer, std::pin::pin!(fast), stop).await {
+        match self
+            .watched(&shared, peer, std::pin::pin!(fast), stop)
+            .await
+        {
             Some(Ok(h1::Outcome::HandOff(io, read))) => {
                 // Boxed: hyper's connection would otherwise size every connection's task.
                 Box::pin(self.serve_hyper(ConnIo::new(io, read), shared, peer)).await;

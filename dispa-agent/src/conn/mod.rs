@@ -65,7 +65,9 @@ impl Shared {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// A request starts: counts it and returns its framing verdict (HTTP/1 only).
+    /// A request starts: counts it and returns its framing verdict when the head was refused
+    /// (HTTP/1 only; nothing to put in the request's extensions otherwise, which would cost
+    /// an allocation per request).
     pub fn begin(&self, http1: bool) -> (RequestGuard, Option<Framing>) {
         let mut s = self.lock();
         s.in_flight += 1;
@@ -75,7 +77,8 @@ impl Shared {
         } else {
             None
         };
-        (RequestGuard(self.clone()), verdict.map(Framing))
+        let refused = verdict.filter(Result::is_err).map(Framing);
+        (RequestGuard(self.clone()), refused)
     }
 }
 

@@ -14,8 +14,8 @@ use dispa_proto::v1::LogRecord;
 use hyper::body::{Body, Frame, SizeHint};
 
 use super::ProxyBody;
-use crate::conn::ClientBody;
 use super::hygiene::Rejection;
+use crate::conn::ClientBody;
 use crate::telemetry::Metrics;
 use crate::telemetry::access_log::LogSink;
 use crate::telemetry::window::Window;

@@ -71,12 +71,16 @@ pub fn wants_trailers(headers: &HeaderMap) -> bool {
 
 /// Removes hop-by-hop headers, including every header the Connection header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // "close" and "keep-alive" (what most peers send) name nothing to look up beyond the
+    // fixed list: no Vec, no parsed name.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|n| !n.eq_ignore_ascii_case("close") && !n.eq_ignore_ascii_case("keep-alive"))
+        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
         .collect();
     for n in named {
         headers.remove(n);
@@ -98,7 +102,15 @@ pub fn forwarded_for(
     client: std::net::IpAddr,
     peer_trusted: bool,
 ) -> HeaderValue {
-    let own = || HeaderValue::from_str(&client.to_canonical().to_string());
+    let own = || {
+        // Formatted on the stack: the value is the only allocation.
+        let mut buf = [0u8; 64];
+        let mut w = &mut buf[..];
+        std::io::Write::write_fmt(&mut w, format_args!("{}", client.to_canonical()))
+            .map_err(|_| ())?;
+        let left = w.len();
+        HeaderValue::from_bytes(&buf[..buf.len() - left]).map_err(|_| ())
+    };
     if peer_trusted {
         let mut chain: Vec<&str> = headers
             .get_all(&X_FORWARDED_FOR)

@@ -130,7 +130,7 @@ fn is_unreserved(b: u8) -> bool {
 /// repeated slashes merged, `.` and `..` segments removed (never above the root).
 /// Malformed escapes are refused. Paths not starting with `/` (`*`, authority form) are kept.
 pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, Rejection> {
-    if !path.starts_with('/') {
+    if !path.starts_with('/') || is_normal(path) {
         return Ok(Cow::Borrowed(path));
     }
     let b = path.as_bytes();
@@ -183,6 +183,11 @@ pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, Rejection> {
     } else {
         Cow::Owned(norm)
     })
+}
+
+/// Already normal: nothing escaped, no empty, `.` or `..` segment (most paths).
+fn is_normal(path: &str) -> bool {
+    !path.contains('%') && !path.contains("//") && path.split('/').all(|s| s != "." && s != "..")
 }
 
 /// A route's body and path rules, from its effective policy (`[routes.policy]` over `[policy]`).
