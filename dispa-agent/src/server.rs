@@ -447,6 +447,16 @@ where
         let mut shutdown = self.shutdown.clone();
         let mut closing: Option<tokio::time::Instant> = None;
         let mut stop_asked = *shutdown.borrow();
+        // Made once: a `changed()` made on every wake-up would join and leave the channel's
+        // waiter list (two lock round trips) each time.
+        let stopping = async move {
+            while shutdown.changed().await.is_ok() {
+                if *shutdown.borrow() {
+                    return;
+                }
+            }
+        };
+        tokio::pin!(stopping);
         // One timer for the connection's life, moved rather than remade on every wake-up
         // (moving a deadline later does not touch tokio's timer wheel).
         let timer = tokio::time::sleep(Duration::ZERO);
@@ -487,8 +497,8 @@ where
                         return None;
                     }
                 }
-                r = shutdown.changed(), if !stop_asked => {
-                    stop_asked = r.is_err() || *shutdown.borrow();
+                () = &mut stopping, if !stop_asked => {
+                    stop_asked = true;
                 }
             }
         }

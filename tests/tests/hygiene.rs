@@ -561,3 +561,123 @@ header_timeout = "2s"
         );
     }
 }
+
+/// One HTTP/1.1 response read from `buf` at `at`: (status, lowercased head, body, next).
+fn response_at(buf: &[u8], at: usize, head_request: bool) -> (u16, String, Vec<u8>, usize) {
+    let end = at
+        + buf[at..]
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("a whole head")
+        + 4;
+    let head = String::from_utf8_lossy(&buf[at..end]).to_ascii_lowercase();
+    let status: u16 = head[9..12].parse().unwrap();
+    let header = |name: &str| {
+        head.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(": ").map(str::to_string))
+    };
+    if head_request {
+        return (status, head, Vec::new(), end);
+    }
+    if let Some(n) = header("content-length") {
+        let n: usize = n.parse().unwrap();
+        return (status, head, buf[end..end + n].to_vec(), end + n);
+    }
+    assert_eq!(
+        header("transfer-encoding").as_deref(),
+        Some("chunked"),
+        "{head}"
+    );
+    let (mut body, mut i) = (Vec::new(), end);
+    loop {
+        let line_end = i + buf[i..].windows(2).position(|w| w == b"\r\n").unwrap();
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&buf[i..line_end]).unwrap(), 16).unwrap();
+        i = line_end + 2;
+        if size == 0 {
+            return (status, head, body, i + 2);
+        }
+        body.extend_from_slice(&buf[i..i + size]);
+        i += size + 2;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connection_carries_pipelined_requests_with_and_without_bodies() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = TestUpstream::start("up").await;
+    let (_plane, agent) = fleet_with(dir.path(), &config(up.addr, "")).await;
+    // Bodyless requests are served by the agent's own HTTP/1.1 path; the POST hands the
+    // connection to hyper, which serves the rest. The client notices neither.
+    let raw = concat!(
+        "GET /one HTTP/1.1\r\nHost: a\r\n\r\n",
+        "HEAD /two HTTP/1.1\r\nHost: a\r\n\r\n",
+        "GET /?bytes=100000 HTTP/1.1\r\nHost: a\r\n\r\n",
+        "POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello",
+        "GET /after HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    let mut s = TcpStream::connect(agent.proxy).await.unwrap();
+    s.write_all(raw.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+        .await
+        .expect("the agent closes after Connection: close")
+        .unwrap();
+    let (status, _, body, at) = response_at(&buf, 0, false);
+    assert_eq!(status, 200);
+    assert!(String::from_utf8_lossy(&body).contains("\"path\":\"/one\""));
+    let (status, head, body, at) = response_at(&buf, at, true);
+    assert_eq!(status, 200);
+    assert!(
+        body.is_empty() && head.contains("content-length: "),
+        "{head}"
+    );
+    let (status, head, body, at) = response_at(&buf, at, false);
+    assert_eq!(status, 200);
+    assert!(
+        head.contains("transfer-encoding: chunked"),
+        "streamed: {head}"
+    );
+    assert_eq!(body, vec![b'x'; 100_000]);
+    let (status, _, body, at) = response_at(&buf, at, false);
+    assert_eq!((status, &body[..]), (200, &b"5"[..]));
+    let (status, head, body, at) = response_at(&buf, at, false);
+    assert_eq!(status, 200);
+    assert!(String::from_utf8_lossy(&body).contains("\"path\":\"/after\""));
+    assert!(head.contains("connection: close"), "{head}");
+    assert_eq!(at, buf.len(), "nothing after the last response");
+
+    // HTTP/1.0: closed after the response unless the client asks to keep it.
+    let (text, closed) = exchange(agent.proxy, b"GET /ten HTTP/1.0\r\nHost: a\r\n\r\n").await;
+    assert!(closed && text.starts_with("HTTP/1.1 200 "), "{text}");
+    let mut s = TcpStream::connect(agent.proxy).await.unwrap();
+    for i in 0..2 {
+        s.write_all(b"GET /ka HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let (status, head) = loop {
+            let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(n > 0, "closed before response {i}");
+            got.extend_from_slice(&chunk[..n]);
+            if let Some(p) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&got[..p]).to_ascii_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .expect("a length")
+                    .parse()
+                    .unwrap();
+                if got.len() >= p + 4 + length {
+                    break (response_at(&got, 0, false).0, head);
+                }
+            }
+        };
+        assert_eq!(status, 200);
+        assert!(head.contains("connection: keep-alive"), "{head}");
+    }
+}
