@@ -16,7 +16,6 @@ use bytes::Bytes;
 use dispa_proto::v1::LogRecord;
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 use tracing::Instrument;
 
 pub use body::{CountedBody, LoggedBody};
@@ -28,9 +27,9 @@ use crate::snapshot::{CompiledRoute, Current, RouteAction};
 use crate::telemetry::access_log::{self, LogSink, TRACEPARENT, X_REQUEST_ID};
 use crate::telemetry::window::Window;
 use crate::telemetry::{Metrics, ReasonLabels};
-use crate::upstream::UpstreamRuntime;
+use crate::upstream::{UpstreamBody, UpstreamRuntime};
 
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+pub type ProxyBody = Either<UpstreamBody, Full<Bytes>>;
 
 /// Largest request body read ahead so that a retry can resend it.
 const MAX_RETRY_BODY: u64 = 64 * 1024;

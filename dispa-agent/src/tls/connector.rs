@@ -167,6 +167,16 @@ pub enum MaybeTls {
     Tls(Box<TokioIo<TlsStream<TcpStream>>>),
 }
 
+impl MaybeTls {
+    /// The TCP stream of a plaintext connection.
+    pub fn into_plain(self) -> Option<TcpStream> {
+        match self {
+            MaybeTls::Plain(s) => Some(s.into_inner()),
+            MaybeTls::Tls(_) => None,
+        }
+    }
+}
+
 impl Connection for MaybeTls {
     fn connected(&self) -> Connected {
         match self {

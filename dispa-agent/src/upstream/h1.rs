@@ -11,11 +11,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use http::{Request, Response, Uri};
-use hyper::body::Incoming;
+use bytes::Bytes;
+use http::{Method, Request, Response, Uri};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
+use tokio::net::TcpStream;
 use tower_service::Service;
 
+use super::exchange::{self, OwnBody};
 use crate::proxy::CountedBody;
 use crate::tls::Connector;
 
@@ -31,6 +34,9 @@ pub enum SendError {
     Connect(SocketAddr, #[source] BoxError),
     #[error("upstream HTTP/1.1 exchange failed")]
     Exchange(#[source] hyper::Error),
+    /// From the agent's own exchange ([`exchange`]).
+    #[error("upstream HTTP/1.1 exchange failed")]
+    Upstream(#[source] std::io::Error),
     /// From the pooled (HTTP/2) client.
     #[error("upstream request failed")]
     Pooled(#[source] hyper_util::client::legacy::Error),
@@ -41,10 +47,56 @@ impl SendError {
     pub fn is_connect(&self) -> bool {
         match self {
             SendError::Connect(..) => true,
-            SendError::Exchange(_) => false,
+            SendError::Exchange(_) | SendError::Upstream(_) => false,
             SendError::Pooled(e) => e.is_connect(),
         }
     }
+}
+
+/// A response body from either HTTP/1.1 path.
+#[derive(Debug)]
+pub enum UpstreamBody {
+    Hyper(Incoming),
+    Own(OwnBody),
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpstreamBody::Hyper(b) => std::pin::Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(Into::into))),
+            UpstreamBody::Own(b) => std::pin::Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(Into::into))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Hyper(b) => b.is_end_stream(),
+            UpstreamBody::Own(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Hyper(b) => b.size_hint(),
+            UpstreamBody::Own(b) => b.size_hint(),
+        }
+    }
+}
+
+/// An idle connection of the agent's own exchange.
+struct RawKept {
+    conn: TcpStream,
+    since: Instant,
 }
 
 struct Kept {
@@ -60,6 +112,8 @@ pub struct H1Conns {
     scheme: &'static str,
     idle_timeout: Duration,
     by_endpoint: Mutex<HashMap<SocketAddr, Vec<Kept>>>,
+    /// Idle connections of the agent's own exchange, by endpoint.
+    raw: Mutex<HashMap<SocketAddr, Vec<RawKept>>>,
     sweeping: AtomicBool,
 }
 
@@ -78,6 +132,7 @@ impl H1Conns {
             scheme,
             idle_timeout,
             by_endpoint: Mutex::default(),
+            raw: Mutex::default(),
             sweeping: AtomicBool::new(false),
         }
     }
@@ -89,9 +144,108 @@ impl H1Conns {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Sends `req` (origin-form URI) to `addr`. A request a kept connection could not take
-    /// (it was closing) goes out once more on a new connection.
+    /// Sends `req` (origin-form URI) to `addr`: on the agent's own exchange when it suits
+    /// (plaintext, no body, no upgrade), else over hyper's client connection.
     pub async fn send(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        req: Request<CountedBody>,
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        if self.scheme == "http" && exchange::suits(&req) {
+            return Ok(self.exchange(addr, req).await?.map(UpstreamBody::Own));
+        }
+        Ok(self.send_hyper(addr, req).await?.map(UpstreamBody::Hyper))
+    }
+
+    /// The own exchange. A request that may be repeated goes out once more on a new
+    /// connection when a kept one turns out closed before any of the response came back;
+    /// for the others a kept connection is checked first.
+    async fn exchange(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        req: Request<CountedBody>,
+    ) -> Result<Response<OwnBody>, SendError> {
+        let head = exchange::encode(&req);
+        let method_head = req.method() == Method::HEAD;
+        let repeatable = exchange::idempotent(req.method());
+        drop(req);
+        let home = || (Arc::downgrade(self), addr);
+        if let Some(conn) = self.checkout_raw(addr, !repeatable) {
+            match exchange::round_trip(conn, &head, method_head, home()).await {
+                Ok(r) => return Ok(r),
+                Err(exchange::Failed::Stale(_)) if repeatable => {}
+                Err(e) => return Err(SendError::Upstream(e.into_io())),
+            }
+        }
+        let conn = Box::pin(self.connect_raw(addr)).await?;
+        exchange::round_trip(conn, &head, method_head, home())
+            .await
+            .map_err(|e| SendError::Upstream(e.into_io()))
+    }
+
+    /// A kept own-exchange connection, dropping those idle too long; `probe`: only one that
+    /// shows no sign of being closed (one non-blocking read).
+    pub(super) fn checkout_raw(&self, addr: SocketAddr, probe: bool) -> Option<TcpStream> {
+        let now = Instant::now();
+        let mut map = self
+            .raw
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let list = map.get_mut(&addr)?;
+        while let Some(k) = list.pop() {
+            if now.duration_since(k.since) >= self.idle_timeout {
+                continue;
+            }
+            if probe {
+                let mut byte = [0u8; 1];
+                match k.conn.try_read(&mut byte) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    _ => continue,
+                }
+            }
+            return Some(k.conn);
+        }
+        None
+    }
+
+    /// An own-exchange connection whose response ended cleanly, for the next request.
+    pub(super) fn keep_raw(&self, addr: SocketAddr, conn: TcpStream) {
+        let mut map = self
+            .raw
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let list = map.entry(addr).or_default();
+        if list.len() < MAX_PER_ENDPOINT {
+            list.push(RawKept {
+                conn,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    async fn connect_raw(self: &Arc<Self>, addr: SocketAddr) -> Result<TcpStream, SendError> {
+        let connect_err = |e: BoxError| SendError::Connect(addr, e);
+        let uri: Uri = format!("{}://{addr}/", self.scheme)
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| connect_err(e.into()))?;
+        let io = self
+            .connector
+            .clone()
+            .call(uri)
+            .await
+            .map_err(connect_err)?;
+        let conn = io
+            .into_plain()
+            .ok_or_else(|| connect_err("a TLS connection where plaintext was asked".into()))?;
+        if !self.sweeping.swap(true, Ordering::Relaxed) {
+            tokio::spawn(sweep(Arc::downgrade(self)));
+        }
+        Ok(conn)
+    }
+
+    /// Sends over hyper's client connection. A request a kept connection could not take
+    /// (it was closing) goes out once more on a new connection.
+    async fn send_hyper(
         self: &Arc<Self>,
         addr: SocketAddr,
         req: Request<CountedBody>,
@@ -191,6 +345,15 @@ impl H1Conns {
             list.retain(|k| !self.stale(k, now));
             !list.is_empty()
         });
+        drop(map);
+        let mut raw = self
+            .raw
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        raw.retain(|_, list| {
+            list.retain(|k| now.duration_since(k.since) < self.idle_timeout);
+            !list.is_empty()
+        });
     }
 }
 
@@ -260,14 +423,43 @@ mod tests {
         ))
     }
 
-    async fn get(c: &Arc<H1Conns>, addr: SocketAddr) -> Result<String, SendError> {
+    /// Which client path a test request takes.
+    #[derive(Clone, Copy, Debug)]
+    enum Path {
+        Hyper,
+        /// The own exchange, with a method it may repeat or not.
+        Own(&'static str),
+    }
+
+    const PATHS: [Path; 3] = [Path::Hyper, Path::Own("GET"), Path::Own("POST")];
+
+    async fn get(c: &Arc<H1Conns>, addr: SocketAddr, path: Path) -> Result<String, SendError> {
         let mut req = Request::new(CountedBody::new(None, Arc::default()));
         *req.uri_mut() = "/".parse().unwrap();
         req.headers_mut()
             .insert(http::header::HOST, "up".parse().unwrap());
-        let resp = c.send(addr, req).await?;
+        let resp = match path {
+            Path::Hyper => c.send_hyper(addr, req).await?.map(UpstreamBody::Hyper),
+            Path::Own(m) => {
+                *req.method_mut() = m.parse().unwrap();
+                c.send(addr, req).await?
+            }
+        };
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         Ok(String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// Connections kept for `path`: (all, ready for a request).
+    fn kept(c: &H1Conns, addr: SocketAddr, path: Path) -> (usize, usize) {
+        match path {
+            Path::Hyper => c.lock().get(&addr).map_or((0, 0), |l| {
+                (l.len(), l.iter().filter(|k| k.sender.is_ready()).count())
+            }),
+            Path::Own(_) => {
+                let n = c.raw.lock().unwrap().get(&addr).map_or(0, Vec::len);
+                (n, n)
+            }
+        }
     }
 
     /// Waits (bounded) until `f` holds.
@@ -283,46 +475,55 @@ mod tests {
 
     #[tokio::test]
     async fn sequential_requests_reuse_one_connection() {
-        let (addr, accepted) = upstream(false).await;
-        let c = conns(Duration::from_secs(60));
-        for _ in 0..5 {
-            // The connection is ready again once its response was read to the end.
-            eventually("a kept connection is ready", || {
-                c.lock()
-                    .get(&addr)
-                    .is_none_or(|l| l.iter().any(|k| k.sender.is_ready()))
-            })
-            .await;
-            assert_eq!(get(&c, addr).await.unwrap(), "ok");
+        for path in PATHS {
+            let (addr, accepted) = upstream(false).await;
+            let c = conns(Duration::from_secs(60));
+            for i in 0..5 {
+                // The connection is ready again once its response was read to the end.
+                eventually("a kept connection is ready", || {
+                    let (all, ready) = kept(&c, addr, path);
+                    i == 0 || (all == 1 && ready == 1)
+                })
+                .await;
+                assert_eq!(get(&c, addr, path).await.unwrap(), "ok");
+            }
+            assert_eq!(accepted.load(Ordering::SeqCst), 1, "{path:?}");
         }
-        assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
     async fn a_connection_the_upstream_closed_is_not_used_again() {
-        let (addr, accepted) = upstream(true).await;
-        let c = conns(Duration::from_secs(60));
-        assert_eq!(get(&c, addr).await.unwrap(), "ok");
-        eventually("the closed connection is noticed", || {
-            c.lock()
-                .get(&addr)
-                .is_none_or(|l| l.iter().all(|k| k.sender.is_closed()))
-        })
-        .await;
-        assert_eq!(get(&c, addr).await.unwrap(), "ok");
-        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        for path in PATHS {
+            let (addr, accepted) = upstream(true).await;
+            let c = conns(Duration::from_secs(60));
+            assert_eq!(get(&c, addr, path).await.unwrap(), "ok");
+            if let Path::Hyper = path {
+                eventually("the closed connection is noticed", || {
+                    c.lock()
+                        .get(&addr)
+                        .is_none_or(|l| l.iter().all(|k| k.sender.is_closed()))
+                })
+                .await;
+            }
+            // The own exchange finds out on use (GET: sent again on a new connection) or by
+            // looking first (POST).
+            assert_eq!(get(&c, addr, path).await.unwrap(), "ok", "{path:?}");
+            assert_eq!(accepted.load(Ordering::SeqCst), 2, "{path:?}");
+        }
     }
 
     #[tokio::test]
     async fn idle_connections_are_closed_after_the_idle_timeout() {
-        let (addr, _) = upstream(false).await;
-        let c = conns(Duration::from_millis(100));
-        assert_eq!(get(&c, addr).await.unwrap(), "ok");
-        assert_eq!(c.lock().get(&addr).map(Vec::len), Some(1));
-        eventually("the sweeper drops the idle connection", || {
-            c.lock().get(&addr).is_none()
-        })
-        .await;
+        for path in PATHS {
+            let (addr, _) = upstream(false).await;
+            let c = conns(Duration::from_millis(100));
+            assert_eq!(get(&c, addr, path).await.unwrap(), "ok");
+            assert_eq!(kept(&c, addr, path).0, 1, "{path:?}");
+            eventually("the sweeper drops the idle connection", || {
+                kept(&c, addr, path).0 == 0
+            })
+            .await;
+        }
     }
 
     #[tokio::test]
@@ -330,9 +531,11 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         drop(l);
-        let err = get(&conns(Duration::from_secs(60)), addr)
-            .await
-            .unwrap_err();
-        assert!(err.is_connect(), "{err}");
+        for path in PATHS {
+            let err = get(&conns(Duration::from_secs(60)), addr, path)
+                .await
+                .unwrap_err();
+            assert!(err.is_connect(), "{err}");
+        }
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod balancer;
 pub mod checker;
+mod exchange;
 mod h1;
 pub mod health;
 mod pool;
@@ -19,7 +20,7 @@ use dispa_proto::UpstreamName;
 use dispa_proto::config::model::{HealthCheck, Outlier, Upstream};
 
 pub use balancer::{Balancer, Endpoint, InFlight, PickCtx};
-pub use h1::SendError;
+pub use h1::{SendError, UpstreamBody};
 pub use pool::{Pool, PoolKey, UpstreamClient};
 pub use retry_budget::RetryBudget;
 
@@ -118,12 +119,13 @@ impl UpstreamRuntime {
         &self,
         addr: SocketAddr,
         req: http::Request<crate::proxy::CountedBody>,
-    ) -> Result<http::Response<hyper::body::Incoming>, SendError> {
+    ) -> Result<http::Response<UpstreamBody>, SendError> {
         let name = self.server_names.get(&addr).map(String::as_str);
         if self.pool.key().h2 {
             // Boxed: the pooled client's future is large, and HTTP/1.1 requests need none of it.
             return Box::pin(self.pool.client_for(name).request(req))
                 .await
+                .map(|r| r.map(UpstreamBody::Hyper))
                 .map_err(SendError::Pooled);
         }
         self.pool.h1_for(name).send(addr, req).await

@@ -1,0 +1,691 @@
+//! The agent's own HTTP/1.1 exchange with a plaintext upstream, for a request without a body
+//! that asks for no upgrade (most proxied requests): the head is written and the response head
+//! read from the request's own task, and the response body reads straight from the connection,
+//! which goes back to its thread's idle list when the body ends. hyper's client connection
+//! (in [`super::h1`]) runs a task per connection and passes every exchange through a channel
+//! to it; it stays the path for request bodies, upgrades and TLS upstreams.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Weak;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::h1::H1Conns;
+
+/// Largest response head read; hyper's client allows about as much by default.
+const MAX_HEAD: usize = 64 * 1024;
+/// Header lines in a response head.
+const MAX_HEADERS: usize = 100;
+/// First read of a response; the head and a small body fit.
+const READ_SIZE: usize = 8 * 1024;
+/// Body reads past what came with the head.
+const BODY_READ: usize = 64 * 1024;
+
+/// Whether a request can take this path.
+pub fn suits<B: Body>(req: &Request<B>) -> bool {
+    req.body().is_end_stream()
+        && !req.headers().contains_key(http::header::UPGRADE)
+        && !req.headers().contains_key(http::header::CONTENT_LENGTH)
+        && !req.headers().contains_key(http::header::TRANSFER_ENCODING)
+}
+
+/// Methods that may be sent again when a kept connection turns out closed before any of the
+/// response arrived (RFC 9110 section 9.2.2).
+pub fn idempotent(m: &Method) -> bool {
+    matches!(
+        m.as_str(),
+        "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+    )
+}
+
+/// The request head as it goes on the wire: origin form, HTTP/1.1.
+pub fn encode<B>(req: &Request<B>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(req.method().as_str().as_bytes());
+    out.push(b' ');
+    let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in req.headers() {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    // A method whose requests carry a body says this one is empty (as hyper does).
+    if matches!(req.method().as_str(), "POST" | "PUT" | "PATCH") {
+        out.extend_from_slice(b"content-length: 0\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// Why an exchange failed.
+#[derive(Debug)]
+pub enum Failed {
+    /// A kept connection was closed before any of the response arrived: the request may be
+    /// sent again on a new one.
+    Stale(io::Error),
+    Io(io::Error),
+}
+
+impl Failed {
+    pub fn into_io(self) -> io::Error {
+        match self {
+            Failed::Stale(e) | Failed::Io(e) => e,
+        }
+    }
+}
+
+fn invalid(what: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what)
+}
+
+/// Writes `head` on `conn` and reads the response head. `home`: where the connection goes
+/// back when the response body ends.
+pub async fn round_trip(
+    mut conn: TcpStream,
+    head: &[u8],
+    method_head: bool,
+    home: (Weak<H1Conns>, SocketAddr),
+) -> Result<Response<OwnBody>, Failed> {
+    if let Err(e) = conn.write_all(head).await {
+        return Err(Failed::Stale(e));
+    }
+    let mut buf = BytesMut::with_capacity(READ_SIZE);
+    let mut got_any = false;
+    loop {
+        if buf.capacity() - buf.len() < READ_SIZE / 4 {
+            buf.reserve(READ_SIZE);
+        }
+        match conn.read_buf(&mut buf).await {
+            Ok(0) if !got_any => return Err(Failed::Stale(io::ErrorKind::UnexpectedEof.into())),
+            Ok(0) => {
+                return Err(Failed::Io(invalid(
+                    "upstream closed inside a response head",
+                )));
+            }
+            Ok(_) => got_any = true,
+            Err(e) if !got_any => return Err(Failed::Stale(e)),
+            Err(e) => return Err(Failed::Io(e)),
+        }
+        loop {
+            match parse(&mut buf, method_head).map_err(Failed::Io)? {
+                Parsed::Partial if buf.len() >= MAX_HEAD => {
+                    return Err(Failed::Io(invalid("upstream response head too large")));
+                }
+                Parsed::Partial => break,
+                // 1xx (but 101) are informational: the real response follows.
+                Parsed::Informational => continue,
+                Parsed::Response(parts, framing, reuse) => {
+                    let body = OwnBody {
+                        conn: Some(conn),
+                        buf,
+                        framing,
+                        reuse,
+                        home,
+                    };
+                    let mut resp = Response::new(body);
+                    *resp.status_mut() = parts.0;
+                    *resp.version_mut() = parts.1;
+                    *resp.headers_mut() = parts.2;
+                    // A response without a body hands its connection back at once.
+                    resp.body_mut().finish_if_done();
+                    return Ok(resp);
+                }
+            }
+        }
+    }
+}
+
+enum Parsed {
+    Partial,
+    Informational,
+    Response((StatusCode, Version, HeaderMap), Framing, bool),
+}
+
+/// Parses a response head from the front of `buf`, taking it out when whole.
+fn parse(buf: &mut BytesMut, method_head: bool) -> io::Result<Parsed> {
+    let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut lines);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
+        Err(_) => return Err(invalid("malformed upstream response head")),
+    };
+    let code = resp.code.unwrap_or(0);
+    let status = StatusCode::from_u16(code).map_err(|_| invalid("invalid upstream status"))?;
+    if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+        buf.advance(len);
+        return Ok(Parsed::Informational);
+    }
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        return Err(invalid("upstream switched protocols unasked"));
+    }
+    let version = if resp.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    let base = buf.as_ptr() as usize;
+    let span = |s: &[u8]| {
+        let start = s.as_ptr() as usize - base;
+        (start, start + s.len())
+    };
+    let mut reuse = version == Version::HTTP_11;
+    let mut length: Option<u64> = None;
+    let mut chunked = false;
+    let mut coded = false;
+    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+    let count = resp.headers.len();
+    for (h, slot) in resp.headers.iter().zip(spans.iter_mut()) {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"content-length") {
+            let n = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .ok_or_else(|| invalid("invalid upstream Content-Length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(invalid("conflicting upstream Content-Length"));
+            }
+            length = Some(n);
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            coded = true;
+            // Only the last coding frames the message.
+            chunked = h
+                .value
+                .rsplit(|&b| b == b',')
+                .next()
+                .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for token in h.value.split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    reuse = false;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") && version == Version::HTTP_10 {
+                    reuse = true;
+                }
+            }
+        }
+        let (ns, ne) = span(name);
+        let (vs, ve) = span(h.value);
+        *slot = (ns, ne, vs, ve);
+    }
+    let head = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(count + 2);
+    for &(ns, ne, vs, ve) in &spans[..count] {
+        let name = HeaderName::from_bytes(&head[ns..ne])
+            .map_err(|_| invalid("invalid upstream header name"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
+            .map_err(|_| invalid("invalid upstream header value"))?;
+        headers.append(name, value);
+    }
+    let framing =
+        if method_head || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+            Framing::Length(0)
+        } else if chunked {
+            Framing::Chunked(Chunk::Size(0, 0))
+        } else if coded {
+            Framing::ToEof
+        } else if let Some(n) = length {
+            Framing::Length(n)
+        } else {
+            Framing::ToEof
+        };
+    if matches!(framing, Framing::ToEof) {
+        reuse = false;
+    }
+    Ok(Parsed::Response((status, version, headers), framing, reuse))
+}
+
+/// Where a response body is in its framing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// Bytes left.
+    Length(u64),
+    Chunked(Chunk),
+    /// Until the upstream closes.
+    ToEof,
+    Done,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// Reading a size line: (value so far, digits so far).
+    Size(u64, u8),
+    /// Extensions after the size, to the line's end.
+    Extension(u64),
+    /// Data left in the chunk.
+    Data(u64),
+    /// The CRLF after a chunk's data.
+    DataEnd,
+    /// Trailer lines (dropped) until the empty one.
+    Trailers { at_line_start: bool },
+}
+
+/// A response body read from the upstream connection; at its end the connection goes back
+/// to its thread's idle list when the response allows.
+pub struct OwnBody {
+    conn: Option<TcpStream>,
+    /// Bytes read and not yet yielded.
+    buf: BytesMut,
+    framing: Framing,
+    reuse: bool,
+    home: (Weak<H1Conns>, SocketAddr),
+}
+
+impl std::fmt::Debug for OwnBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OwnBody")
+            .field("framing", &self.framing)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OwnBody {
+    fn finish_if_done(&mut self) {
+        if self.framing == Framing::Length(0) {
+            self.framing = Framing::Done;
+        }
+        if self.framing != Framing::Done {
+            return;
+        }
+        let Some(conn) = self.conn.take() else { return };
+        // Bytes past the response mean the upstream is out of step: never reuse that.
+        if self.reuse
+            && self.buf.is_empty()
+            && let Some(h) = self.home.0.upgrade()
+        {
+            h.keep_raw(self.home.1, conn);
+        }
+    }
+
+    /// Reads more from the upstream into `buf`; 0 at its end.
+    fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Poll::Ready(Ok(0));
+        };
+        if self.buf.capacity() - self.buf.len() < want.min(BODY_READ) / 2 + 1 {
+            self.buf.reserve(want.clamp(1, BODY_READ));
+        }
+        loop {
+            ready!(conn.poll_read_ready(cx))?;
+            match conn.try_read_buf(&mut self.buf) {
+                Ok(n) => return Poll::Ready(Ok(n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    /// Advances the chunked decoder over `buf`; data ready to yield comes back.
+    fn step_chunked(&mut self, mut c: Chunk) -> io::Result<(Chunk, Option<Bytes>)> {
+        loop {
+            if self.buf.is_empty() {
+                return Ok((c, None));
+            }
+            c = match c {
+                Chunk::Size(v, digits) => {
+                    let b = self.buf[0];
+                    self.buf.advance(1);
+                    match b {
+                        b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' if digits < 16 => {
+                            let d = (b as char).to_digit(16).unwrap_or(0);
+                            Chunk::Size(v * 16 + u64::from(d), digits + 1)
+                        }
+                        b';' | b' ' | b'\t' if digits > 0 => Chunk::Extension(v),
+                        b'\r' if digits > 0 => Chunk::Extension(v),
+                        b'\n' if digits > 0 => self.after_size(v),
+                        _ => return Err(invalid("invalid chunk size from upstream")),
+                    }
+                }
+                Chunk::Extension(v) => match memchr_lf(&self.buf) {
+                    Some(i) => {
+                        self.buf.advance(i + 1);
+                        self.after_size(v)
+                    }
+                    None => {
+                        if self.buf.len() > 4096 {
+                            return Err(invalid("chunk extension too long"));
+                        }
+                        self.buf.clear();
+                        Chunk::Extension(v)
+                    }
+                },
+                Chunk::Data(left) => {
+                    let n = usize::try_from(left)
+                        .unwrap_or(usize::MAX)
+                        .min(self.buf.len());
+                    let data = self.buf.split_to(n).freeze();
+                    let left = left - n as u64;
+                    let next = if left == 0 {
+                        Chunk::DataEnd
+                    } else {
+                        Chunk::Data(left)
+                    };
+                    return Ok((next, Some(data)));
+                }
+                Chunk::DataEnd => match memchr_lf(&self.buf) {
+                    Some(i) if self.buf[..i].iter().all(|&b| b == b'\r') && i <= 1 => {
+                        self.buf.advance(i + 1);
+                        Chunk::Size(0, 0)
+                    }
+                    Some(_) => return Err(invalid("chunk data longer than its size")),
+                    None if self.buf.len() > 1 || self.buf[0] != b'\r' => {
+                        return Err(invalid("chunk data longer than its size"));
+                    }
+                    None => return Ok((Chunk::DataEnd, None)),
+                },
+                Chunk::Trailers { at_line_start } => match memchr_lf(&self.buf) {
+                    Some(i) => {
+                        let empty = at_line_start && self.buf[..i].iter().all(|&b| b == b'\r');
+                        self.buf.advance(i + 1);
+                        if empty {
+                            self.framing = Framing::Done;
+                            return Ok((c, None));
+                        }
+                        Chunk::Trailers {
+                            at_line_start: true,
+                        }
+                    }
+                    None => {
+                        if self.buf.len() > 16 * 1024 {
+                            return Err(invalid("upstream trailers too long"));
+                        }
+                        let only_cr = at_line_start && self.buf.iter().all(|&b| b == b'\r');
+                        self.buf.clear();
+                        Chunk::Trailers {
+                            at_line_start: only_cr,
+                        }
+                    }
+                },
+            };
+        }
+    }
+
+    fn after_size(&self, v: u64) -> Chunk {
+        if v == 0 {
+            Chunk::Trailers {
+                at_line_start: true,
+            }
+        } else {
+            Chunk::Data(v)
+        }
+    }
+}
+
+fn memchr_lf(b: &[u8]) -> Option<usize> {
+    b.iter().position(|&x| x == b'\n')
+}
+
+impl Body for OwnBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = &mut *self;
+        loop {
+            match this.framing {
+                Framing::Done => {
+                    this.finish_if_done();
+                    return Poll::Ready(None);
+                }
+                Framing::Length(0) => {
+                    this.framing = Framing::Done;
+                }
+                Framing::Length(left) => {
+                    if !this.buf.is_empty() {
+                        let n = usize::try_from(left)
+                            .unwrap_or(usize::MAX)
+                            .min(this.buf.len());
+                        let data = this.buf.split_to(n).freeze();
+                        this.framing = Framing::Length(left - n as u64);
+                        if this.framing == Framing::Length(0) {
+                            this.finish_if_done();
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    let want = usize::try_from(left).unwrap_or(usize::MAX);
+                    if ready!(this.poll_fill(cx, want))? == 0 {
+                        this.conn = None;
+                        return Poll::Ready(Some(Err(io::ErrorKind::UnexpectedEof.into())));
+                    }
+                }
+                Framing::ToEof => {
+                    if !this.buf.is_empty() {
+                        let data = this.buf.split().freeze();
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    if ready!(this.poll_fill(cx, BODY_READ))? == 0 {
+                        this.conn = None;
+                        this.framing = Framing::Done;
+                    }
+                }
+                Framing::Chunked(c) => {
+                    let (next, data) = this.step_chunked(c)?;
+                    if this.framing == Framing::Done {
+                        continue;
+                    }
+                    this.framing = Framing::Chunked(next);
+                    if let Some(d) = data {
+                        return Poll::Ready(Some(Ok(Frame::data(d))));
+                    }
+                    if ready!(this.poll_fill(cx, BODY_READ))? == 0 {
+                        this.conn = None;
+                        return Poll::Ready(Some(Err(io::ErrorKind::UnexpectedEof.into())));
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.framing == Framing::Done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Length(n) => SizeHint::with_exact(n),
+            Framing::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use std::sync::Arc;
+    use std::time::Duration;
+    use tokio::net::TcpListener;
+
+    fn body(framing: Framing) -> OwnBody {
+        OwnBody {
+            conn: None,
+            buf: BytesMut::new(),
+            framing,
+            reuse: false,
+            home: (Weak::new(), "127.0.0.1:1".parse().unwrap()),
+        }
+    }
+
+    /// Feeds `wire` to a chunked decoder one byte at a time: every split point.
+    fn dechunk_bytewise(wire: &[u8]) -> io::Result<(Vec<u8>, bool)> {
+        let mut b = body(Framing::Chunked(Chunk::Size(0, 0)));
+        let mut out = Vec::new();
+        for &byte in wire {
+            b.buf.extend_from_slice(&[byte]);
+            loop {
+                let Framing::Chunked(c) = b.framing else {
+                    break;
+                };
+                let (next, data) = b.step_chunked(c)?;
+                if b.framing == Framing::Done {
+                    break;
+                }
+                b.framing = Framing::Chunked(next);
+                match data {
+                    Some(d) => out.extend_from_slice(&d),
+                    None => break,
+                }
+            }
+        }
+        Ok((out, b.framing == Framing::Done))
+    }
+
+    #[test]
+    fn chunked_bodies_decode_at_every_split() {
+        let wire = b"5;ext=1\r\nhello\r\nA\r\n0123456789\r\n0\r\nX-Trailer: t\r\n\r\n";
+        let (data, done) = dechunk_bytewise(wire).unwrap();
+        assert_eq!(data, b"hello0123456789");
+        assert!(done);
+        let (_, done) = dechunk_bytewise(b"3\r\nabc\r\n0\r\n").unwrap();
+        assert!(!done, "the last empty line is still missing");
+        for bad in [
+            &b"x\r\n"[..],
+            b"3\r\nabcd\r\n",
+            b"\r\n",
+            b"11111111111111111\r\n",
+        ] {
+            assert!(
+                dechunk_bytewise(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn response_heads_say_how_the_body_ends() {
+        let framing = |raw: &[u8], head: bool| match parse(&mut BytesMut::from(raw), head) {
+            Ok(Parsed::Response(_, f, reuse)) => Some((f, reuse)),
+            _ => None,
+        };
+        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
+        assert_eq!(framing(ok, false), Some((Framing::Length(5), true)));
+        assert_eq!(framing(ok, true), Some((Framing::Length(0), true)));
+        let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n";
+        assert_eq!(
+            framing(chunked, false),
+            Some((Framing::Chunked(Chunk::Size(0, 0)), true))
+        );
+        let to_eof = b"HTTP/1.1 200 OK\r\n\r\nall of it";
+        assert_eq!(framing(to_eof, false), Some((Framing::ToEof, false)));
+        let close = b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n";
+        assert_eq!(framing(close, false), Some((Framing::Length(0), false)));
+        let old = b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n";
+        assert_eq!(framing(old, false), Some((Framing::Length(0), false)));
+        let two = b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n";
+        assert_eq!(framing(two, false), None);
+        let mut info = BytesMut::from(
+            &b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\n"[..],
+        );
+        assert!(matches!(parse(&mut info, false), Ok(Parsed::Informational)));
+        assert!(info.starts_with(b"HTTP/1.1 200"));
+    }
+
+    /// An upstream that answers each request head with `answer`, written a few bytes at a
+    /// time, then closes if `close`.
+    async fn upstream(answer: &'static [u8], close: bool) -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    loop {
+                        let Ok(n) = s.read(&mut chunk).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        got.extend_from_slice(&chunk[..n]);
+                        while let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                            got.drain(..end + 4);
+                            for piece in answer.chunks(7) {
+                                if s.write_all(piece).await.is_err() {
+                                    return;
+                                }
+                                tokio::task::yield_now().await;
+                            }
+                            if close {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    async fn fetch(conns: &Arc<H1Conns>, addr: SocketAddr) -> io::Result<(StatusCode, Vec<u8>)> {
+        let conn = TcpStream::connect(addr).await?;
+        let head = b"GET / HTTP/1.1\r\nhost: up\r\n\r\n";
+        let resp = round_trip(conn, head, false, (Arc::downgrade(conns), addr))
+            .await
+            .map_err(Failed::into_io)?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok((status, body.to_vec()))
+    }
+
+    fn conns() -> Arc<H1Conns> {
+        Arc::new(H1Conns::new(
+            crate::tls::Connector::new(Duration::from_secs(2), None),
+            "http",
+            Duration::from_secs(60),
+        ))
+    }
+
+    #[tokio::test]
+    async fn bodies_stream_off_real_connections_which_are_kept_only_when_clean() {
+        let c = conns();
+        let chunked = upstream(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n4\r\nwiki\r\n5\r\npedia\r\n0\r\n\r\n",
+            false,
+        )
+        .await;
+        assert_eq!(
+            fetch(&c, chunked).await.unwrap(),
+            (StatusCode::OK, b"wikipedia".to_vec())
+        );
+        assert!(
+            c.checkout_raw(chunked, true).is_some(),
+            "kept after a clean end"
+        );
+
+        let to_eof = upstream(b"HTTP/1.1 200 OK\r\n\r\nuntil the end", true).await;
+        assert_eq!(fetch(&c, to_eof).await.unwrap().1, b"until the end");
+        assert!(
+            c.checkout_raw(to_eof, false).is_none(),
+            "a close-delimited body ends its connection"
+        );
+
+        let short = upstream(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort", true).await;
+        assert!(
+            fetch(&c, short).await.is_err(),
+            "a body cut short is an error"
+        );
+        assert!(c.checkout_raw(short, false).is_none());
+
+        let garbage = upstream(b"SMTP ready\r\n\r\n", true).await;
+        assert_eq!(
+            fetch(&c, garbage).await.unwrap_err().kind(),
+            io::ErrorKind::InvalidData
+        );
+    }
+}
