@@ -526,10 +526,7 @@ mod tests {
         let mut out = Vec::new();
         for &byte in wire {
             b.buf.extend_from_slice(&[byte]);
-            loop {
-                let Framing::Chunked(c) = b.framing else {
-                    break;
-                };
+            while let Framing::Chunked(c) = b.framing {
                 let (next, data) = b.step_chunked(c)?;
                 if b.framing == Framing::Done {
                     break;
