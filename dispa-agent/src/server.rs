@@ -334,7 +334,7 @@ where
                 if h1 {
                     self.serve_h1(io, shared, peer).await;
                 } else {
-                    self.serve_hyper(io, shared, peer).await;
+                    self.serve_hyper(io, shared, peer, false).await;
                 }
             }
             Err(why) => {
@@ -384,7 +384,11 @@ where
         {
             Some(Ok(h1::Outcome::HandOff(io, read))) => {
                 // Boxed: hyper's connection would otherwise size every connection's task.
-                Box::pin(self.serve_hyper(ConnIo::new(io, read), shared, peer)).await;
+                // Past the first request the connection is HTTP/1 for good: a late h2
+                // preface must not turn it into HTTP/2.
+                let h1_only = shared.lock().requests > 0;
+                let io = ConnIo::new(io, read);
+                Box::pin(self.serve_hyper(io, shared, peer, h1_only)).await;
             }
             Some(Ok(h1::Outcome::Closed)) | None => {}
             Some(Err(e)) => {
@@ -393,8 +397,8 @@ where
         }
     }
 
-    /// Serves HTTP with hyper on a stream whose reads `shared` tracks.
-    async fn serve_hyper<S>(&self, io: S, shared: Shared, peer: SocketAddr)
+    /// Serves HTTP with hyper on a stream whose reads `shared` tracks; `h1_only`: no h2c.
+    async fn serve_hyper<S>(&self, io: S, shared: Shared, peer: SocketAddr, h1_only: bool)
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
@@ -413,7 +417,10 @@ where
                 Ok::<_, std::convert::Infallible>(resp.map(|b| Tracked::new(b, guard)))
             }
         });
-        let builder = builder(&self.limits);
+        let mut builder = builder(&self.limits);
+        if h1_only {
+            builder = builder.http1_only();
+        }
         let conn = builder
             .serve_connection_with_upgrades(TokioIo::new(io), svc)
             .into_owned();

@@ -433,6 +433,18 @@ fn analyse(head: &[u8], max_headers: usize) -> Result<State, HeadError> {
 }
 
 /// `1*DIGIT`, nothing else (no sign, no spaces, no list), at most 18 digits.
+/// What a Connection header value says about persistence: (`close`, `keep-alive`) among its
+/// tokens. `close` wins over `keep-alive` wherever both appear.
+pub fn connection_options(v: &[u8]) -> (bool, bool) {
+    let (mut close, mut keep_alive) = (false, false);
+    for token in v.split(|&b| b == b',') {
+        let token = token.trim_ascii();
+        close |= token.eq_ignore_ascii_case(b"close");
+        keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+    }
+    (close, keep_alive)
+}
+
 pub fn parse_length(v: &[u8]) -> Option<u64> {
     if v.is_empty() || v.len() > 18 || !v.iter().all(u8::is_ascii_digit) {
         return None;

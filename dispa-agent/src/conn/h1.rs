@@ -139,7 +139,8 @@ where
         let closing = shared.lock().closing;
         let keep = Box::pin(write_response(&mut io, resp, asked, closing)).await;
         drop(guard);
-        if !keep? {
+        // Told to close while the response was being written: the client has it, now close.
+        if !keep? || shared.lock().closing {
             let _ = io.shutdown().await;
             return Ok(Outcome::Closed);
         }
@@ -215,6 +216,7 @@ fn parse(buf: &mut BytesMut) -> Parse {
     };
     let target = span(target.as_bytes());
     let mut keep_alive = version == Version::HTTP_11;
+    let mut close = false;
     let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
     let count = req.headers.len();
     for (h, slot) in req.headers.iter().zip(spans.iter_mut()) {
@@ -231,14 +233,9 @@ fn parse(buf: &mut BytesMut) -> Parse {
             return Parse::HandOff;
         }
         if name.eq_ignore_ascii_case(b"connection") {
-            for token in h.value.split(|&b| b == b',') {
-                let token = token.trim_ascii();
-                if token.eq_ignore_ascii_case(b"close") {
-                    keep_alive = false;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") && version == Version::HTTP_10 {
-                    keep_alive = true;
-                }
-            }
+            let (c, k) = super::framing::connection_options(h.value);
+            close |= c;
+            keep_alive |= k;
         }
         let (ns, ne) = span(name);
         let (vs, ve) = span(h.value);
@@ -262,7 +259,7 @@ fn parse(buf: &mut BytesMut) -> Parse {
     let asked = Asked {
         head: method == Method::HEAD,
         version,
-        keep_alive,
+        keep_alive: keep_alive && !close,
     };
     let mut req = Request::new(ClientBody::Empty);
     *req.method_mut() = method;
@@ -322,7 +319,7 @@ where
     let declared = parts
         .headers
         .get(header::CONTENT_LENGTH)
-        .map(|v| std::str::from_utf8(v.as_bytes()).ok()?.parse::<u64>().ok());
+        .map(|v| super::framing::parse_length(v.as_bytes()));
     let framing = if bodyless {
         Framing::None
     } else if let Some(Some(n)) = declared {
@@ -361,6 +358,7 @@ where
     out.extend_from_slice(b"\r\n");
     if matches!(framing, Framing::None) {
         io.write_all(&out).await?;
+        io.flush().await?;
         return Ok(keep_alive);
     }
     let mut sent = 0u64;
@@ -441,11 +439,10 @@ where
 }
 
 fn says_close(headers: &HeaderMap) -> bool {
-    headers.get_all(header::CONNECTION).iter().any(|v| {
-        v.as_bytes()
-            .split(|&b| b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
-    })
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .any(|v| super::framing::connection_options(v.as_bytes()).0)
 }
 
 /// `n` in decimal, in `buf`.
@@ -508,6 +505,9 @@ mod tests {
         assert!(!ka(b"GET / HTTP/1.0\r\n\r\n"));
         assert!(ka(b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n"));
         assert!(!ka(b"GET / HTTP/1.1\r\nConnection: foo, close\r\n\r\n"));
+        assert!(!ka(
+            b"GET / HTTP/1.0\r\nConnection: close, keep-alive\r\n\r\n"
+        ));
     }
 
     #[test]

@@ -88,8 +88,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for n in &HOP_BY_HOP {
         headers.remove(n);
     }
-    // The client's framing does not apply upstream; hyper re-frames the body.
-    headers.remove(header::TRANSFER_ENCODING);
+    // The sender's framing does not apply to the next hop, which re-frames the body; a
+    // Content-Length beside a Transfer-Encoding is void (RFC 9112 section 6.3) and must not
+    // travel on either.
+    if headers.remove(header::TRANSFER_ENCODING).is_some() {
+        headers.remove(header::CONTENT_LENGTH);
+    }
 }
 
 /// Sets X-Forwarded-For/-Proto/-Host from what this agent saw, replacing client-sent values
@@ -161,6 +165,16 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+
+        // A length beside a transfer coding goes with it; alone it stays.
+        let mut h = HeaderMap::new();
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("content-length", HeaderValue::from_static("3"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.is_empty());
+        h.insert("content-length", HeaderValue::from_static("3"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
     }
 
     #[test]

@@ -31,6 +31,7 @@ const BODY_READ: usize = 64 * 1024;
 /// Whether a request can take this path.
 pub fn suits<B: Body>(req: &Request<B>) -> bool {
     req.body().is_end_stream()
+        && req.method() != Method::CONNECT
         && !req.headers().contains_key(http::header::UPGRADE)
         && !req.headers().contains_key(http::header::CONTENT_LENGTH)
         && !req.headers().contains_key(http::header::TRANSFER_ENCODING)
@@ -180,6 +181,8 @@ fn parse(buf: &mut BytesMut, method_head: bool) -> io::Result<Parsed> {
         (start, start + s.len())
     };
     let mut reuse = version == Version::HTTP_11;
+    let mut close = false;
+    let mut lengths = 0;
     let mut length: Option<u64> = None;
     let mut chunked = false;
     let mut coded = false;
@@ -188,14 +191,13 @@ fn parse(buf: &mut BytesMut, method_head: bool) -> io::Result<Parsed> {
     for (h, slot) in resp.headers.iter().zip(spans.iter_mut()) {
         let name = h.name.as_bytes();
         if name.eq_ignore_ascii_case(b"content-length") {
-            let n = std::str::from_utf8(h.value)
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
+            let n = crate::conn::framing::parse_length(h.value.trim_ascii())
                 .ok_or_else(|| invalid("invalid upstream Content-Length"))?;
             if length.is_some_and(|l| l != n) {
                 return Err(invalid("conflicting upstream Content-Length"));
             }
             length = Some(n);
+            lengths += 1;
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             coded = true;
             // Only the last coding frames the message.
@@ -205,14 +207,9 @@ fn parse(buf: &mut BytesMut, method_head: bool) -> io::Result<Parsed> {
                 .next()
                 .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
         } else if name.eq_ignore_ascii_case(b"connection") {
-            for token in h.value.split(|&b| b == b',') {
-                let token = token.trim_ascii();
-                if token.eq_ignore_ascii_case(b"close") {
-                    reuse = false;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") && version == Version::HTTP_10 {
-                    reuse = true;
-                }
-            }
+            let (c, k) = crate::conn::framing::connection_options(h.value);
+            close |= c;
+            reuse |= k;
         }
         let (ns, ne) = span(name);
         let (vs, ve) = span(h.value);
@@ -226,6 +223,21 @@ fn parse(buf: &mut BytesMut, method_head: bool) -> io::Result<Parsed> {
         let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
             .map_err(|_| invalid("invalid upstream header value"))?;
         headers.append(name, value);
+    }
+    if coded {
+        // Transfer-Encoding overrides a Content-Length, which must not travel on with it
+        // (RFC 9112 section 6.3): the body is re-framed downstream. Such a message, or a
+        // coding on HTTP/1.0, is faulty framing: the connection is not used again.
+        headers.remove(http::header::CONTENT_LENGTH);
+        if length.is_some() || version == Version::HTTP_10 {
+            reuse = false;
+        }
+    } else if let Some(n) = length.filter(|_| lengths > 1) {
+        // Repeated equal lengths travel on as one.
+        headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(n));
+    }
+    if close {
+        reuse = false;
     }
     let framing =
         if method_head || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
@@ -315,14 +327,9 @@ impl OwnBody {
         if self.buf.capacity() - self.buf.len() < want.min(BODY_READ) / 2 + 1 {
             self.buf.reserve(want.clamp(1, BODY_READ));
         }
-        loop {
-            ready!(conn.poll_read_ready(cx))?;
-            match conn.try_read_buf(&mut self.buf) {
-                Ok(n) => return Poll::Ready(Ok(n)),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
+        // tokio's read clears readiness on a short read, so a connection put back idle shows
+        // readable again only when something arrives (see `H1Conns::checkout_raw`).
+        tokio_util::io::poll_read_buf(Pin::new(conn), cx, &mut self.buf)
     }
 
     /// Advances the chunked decoder over `buf`; data ready to yield comes back.
@@ -577,6 +584,13 @@ mod tests {
             framing(chunked, false),
             Some((Framing::Chunked(Chunk::Size(0, 0)), true))
         );
+        let both = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n";
+        match parse(&mut BytesMut::from(&both[..]), false) {
+            Ok(Parsed::Response((_, _, h), Framing::Chunked(_), _)) => {
+                assert!(!h.contains_key(http::header::CONTENT_LENGTH), "dropped");
+            }
+            _ => panic!("chunked wins"),
+        }
         let to_eof = b"HTTP/1.1 200 OK\r\n\r\nall of it";
         assert_eq!(framing(to_eof, false), Some((Framing::ToEof, false)));
         let close = b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n";
@@ -585,6 +599,14 @@ mod tests {
         assert_eq!(framing(old, false), Some((Framing::Length(0), false)));
         let two = b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n";
         assert_eq!(framing(two, false), None);
+        let plus = b"HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\nhello";
+        assert_eq!(framing(plus, false), None);
+        let close_wins =
+            b"HTTP/1.0 200 OK\r\nConnection: close, keep-alive\r\nContent-Length: 0\r\n\r\n";
+        assert_eq!(
+            framing(close_wins, false),
+            Some((Framing::Length(0), false))
+        );
         let mut info = BytesMut::from(
             &b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\n"[..],
         );
@@ -660,15 +682,12 @@ mod tests {
             fetch(&c, chunked).await.unwrap(),
             (StatusCode::OK, b"wikipedia".to_vec())
         );
-        assert!(
-            c.checkout_raw(chunked, true).is_some(),
-            "kept after a clean end"
-        );
+        assert!(c.checkout_raw(chunked).is_some(), "kept after a clean end");
 
         let to_eof = upstream(b"HTTP/1.1 200 OK\r\n\r\nuntil the end", true).await;
         assert_eq!(fetch(&c, to_eof).await.unwrap().1, b"until the end");
         assert!(
-            c.checkout_raw(to_eof, false).is_none(),
+            c.checkout_raw(to_eof).is_none(),
             "a close-delimited body ends its connection"
         );
 
@@ -677,12 +696,58 @@ mod tests {
             fetch(&c, short).await.is_err(),
             "a body cut short is an error"
         );
-        assert!(c.checkout_raw(short, false).is_none());
+        assert!(c.checkout_raw(short).is_none());
 
         let garbage = upstream(b"SMTP ready\r\n\r\n", true).await;
         assert_eq!(
             fetch(&c, garbage).await.unwrap_err().kind(),
             io::ErrorKind::InvalidData
         );
+    }
+
+    #[tokio::test]
+    async fn bytes_arriving_on_an_idle_connection_are_never_a_response() {
+        // An upstream that answers 204, then (when told) sends bytes nobody asked for.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let stray = Arc::new(tokio::sync::Notify::new());
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (go, count) = (stray.clone(), accepted.clone());
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let first = count.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
+                let go = go.clone();
+                tokio::spawn(async move {
+                    let mut chunk = [0u8; 1024];
+                    while let Ok(n) = s.read(&mut chunk).await {
+                        if n == 0 {
+                            return;
+                        }
+                        let _ = s.write_all(b"HTTP/1.1 204 No Content\r\n\r\n").await;
+                        if first {
+                            go.notified().await;
+                            let _ = s
+                                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nPOISON")
+                                .await;
+                        }
+                    }
+                });
+            }
+        });
+        let c = conns();
+        assert_eq!(fetch(&c, addr).await.unwrap().0, StatusCode::NO_CONTENT);
+        stray.notify_one();
+        // Wait until the runtime has seen the kept connection turn readable.
+        for _ in 0..500 {
+            if c.idle_readable(addr) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut req = Request::new(crate::proxy::CountedBody::new(None, Arc::default()));
+        *req.uri_mut() = "/".parse().unwrap();
+        let resp = c.send(addr, req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::NO_CONTENT, "not the stray bytes");
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 }

@@ -158,8 +158,7 @@ impl H1Conns {
     }
 
     /// The own exchange. A request that may be repeated goes out once more on a new
-    /// connection when a kept one turns out closed before any of the response came back;
-    /// for the others a kept connection is checked first.
+    /// connection when a kept one turns out closed before any of the response came back.
     async fn exchange(
         self: &Arc<Self>,
         addr: SocketAddr,
@@ -170,7 +169,7 @@ impl H1Conns {
         let repeatable = exchange::idempotent(req.method());
         drop(req);
         let home = || (Arc::downgrade(self), addr);
-        if let Some(conn) = self.checkout_raw(addr, !repeatable) {
+        if let Some(conn) = self.checkout_raw(addr) {
             match exchange::round_trip(conn, &head, method_head, home()).await {
                 Ok(r) => return Ok(r),
                 Err(exchange::Failed::Stale(_)) if repeatable => {}
@@ -183,9 +182,14 @@ impl H1Conns {
             .map_err(|e| SendError::Upstream(e.into_io()))
     }
 
-    /// A kept own-exchange connection, dropping those idle too long; `probe`: only one that
-    /// shows no sign of being closed (one non-blocking read).
-    pub(super) fn checkout_raw(&self, addr: SocketAddr, probe: bool) -> Option<TcpStream> {
+    /// A kept own-exchange connection, dropping those idle too long and those with anything
+    /// to read: an idle connection that became readable was closed by the upstream or got
+    /// bytes no request asked for (a late body, a 408), which must never be taken as the next
+    /// response. Reads clear readiness on a short read, so a quiet connection costs no system
+    /// call here; a readable one gets one non-blocking read to tell. Bytes the runtime has
+    /// not yet seen arrive are not caught (hyper's connection task and nginx's idle-connection
+    /// handler have the same window).
+    pub(super) fn checkout_raw(&self, addr: SocketAddr) -> Option<TcpStream> {
         let now = Instant::now();
         let mut map = self
             .raw
@@ -196,7 +200,8 @@ impl H1Conns {
             if now.duration_since(k.since) >= self.idle_timeout {
                 continue;
             }
-            if probe {
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            if k.conn.poll_read_ready(&mut cx).is_ready() {
                 let mut byte = [0u8; 1];
                 match k.conn.try_read(&mut byte) {
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
@@ -206,6 +211,17 @@ impl H1Conns {
             return Some(k.conn);
         }
         None
+    }
+
+    /// Whether the runtime has seen an idle own-exchange connection to `addr` turn readable.
+    #[cfg(test)]
+    pub(super) fn idle_readable(&self, addr: SocketAddr) -> bool {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        self.raw
+            .lock()
+            .unwrap()
+            .get(&addr)
+            .is_some_and(|l| l.iter().any(|k| k.conn.poll_read_ready(&mut cx).is_ready()))
     }
 
     /// An own-exchange connection whose response ended cleanly, for the next request.
