@@ -17,13 +17,13 @@ use std::task::{Context, Poll};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use http::{Version, header};
 use hyper::body::Body;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::{ClientBody, ConnIo, Shared};
+use super::{ClientBody, ConnIo, Shared, head};
 
 /// Heads with more header lines go to hyper, which applies the configured limit.
 const MAX_HEADERS: usize = 64;
@@ -188,8 +188,8 @@ fn recycle(buf: BytesMut) {
 
 /// Parses one request head from the front of `buf`, taking it out when it is whole.
 fn parse(buf: &mut BytesMut) -> Parse {
-    let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut lines);
+    let mut parsed = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut parsed);
     let len = match req.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Parse::Partial,
@@ -204,22 +204,13 @@ fn parse(buf: &mut BytesMut) -> Parse {
     if method == Method::CONNECT {
         return Parse::HandOff;
     }
-    let version = if minor == 0 {
-        Version::HTTP_10
-    } else {
-        Version::HTTP_11
-    };
-    let base = buf.as_ptr() as usize;
-    let span = |s: &[u8]| {
-        let start = s.as_ptr() as usize - base;
-        (start, start + s.len())
-    };
-    let target = span(target.as_bytes());
+    let version = head::version(Some(minor));
+    let target = head::span(buf, target.as_bytes());
     let mut keep_alive = version == Version::HTTP_11;
     let mut close = false;
-    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+    let mut lines = [(0, 0, 0, 0); MAX_HEADERS];
     let count = req.headers.len();
-    for (h, slot) in req.headers.iter().zip(spans.iter_mut()) {
+    for (h, slot) in req.headers.iter().zip(lines.iter_mut()) {
         let name = h.name.as_bytes();
         if [
             &b"content-length"[..],
@@ -237,25 +228,16 @@ fn parse(buf: &mut BytesMut) -> Parse {
             close |= c;
             keep_alive |= k;
         }
-        let (ns, ne) = span(name);
-        let (vs, ve) = span(h.value);
-        *slot = (ns, ne, vs, ve);
+        *slot = head::line(buf, h);
     }
-    let head = buf.split_to(len).freeze();
-    let Ok(uri) = Uri::from_maybe_shared(head.slice(target.0..target.1)) else {
-        return put_back(buf, &head);
+    let bytes = buf.split_to(len).freeze();
+    let Ok(uri) = Uri::from_maybe_shared(bytes.slice(target.0..target.1)) else {
+        return put_back(buf, &bytes);
     };
     // Room for the headers the proxy adds (request id, trace context, X-Forwarded-*).
-    let mut headers = HeaderMap::with_capacity(count + 6);
-    for &(ns, ne, vs, ve) in &spans[..count] {
-        let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(&head[ns..ne]),
-            HeaderValue::from_maybe_shared(head.slice(vs..ve)),
-        ) else {
-            return put_back(buf, &head);
-        };
-        headers.append(name, value);
-    }
+    let Some(headers) = head::header_map(&bytes, &lines[..count], 6) else {
+        return put_back(buf, &bytes);
+    };
     let asked = Asked {
         head: method == Method::HEAD,
         version,
@@ -477,6 +459,7 @@ fn push_date(out: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderValue;
 
     fn parsed(raw: &[u8]) -> (Option<(Request<ClientBody>, Asked)>, BytesMut) {
         let mut buf = BytesMut::from(raw);

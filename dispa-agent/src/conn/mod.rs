@@ -6,6 +6,7 @@
 
 pub mod framing;
 pub mod h1;
+pub mod head;
 pub mod limiter;
 pub mod proxy_protocol;
 

@@ -12,12 +12,13 @@ use std::sync::Weak;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::h1::H1Conns;
+use crate::conn::head;
 
 /// Largest response head read; hyper's client allows about as much by default.
 const MAX_HEAD: usize = 64 * 1024;
@@ -154,8 +155,8 @@ enum Parsed {
 
 /// Parses a response head from the front of `buf`, taking it out when whole.
 fn parse(buf: &mut BytesMut, method_head: bool) -> io::Result<Parsed> {
-    let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut lines);
+    let mut parsed = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut parsed);
     let len = match resp.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
@@ -170,25 +171,16 @@ fn parse(buf: &mut BytesMut, method_head: bool) -> io::Result<Parsed> {
     if status == StatusCode::SWITCHING_PROTOCOLS {
         return Err(invalid("upstream switched protocols unasked"));
     }
-    let version = if resp.version == Some(0) {
-        Version::HTTP_10
-    } else {
-        Version::HTTP_11
-    };
-    let base = buf.as_ptr() as usize;
-    let span = |s: &[u8]| {
-        let start = s.as_ptr() as usize - base;
-        (start, start + s.len())
-    };
+    let version = head::version(resp.version);
     let mut reuse = version == Version::HTTP_11;
     let mut close = false;
     let mut lengths = 0;
     let mut length: Option<u64> = None;
     let mut chunked = false;
     let mut coded = false;
-    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+    let mut lines = [(0, 0, 0, 0); MAX_HEADERS];
     let count = resp.headers.len();
-    for (h, slot) in resp.headers.iter().zip(spans.iter_mut()) {
+    for (h, slot) in resp.headers.iter().zip(lines.iter_mut()) {
         let name = h.name.as_bytes();
         if name.eq_ignore_ascii_case(b"content-length") {
             let n = crate::conn::framing::parse_length(h.value.trim_ascii())
@@ -211,19 +203,11 @@ fn parse(buf: &mut BytesMut, method_head: bool) -> io::Result<Parsed> {
             close |= c;
             reuse |= k;
         }
-        let (ns, ne) = span(name);
-        let (vs, ve) = span(h.value);
-        *slot = (ns, ne, vs, ve);
+        *slot = head::line(buf, h);
     }
-    let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(count + 2);
-    for &(ns, ne, vs, ve) in &spans[..count] {
-        let name = HeaderName::from_bytes(&head[ns..ne])
-            .map_err(|_| invalid("invalid upstream header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
-            .map_err(|_| invalid("invalid upstream header value"))?;
-        headers.append(name, value);
-    }
+    let bytes = buf.split_to(len).freeze();
+    let mut headers = head::header_map(&bytes, &lines[..count], 2)
+        .ok_or_else(|| invalid("invalid upstream header"))?;
     if coded {
         // Transfer-Encoding overrides a Content-Length, which must not travel on with it
         // (RFC 9112 section 6.3): the body is re-framed downstream. Such a message, or a
@@ -614,41 +598,10 @@ mod tests {
         assert!(info.starts_with(b"HTTP/1.1 200"));
     }
 
-    /// An upstream that answers each request head with `answer`, written a few bytes at a
-    /// time, then closes if `close`.
     async fn upstream(answer: &'static [u8], close: bool) -> SocketAddr {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = l.accept().await {
-                tokio::spawn(async move {
-                    let mut got = Vec::new();
-                    let mut chunk = [0u8; 1024];
-                    loop {
-                        let Ok(n) = s.read(&mut chunk).await else {
-                            return;
-                        };
-                        if n == 0 {
-                            return;
-                        }
-                        got.extend_from_slice(&chunk[..n]);
-                        while let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
-                            got.drain(..end + 4);
-                            for piece in answer.chunks(7) {
-                                if s.write_all(piece).await.is_err() {
-                                    return;
-                                }
-                                tokio::task::yield_now().await;
-                            }
-                            if close {
-                                return;
-                            }
-                        }
-                    }
-                });
-            }
-        });
-        addr
+        super::super::test_upstream::answering(answer, close)
+            .await
+            .0
     }
 
     async fn fetch(conns: &Arc<H1Conns>, addr: SocketAddr) -> io::Result<(StatusCode, Vec<u8>)> {
@@ -682,12 +635,15 @@ mod tests {
             fetch(&c, chunked).await.unwrap(),
             (StatusCode::OK, b"wikipedia".to_vec())
         );
-        assert!(c.checkout_raw(chunked).is_some(), "kept after a clean end");
+        assert!(
+            c.checkout_raw(chunked, false).is_some(),
+            "kept after a clean end"
+        );
 
         let to_eof = upstream(b"HTTP/1.1 200 OK\r\n\r\nuntil the end", true).await;
         assert_eq!(fetch(&c, to_eof).await.unwrap().1, b"until the end");
         assert!(
-            c.checkout_raw(to_eof).is_none(),
+            c.checkout_raw(to_eof, true).is_none(),
             "a close-delimited body ends its connection"
         );
 
@@ -696,7 +652,7 @@ mod tests {
             fetch(&c, short).await.is_err(),
             "a body cut short is an error"
         );
-        assert!(c.checkout_raw(short).is_none());
+        assert!(c.checkout_raw(short, true).is_none());
 
         let garbage = upstream(b"SMTP ready\r\n\r\n", true).await;
         assert_eq!(

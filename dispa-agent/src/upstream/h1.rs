@@ -20,7 +20,7 @@ use tower_service::Service;
 
 use super::exchange::{self, OwnBody};
 use crate::proxy::CountedBody;
-use crate::tls::Connector;
+use crate::tls::{Connector, MaybeTls};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -158,7 +158,8 @@ impl H1Conns {
     }
 
     /// The own exchange. A request that may be repeated goes out once more on a new
-    /// connection when a kept one turns out closed before any of the response came back.
+    /// connection when a kept one turns out closed before any of the response came back;
+    /// for the others a kept connection is probed first.
     async fn exchange(
         self: &Arc<Self>,
         addr: SocketAddr,
@@ -169,7 +170,7 @@ impl H1Conns {
         let repeatable = exchange::idempotent(req.method());
         drop(req);
         let home = || (Arc::downgrade(self), addr);
-        if let Some(conn) = self.checkout_raw(addr) {
+        if let Some(conn) = self.checkout_raw(addr, !repeatable) {
             match exchange::round_trip(conn, &head, method_head, home()).await {
                 Ok(r) => return Ok(r),
                 Err(exchange::Failed::Stale(_)) if repeatable => {}
@@ -186,10 +187,11 @@ impl H1Conns {
     /// to read: an idle connection that became readable was closed by the upstream or got
     /// bytes no request asked for (a late body, a 408), which must never be taken as the next
     /// response. Reads clear readiness on a short read, so a quiet connection costs no system
-    /// call here; a readable one gets one non-blocking read to tell. Bytes the runtime has
-    /// not yet seen arrive are not caught (hyper's connection task and nginx's idle-connection
-    /// handler have the same window).
-    pub(super) fn checkout_raw(&self, addr: SocketAddr) -> Option<TcpStream> {
+    /// call here; a readable one gets one non-blocking read to tell. Bytes or a close the
+    /// runtime has not yet seen are not caught that way (hyper's connection task and nginx's
+    /// idle-connection handler have the same window); `probe`: read anyway, for a request
+    /// that could not be sent again if the connection turned out closed.
+    pub(super) fn checkout_raw(&self, addr: SocketAddr, probe: bool) -> Option<TcpStream> {
         let now = Instant::now();
         let mut map = self
             .raw
@@ -201,7 +203,7 @@ impl H1Conns {
                 continue;
             }
             let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-            if k.conn.poll_read_ready(&mut cx).is_ready() {
+            if probe || k.conn.poll_read_ready(&mut cx).is_ready() {
                 let mut byte = [0u8; 1];
                 match k.conn.try_read(&mut byte) {
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
@@ -239,7 +241,9 @@ impl H1Conns {
         }
     }
 
-    async fn connect_raw(self: &Arc<Self>, addr: SocketAddr) -> Result<TcpStream, SendError> {
+    /// A new connection to `addr` through the connector (TCP, then TLS if configured), with
+    /// the sweeper started on the first one.
+    async fn dial(self: &Arc<Self>, addr: SocketAddr) -> Result<MaybeTls, SendError> {
         let connect_err = |e: BoxError| SendError::Connect(addr, e);
         let uri: Uri = format!("{}://{addr}/", self.scheme)
             .parse()
@@ -250,13 +254,16 @@ impl H1Conns {
             .call(uri)
             .await
             .map_err(connect_err)?;
-        let conn = io
-            .into_plain()
-            .ok_or_else(|| connect_err("a TLS connection where plaintext was asked".into()))?;
         if !self.sweeping.swap(true, Ordering::Relaxed) {
             tokio::spawn(sweep(Arc::downgrade(self)));
         }
-        Ok(conn)
+        Ok(io)
+    }
+
+    async fn connect_raw(self: &Arc<Self>, addr: SocketAddr) -> Result<TcpStream, SendError> {
+        self.dial(addr).await?.into_plain().ok_or_else(|| {
+            SendError::Connect(addr, "a TLS connection where plaintext was asked".into())
+        })
     }
 
     /// Sends over hyper's client connection. A request a kept connection could not take
@@ -328,16 +335,7 @@ impl H1Conns {
         self: &Arc<Self>,
         addr: SocketAddr,
     ) -> Result<SendRequest<CountedBody>, SendError> {
-        let connect_err = |e: BoxError| SendError::Connect(addr, e);
-        let uri: Uri = format!("{}://{addr}/", self.scheme)
-            .parse()
-            .map_err(|e: http::uri::InvalidUri| connect_err(e.into()))?;
-        let io = self
-            .connector
-            .clone()
-            .call(uri)
-            .await
-            .map_err(connect_err)?;
+        let io = self.dial(addr).await?;
         let (sender, conn) = http1::Builder::new()
             .handshake(io)
             .await
@@ -347,9 +345,6 @@ impl H1Conns {
                 tracing::debug!(%addr, "upstream connection ended: {e}");
             }
         });
-        if !self.sweeping.swap(true, Ordering::Relaxed) {
-            tokio::spawn(sweep(Arc::downgrade(self)));
-        }
         Ok(sender)
     }
 
@@ -393,42 +388,10 @@ mod tests {
     use super::*;
     use http_body_util::BodyExt;
     use std::sync::atomic::AtomicUsize;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
 
-    /// An upstream answering "ok" to each request head; `close_after` closes the connection
-    /// after each response (without saying so). Counts accepted connections.
     async fn upstream(close_after: bool) -> (SocketAddr, Arc<AtomicUsize>) {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = l.accept().await {
-                count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let mut chunk = [0u8; 1024];
-                    loop {
-                        let Ok(n) = s.read(&mut chunk).await else {
-                            return;
-                        };
-                        if n == 0 {
-                            return;
-                        }
-                        buf.extend_from_slice(&chunk[..n]);
-                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            buf.drain(..end + 4);
-                            let resp = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                            if s.write_all(resp).await.is_err() || close_after {
-                                return;
-                            }
-                        }
-                    }
-                });
-            }
-        });
-        (addr, accepted)
+        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+        super::super::test_upstream::answering(ok, close_after).await
     }
 
     fn conns(idle: Duration) -> Arc<H1Conns> {
@@ -513,16 +476,19 @@ mod tests {
             let (addr, accepted) = upstream(true).await;
             let c = conns(Duration::from_secs(60));
             assert_eq!(get(&c, addr, path).await.unwrap(), "ok");
-            if let Path::Hyper = path {
-                eventually("the closed connection is noticed", || {
-                    c.lock()
-                        .get(&addr)
-                        .is_none_or(|l| l.iter().all(|k| k.sender.is_closed()))
-                })
-                .await;
+            match path {
+                Path::Hyper => {
+                    eventually("the closed connection is noticed", || {
+                        c.lock()
+                            .get(&addr)
+                            .is_none_or(|l| l.iter().all(|k| k.sender.is_closed()))
+                    })
+                    .await
+                }
+                Path::Own(_) => {
+                    eventually("the close reaches the runtime", || c.idle_readable(addr)).await
+                }
             }
-            // The own exchange finds out on use (GET: sent again on a new connection) or by
-            // looking first (POST).
             assert_eq!(get(&c, addr, path).await.unwrap(), "ok", "{path:?}");
             assert_eq!(accepted.load(Ordering::SeqCst), 2, "{path:?}");
         }

@@ -9,6 +9,8 @@ mod h1;
 pub mod health;
 mod pool;
 mod retry_budget;
+#[cfg(test)]
+mod test_upstream;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
