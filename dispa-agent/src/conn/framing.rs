@@ -379,8 +379,8 @@ fn analyse(head: &[u8], max_headers: usize) -> Result<State, HeadError> {
             return Err(HeadError::BareLineEnd);
         }
     }
-    // On the stack for the usual limits.
-    let mut stack = [httparse::EMPTY_HEADER; 64];
+    // On the stack for the usual limits (the default is 100).
+    let mut stack = [httparse::EMPTY_HEADER; 128];
     let mut heap = Vec::new();
     let headers: &mut [httparse::Header<'_>] = if max_headers <= stack.len() {
         &mut stack[..max_headers]

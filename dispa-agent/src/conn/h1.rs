@@ -288,7 +288,7 @@ where
     // Hop-by-hop: this connection's own are written below.
     parts.headers.remove(header::CONNECTION);
     parts.headers.remove(header::TRANSFER_ENCODING);
-    let mut out = Vec::with_capacity(512);
+    let mut out = head::HeadBuf::take();
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');

@@ -3,6 +3,8 @@
 //! names are parsed and values become shared slices of it. Used by the own HTTP/1.1 server
 //! path ([`super::h1`]) and the own upstream exchange (`upstream::exchange`).
 
+use std::cell::RefCell;
+
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Version};
 
@@ -41,4 +43,52 @@ pub fn header_map(head: &Bytes, lines: &[Line], room: usize) -> Option<HeaderMap
         headers.append(name, value);
     }
     Some(headers)
+}
+
+thread_local! {
+    /// Buffers heads are written into, reused by the thread's connections.
+    static BUFS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Buffers kept per thread (a few heads are written at once at most).
+const KEPT: usize = 8;
+
+/// An empty buffer to write a head into, taken from the thread's and given back when dropped:
+/// writing a head allocates nothing once the thread has written a few.
+pub struct HeadBuf(Vec<u8>);
+
+impl HeadBuf {
+    pub fn take() -> Self {
+        let mut v = BUFS.with_borrow_mut(Vec::pop).unwrap_or_default();
+        v.clear();
+        HeadBuf(v)
+    }
+}
+
+impl std::ops::Deref for HeadBuf {
+    type Target = Vec<u8>;
+
+    fn deref(&self) -> &Vec<u8> {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for HeadBuf {
+    fn deref_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.0
+    }
+}
+
+impl Drop for HeadBuf {
+    fn drop(&mut self) {
+        let v = std::mem::take(&mut self.0);
+        // A buffer grown by a large body chunk is not kept.
+        if v.capacity() > 0 && v.capacity() <= 64 * 1024 {
+            BUFS.with_borrow_mut(|b| {
+                if b.len() < KEPT {
+                    b.push(v);
+                }
+            });
+        }
+    }
 }

@@ -141,7 +141,12 @@ pub fn set_forwarded(
     }
     headers.insert(X_FORWARDED_FOR, forwarded_for);
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
-    if let Ok(v) = HeaderValue::from_str(raw_host) {
+    // The Host header the client sent is usually `raw_host` already: shared, not copied.
+    let sent = headers
+        .get(header::HOST)
+        .filter(|v| v.as_bytes() == raw_host.as_bytes())
+        .cloned();
+    if let Some(v) = sent.or_else(|| HeaderValue::from_str(raw_host).ok()) {
         headers.insert(X_FORWARDED_HOST, v.clone());
         headers.insert(header::HOST, v);
     }

@@ -18,7 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::h1::H1Conns;
-use crate::conn::head;
+use crate::conn::head::{self, HeadBuf};
 
 /// Largest response head read; hyper's client allows about as much by default.
 const MAX_HEAD: usize = 64 * 1024;
@@ -47,9 +47,25 @@ pub fn idempotent(m: &Method) -> bool {
     )
 }
 
+/// An upstream connection of the own exchange, with its read buffer (kept with it while it
+/// idles, so an exchange on a kept connection allocates none).
+pub struct Raw {
+    pub(super) conn: TcpStream,
+    buf: BytesMut,
+}
+
+impl Raw {
+    pub fn new(conn: TcpStream) -> Self {
+        Self {
+            conn,
+            buf: BytesMut::new(),
+        }
+    }
+}
+
 /// The request head as it goes on the wire: origin form, HTTP/1.1.
-pub fn encode<B>(req: &Request<B>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(256);
+pub fn encode<B>(req: &Request<B>) -> HeadBuf {
+    let mut out = HeadBuf::take();
     out.extend_from_slice(req.method().as_str().as_bytes());
     out.push(b' ');
     let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
@@ -93,15 +109,16 @@ fn invalid(what: &'static str) -> io::Error {
 /// Writes `head` on `conn` and reads the response head. `home`: where the connection goes
 /// back when the response body ends.
 pub async fn round_trip(
-    mut conn: TcpStream,
+    raw: Raw,
     head: &[u8],
     method_head: bool,
     home: (Weak<H1Conns>, SocketAddr),
 ) -> Result<Response<OwnBody>, Failed> {
+    let Raw { mut conn, mut buf } = raw;
     if let Err(e) = conn.write_all(head).await {
         return Err(Failed::Stale(e));
     }
-    let mut buf = BytesMut::with_capacity(READ_SIZE);
+    buf.clear();
     let mut got_any = false;
     loop {
         if buf.capacity() - buf.len() < READ_SIZE / 4 {
@@ -299,7 +316,8 @@ impl OwnBody {
             && self.buf.is_empty()
             && let Some(h) = self.home.0.upgrade()
         {
-            h.keep_raw(self.home.1, conn);
+            let buf = std::mem::take(&mut self.buf);
+            h.keep_raw(self.home.1, Raw { conn, buf });
         }
     }
 
@@ -607,7 +625,7 @@ mod tests {
     async fn fetch(conns: &Arc<H1Conns>, addr: SocketAddr) -> io::Result<(StatusCode, Vec<u8>)> {
         let conn = TcpStream::connect(addr).await?;
         let head = b"GET / HTTP/1.1\r\nhost: up\r\n\r\n";
-        let resp = round_trip(conn, head, false, (Arc::downgrade(conns), addr))
+        let resp = round_trip(Raw::new(conn), head, false, (Arc::downgrade(conns), addr))
             .await
             .map_err(Failed::into_io)?;
         let status = resp.status();

@@ -95,7 +95,7 @@ impl Body for UpstreamBody {
 
 /// An idle connection of the agent's own exchange.
 struct RawKept {
-    conn: TcpStream,
+    raw: exchange::Raw,
     since: Instant,
 }
 
@@ -178,7 +178,7 @@ impl H1Conns {
             }
         }
         let conn = Box::pin(self.connect_raw(addr)).await?;
-        exchange::round_trip(conn, &head, method_head, home())
+        exchange::round_trip(exchange::Raw::new(conn), &head, method_head, home())
             .await
             .map_err(|e| SendError::Upstream(e.into_io()))
     }
@@ -191,7 +191,7 @@ impl H1Conns {
     /// runtime has not yet seen are not caught that way (hyper's connection task and nginx's
     /// idle-connection handler have the same window); `probe`: read anyway, for a request
     /// that could not be sent again if the connection turned out closed.
-    pub(super) fn checkout_raw(&self, addr: SocketAddr, probe: bool) -> Option<TcpStream> {
+    pub(super) fn checkout_raw(&self, addr: SocketAddr, probe: bool) -> Option<exchange::Raw> {
         let now = Instant::now();
         let mut map = self
             .raw
@@ -203,14 +203,14 @@ impl H1Conns {
                 continue;
             }
             let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-            if probe || k.conn.poll_read_ready(&mut cx).is_ready() {
+            if probe || k.raw.conn.poll_read_ready(&mut cx).is_ready() {
                 let mut byte = [0u8; 1];
-                match k.conn.try_read(&mut byte) {
+                match k.raw.conn.try_read(&mut byte) {
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                     _ => continue,
                 }
             }
-            return Some(k.conn);
+            return Some(k.raw);
         }
         None
     }
@@ -219,15 +219,14 @@ impl H1Conns {
     #[cfg(test)]
     pub(super) fn idle_readable(&self, addr: SocketAddr) -> bool {
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        self.raw
-            .lock()
-            .unwrap()
-            .get(&addr)
-            .is_some_and(|l| l.iter().any(|k| k.conn.poll_read_ready(&mut cx).is_ready()))
+        self.raw.lock().unwrap().get(&addr).is_some_and(|l| {
+            l.iter()
+                .any(|k| k.raw.conn.poll_read_ready(&mut cx).is_ready())
+        })
     }
 
     /// An own-exchange connection whose response ended cleanly, for the next request.
-    pub(super) fn keep_raw(&self, addr: SocketAddr, conn: TcpStream) {
+    pub(super) fn keep_raw(&self, addr: SocketAddr, raw: exchange::Raw) {
         let mut map = self
             .raw
             .lock()
@@ -235,7 +234,7 @@ impl H1Conns {
         let list = map.entry(addr).or_default();
         if list.len() < MAX_PER_ENDPOINT {
             list.push(RawKept {
-                conn,
+                raw,
                 since: Instant::now(),
             });
         }
