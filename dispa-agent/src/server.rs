@@ -411,7 +411,9 @@ where
             if let Some(v) = verdict {
                 req.extensions_mut().insert(v);
             }
-            let fut = h(req, peer);
+            // Boxed: hyper keeps a slot for the request future in every connection for its
+            // whole life; inline, its size would cost each idle connection.
+            let fut = Box::pin(h(req, peer));
             async move {
                 let resp = fut.await?;
                 Ok::<_, std::convert::Infallible>(resp.map(|b| Tracked::new(b, guard)))

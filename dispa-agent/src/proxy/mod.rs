@@ -234,13 +234,12 @@ impl Proxy {
             conn_permit: None,
             meters: None,
         });
-        // Boxed: hyper keeps one service-future slot per connection for its whole life, so a
-        // large inline state would cost every idle keep-alive connection that much memory.
-        let (ex, mut resp) = Box::pin(
-            self.handle(req, peer, scheme, bytes_in.clone())
-                .instrument(span.clone()),
-        )
-        .await;
+        // Not boxed here: both server paths box the whole request future once (an idle
+        // connection keeps no request state either way).
+        let (ex, mut resp) = self
+            .handle(req, peer, scheme, bytes_in.clone())
+            .instrument(span.clone())
+            .await;
         resp.headers_mut().insert(X_REQUEST_ID, rid);
 
         let status = resp.status().as_u16();
