@@ -12,10 +12,10 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
+use super::chunked::{Chunked, Next};
+
 /// Verdicts waiting for their request: pipelining deeper than this closes the connection.
 const MAX_QUEUED: usize = 256;
-/// Longest chunk-size line accepted, extensions included.
-const MAX_CHUNK_LINE: usize = 4096;
 
 /// Why a request head is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -62,30 +62,10 @@ pub enum StreamError {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Chunk {
-    /// Reading hex digits; `digits` so far.
-    Size {
-        value: u64,
-        digits: u8,
-    },
-    /// Whitespace or `;extension` after the size, up to CR.
-    Ext(u64),
-    SizeLf(u64),
-    Data(u64),
-    DataCr,
-    DataLf,
-    /// Trailer section after the last chunk: at a line start.
-    TrailerStart,
-    TrailerLine,
-    TrailerLf,
-    EndLf,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Head,
     Body(u64),
-    Chunked(Chunk, usize),
+    Chunked(Chunked),
     /// Not HTTP/1 framing any more: h2c, CONNECT tunnel, or after a refused head.
     Passthrough,
 }
@@ -163,7 +143,7 @@ impl Tracker {
                         State::Body(left)
                     };
                 }
-                State::Chunked(c, line) => match self.feed_chunked(c, line, bytes) {
+                State::Chunked(c) => match self.feed_chunked(c, bytes) {
                     Some(rest) => bytes = rest,
                     None => self.bad_body(),
                 },
@@ -264,90 +244,19 @@ impl Tracker {
         Ok(())
     }
 
-    fn feed_chunked<'a>(
-        &mut self,
-        mut c: Chunk,
-        mut line: usize,
-        bytes: &'a [u8],
-    ) -> Option<&'a [u8]> {
-        let bad = None;
-        let mut i = 0;
-        while i < bytes.len() {
-            if let Chunk::Data(left) = c {
-                let n = usize::try_from(left)
-                    .unwrap_or(usize::MAX)
-                    .min(bytes.len() - i);
-                i += n;
-                let left = left - n as u64;
-                c = if left == 0 {
-                    Chunk::DataCr
-                } else {
-                    Chunk::Data(left)
-                };
-                continue;
-            }
-            let b = bytes[i];
-            i += 1;
-            line += 1;
-            if line > MAX_CHUNK_LINE {
-                return bad;
-            }
-            c = match (c, b) {
-                (Chunk::Size { value, digits }, _) if b.is_ascii_hexdigit() => {
-                    if digits >= 15 {
-                        return bad;
-                    }
-                    let d = u64::from((b as char).to_digit(16).unwrap_or(0));
-                    Chunk::Size {
-                        value: (value << 4) | d,
-                        digits: digits + 1,
-                    }
-                }
-                // A size needs at least one digit: no sign, no "0x", no leading space.
-                (Chunk::Size { digits: 0, .. }, _) => return bad,
-                (Chunk::Size { value, .. }, b'\r') => Chunk::SizeLf(value),
-                (Chunk::Size { value, .. }, b' ' | b'\t' | b';') => Chunk::Ext(value),
-                (Chunk::Size { .. }, _) => return bad,
-                (Chunk::Ext(v), b'\r') => Chunk::SizeLf(v),
-                (Chunk::Ext(_), b'\n') => return bad,
-                (Chunk::Ext(v), _) => Chunk::Ext(v),
-                (Chunk::SizeLf(0), b'\n') => {
-                    line = 0;
-                    Chunk::TrailerStart
-                }
-                (Chunk::SizeLf(n), b'\n') => {
-                    line = 0;
-                    Chunk::Data(n)
-                }
-                (Chunk::SizeLf(_), _) => return bad,
-                (Chunk::DataCr, b'\r') => Chunk::DataLf,
-                (Chunk::DataLf, b'\n') => {
-                    line = 0;
-                    Chunk::Size {
-                        value: 0,
-                        digits: 0,
-                    }
-                }
-                (Chunk::DataCr | Chunk::DataLf, _) => return bad,
-                (Chunk::TrailerStart, b'\r') => Chunk::EndLf,
-                (Chunk::TrailerStart | Chunk::TrailerLine, b'\n') => return bad,
-                (Chunk::TrailerLine, b'\r') => Chunk::TrailerLf,
-                (Chunk::TrailerStart | Chunk::TrailerLine, _) => Chunk::TrailerLine,
-                (Chunk::TrailerLf, b'\n') => {
-                    line = 0;
-                    Chunk::TrailerStart
-                }
-                (Chunk::TrailerLf, _) => return bad,
-                (Chunk::EndLf, b'\n') => {
+    /// Follows a chunked body; `None` when its framing is broken.
+    fn feed_chunked<'a>(&mut self, mut c: Chunked, mut bytes: &'a [u8]) -> Option<&'a [u8]> {
+        while !bytes.is_empty() {
+            match c.next(bytes).ok()? {
+                Next::Data(n) | Next::Framing(n) => bytes = &bytes[n..],
+                Next::End(n) => {
                     self.state = State::Head;
-                    return Some(&bytes[i..]);
+                    return Some(&bytes[n..]);
                 }
-                (Chunk::EndLf, _) => return bad,
-                (Chunk::Data(_), _) => c,
-            };
+            }
         }
-        self.state = State::Chunked(c, line);
-        Some(&bytes[i..])
+        self.state = State::Chunked(c);
+        Some(bytes)
     }
 }
 
@@ -420,19 +329,12 @@ fn analyse(head: &[u8], max_headers: usize) -> Result<State, HeadError> {
         return Ok(State::Passthrough);
     }
     Ok(match (chunked, length) {
-        (true, _) => State::Chunked(
-            Chunk::Size {
-                value: 0,
-                digits: 0,
-            },
-            0,
-        ),
+        (true, _) => State::Chunked(Chunked::default()),
         (false, Some(n)) if n > 0 => State::Body(n),
         _ => State::Head,
     })
 }
 
-/// `1*DIGIT`, nothing else (no sign, no spaces, no list), at most 18 digits.
 /// What a Connection header value says about persistence: (`close`, `keep-alive`) among its
 /// tokens. `close` wins over `keep-alive` wherever both appear.
 pub fn connection_options(v: &[u8]) -> (bool, bool) {
@@ -445,6 +347,7 @@ pub fn connection_options(v: &[u8]) -> (bool, bool) {
     (close, keep_alive)
 }
 
+/// `1*DIGIT`, nothing else (no sign, no spaces, no list), at most 18 digits.
 pub fn parse_length(v: &[u8]) -> Option<u64> {
     if v.is_empty() || v.len() > 18 || !v.iter().all(u8::is_ascii_digit) {
         return None;

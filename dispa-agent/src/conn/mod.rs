@@ -4,6 +4,7 @@
 //!
 //! [`watch`] decides, from plain state and the time, whether a connection must close.
 
+pub mod chunked;
 pub mod framing;
 pub mod h1;
 pub mod head;

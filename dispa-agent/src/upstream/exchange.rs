@@ -18,6 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::h1::H1Conns;
+use crate::conn::chunked::{Chunked, Next};
 use crate::conn::head::{self, HeadBuf};
 
 /// Largest response head read; hyper's client allows about as much by default.
@@ -244,7 +245,7 @@ fn parse(buf: &mut BytesMut, method_head: bool) -> io::Result<Parsed> {
         if method_head || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
             Framing::Length(0)
         } else if chunked {
-            Framing::Chunked(Chunk::Size(0, 0))
+            Framing::Chunked(Chunked::default())
         } else if coded {
             Framing::ToEof
         } else if let Some(n) = length {
@@ -263,24 +264,10 @@ fn parse(buf: &mut BytesMut, method_head: bool) -> io::Result<Parsed> {
 enum Framing {
     /// Bytes left.
     Length(u64),
-    Chunked(Chunk),
+    Chunked(Chunked),
     /// Until the upstream closes.
     ToEof,
     Done,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Chunk {
-    /// Reading a size line: (value so far, digits so far).
-    Size(u64, u8),
-    /// Extensions after the size, to the line's end.
-    Extension(u64),
-    /// Data left in the chunk.
-    Data(u64),
-    /// The CRLF after a chunk's data.
-    DataEnd,
-    /// Trailer lines (dropped) until the empty one.
-    Trailers { at_line_start: bool },
 }
 
 /// A response body read from the upstream connection; at its end the connection goes back
@@ -333,105 +320,6 @@ impl OwnBody {
         // readable again only when something arrives (see `H1Conns::checkout_raw`).
         tokio_util::io::poll_read_buf(Pin::new(conn), cx, &mut self.buf)
     }
-
-    /// Advances the chunked decoder over `buf`; data ready to yield comes back.
-    fn step_chunked(&mut self, mut c: Chunk) -> io::Result<(Chunk, Option<Bytes>)> {
-        loop {
-            if self.buf.is_empty() {
-                return Ok((c, None));
-            }
-            c = match c {
-                Chunk::Size(v, digits) => {
-                    let b = self.buf[0];
-                    self.buf.advance(1);
-                    match b {
-                        b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' if digits < 16 => {
-                            let d = (b as char).to_digit(16).unwrap_or(0);
-                            Chunk::Size(v * 16 + u64::from(d), digits + 1)
-                        }
-                        b';' | b' ' | b'\t' if digits > 0 => Chunk::Extension(v),
-                        b'\r' if digits > 0 => Chunk::Extension(v),
-                        b'\n' if digits > 0 => self.after_size(v),
-                        _ => return Err(invalid("invalid chunk size from upstream")),
-                    }
-                }
-                Chunk::Extension(v) => match memchr_lf(&self.buf) {
-                    Some(i) => {
-                        self.buf.advance(i + 1);
-                        self.after_size(v)
-                    }
-                    None => {
-                        if self.buf.len() > 4096 {
-                            return Err(invalid("chunk extension too long"));
-                        }
-                        self.buf.clear();
-                        Chunk::Extension(v)
-                    }
-                },
-                Chunk::Data(left) => {
-                    let n = usize::try_from(left)
-                        .unwrap_or(usize::MAX)
-                        .min(self.buf.len());
-                    let data = self.buf.split_to(n).freeze();
-                    let left = left - n as u64;
-                    let next = if left == 0 {
-                        Chunk::DataEnd
-                    } else {
-                        Chunk::Data(left)
-                    };
-                    return Ok((next, Some(data)));
-                }
-                Chunk::DataEnd => match memchr_lf(&self.buf) {
-                    Some(i) if self.buf[..i].iter().all(|&b| b == b'\r') && i <= 1 => {
-                        self.buf.advance(i + 1);
-                        Chunk::Size(0, 0)
-                    }
-                    Some(_) => return Err(invalid("chunk data longer than its size")),
-                    None if self.buf.len() > 1 || self.buf[0] != b'\r' => {
-                        return Err(invalid("chunk data longer than its size"));
-                    }
-                    None => return Ok((Chunk::DataEnd, None)),
-                },
-                Chunk::Trailers { at_line_start } => match memchr_lf(&self.buf) {
-                    Some(i) => {
-                        let empty = at_line_start && self.buf[..i].iter().all(|&b| b == b'\r');
-                        self.buf.advance(i + 1);
-                        if empty {
-                            self.framing = Framing::Done;
-                            return Ok((c, None));
-                        }
-                        Chunk::Trailers {
-                            at_line_start: true,
-                        }
-                    }
-                    None => {
-                        if self.buf.len() > 16 * 1024 {
-                            return Err(invalid("upstream trailers too long"));
-                        }
-                        let only_cr = at_line_start && self.buf.iter().all(|&b| b == b'\r');
-                        self.buf.clear();
-                        Chunk::Trailers {
-                            at_line_start: only_cr,
-                        }
-                    }
-                },
-            };
-        }
-    }
-
-    fn after_size(&self, v: u64) -> Chunk {
-        if v == 0 {
-            Chunk::Trailers {
-                at_line_start: true,
-            }
-        } else {
-            Chunk::Data(v)
-        }
-    }
-}
-
-fn memchr_lf(b: &[u8]) -> Option<usize> {
-    b.iter().position(|&x| x == b'\n')
 }
 
 impl Body for OwnBody {
@@ -480,15 +368,24 @@ impl Body for OwnBody {
                         this.framing = Framing::Done;
                     }
                 }
-                Framing::Chunked(c) => {
-                    let (next, data) = this.step_chunked(c)?;
-                    if this.framing == Framing::Done {
-                        continue;
+                Framing::Chunked(mut c) if !this.buf.is_empty() => {
+                    let next = c
+                        .next(&this.buf)
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                    this.framing = Framing::Chunked(c);
+                    match next {
+                        Next::Data(n) => {
+                            let data = this.buf.split_to(n).freeze();
+                            return Poll::Ready(Some(Ok(Frame::data(data))));
+                        }
+                        Next::Framing(n) => this.buf.advance(n),
+                        Next::End(n) => {
+                            this.buf.advance(n);
+                            this.framing = Framing::Done;
+                        }
                     }
-                    this.framing = Framing::Chunked(next);
-                    if let Some(d) = data {
-                        return Poll::Ready(Some(Ok(Frame::data(d))));
-                    }
+                }
+                Framing::Chunked(_) => {
                     if ready!(this.poll_fill(cx, BODY_READ))? == 0 {
                         this.conn = None;
                         return Poll::Ready(Some(Err(io::ErrorKind::UnexpectedEof.into())));
@@ -519,59 +416,6 @@ mod tests {
     use std::time::Duration;
     use tokio::net::TcpListener;
 
-    fn body(framing: Framing) -> OwnBody {
-        OwnBody {
-            conn: None,
-            buf: BytesMut::new(),
-            framing,
-            reuse: false,
-            home: (Weak::new(), "127.0.0.1:1".parse().unwrap()),
-        }
-    }
-
-    /// Feeds `wire` to a chunked decoder one byte at a time: every split point.
-    fn dechunk_bytewise(wire: &[u8]) -> io::Result<(Vec<u8>, bool)> {
-        let mut b = body(Framing::Chunked(Chunk::Size(0, 0)));
-        let mut out = Vec::new();
-        for &byte in wire {
-            b.buf.extend_from_slice(&[byte]);
-            while let Framing::Chunked(c) = b.framing {
-                let (next, data) = b.step_chunked(c)?;
-                if b.framing == Framing::Done {
-                    break;
-                }
-                b.framing = Framing::Chunked(next);
-                match data {
-                    Some(d) => out.extend_from_slice(&d),
-                    None => break,
-                }
-            }
-        }
-        Ok((out, b.framing == Framing::Done))
-    }
-
-    #[test]
-    fn chunked_bodies_decode_at_every_split() {
-        let wire = b"5;ext=1\r\nhello\r\nA\r\n0123456789\r\n0\r\nX-Trailer: t\r\n\r\n";
-        let (data, done) = dechunk_bytewise(wire).unwrap();
-        assert_eq!(data, b"hello0123456789");
-        assert!(done);
-        let (_, done) = dechunk_bytewise(b"3\r\nabc\r\n0\r\n").unwrap();
-        assert!(!done, "the last empty line is still missing");
-        for bad in [
-            &b"x\r\n"[..],
-            b"3\r\nabcd\r\n",
-            b"\r\n",
-            b"11111111111111111\r\n",
-        ] {
-            assert!(
-                dechunk_bytewise(bad).is_err(),
-                "{}",
-                String::from_utf8_lossy(bad)
-            );
-        }
-    }
-
     #[test]
     fn response_heads_say_how_the_body_ends() {
         let framing = |raw: &[u8], head: bool| match parse(&mut BytesMut::from(raw), head) {
@@ -584,7 +428,7 @@ mod tests {
         let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n";
         assert_eq!(
             framing(chunked, false),
-            Some((Framing::Chunked(Chunk::Size(0, 0)), true))
+            Some((Framing::Chunked(Chunked::default()), true))
         );
         let both = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n";
         match parse(&mut BytesMut::from(&both[..]), false) {
