@@ -1,8 +1,10 @@
 //! Accept loops for the agent's listeners, with graceful drain on shutdown.
 //!
 //! Per connection, in order: the listener's connection limit, the PROXY header (when enabled,
-//! from trusted peers only), the per-client-IP limit, TLS, then hyper configured from the limits
-//! of the snapshot current at accept time, watched for header and idle timeouts.
+//! from trusted peers only), the per-client-IP limit, TLS, then HTTP/1 on the agent's own path
+//! ([`h1`]) until a request it does not take, then hyper for the rest of the connection (and
+//! for HTTP/2 by ALPN), configured from the limits of the snapshot current at accept time,
+//! watched for header and idle timeouts.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -79,16 +81,22 @@ fn watch_now(shared: &Shared, limits: &Limits) -> Watch {
     conn::watch(&state, Instant::now(), limits)
 }
 
+/// The longest request head read, from the limits (never below hyper's minimum buffer).
+fn max_head(limits: &Limits) -> usize {
+    usize::try_from(limits.max_header_bytes)
+        .unwrap_or(usize::MAX)
+        .max(MIN_BUF)
+}
+
 /// The hyper builder for one connection, from the limits current at accept time.
 fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
-    let head = usize::try_from(limits.max_header_bytes).unwrap_or(usize::MAX);
     b.http1()
         // The watchdog closes slow heads after header_timeout and idle connections after
         // idle_timeout; hyper's own head timer would cost a boxed timer per request.
         .header_read_timeout(None)
         .max_headers(usize::try_from(limits.max_header_count).unwrap_or(100))
-        .max_buf_size(head.max(MIN_BUF));
+        .max_buf_size(max_head(limits));
     b.http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.h2_max_concurrent_streams)
@@ -348,10 +356,9 @@ where
 
     /// The HTTP/1 framing tracker for a connection that may speak HTTP/1.
     fn tracker(&self, h1: bool) -> Option<Tracker> {
-        let head = usize::try_from(self.limits.max_header_bytes).unwrap_or(usize::MAX);
         h1.then(|| {
             Tracker::new(
-                head.max(MIN_BUF),
+                max_head(&self.limits),
                 usize::try_from(self.limits.max_header_count).unwrap_or(100),
             )
         })
@@ -371,8 +378,13 @@ where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
         ConnIo<S>: h1::ReadReady,
     {
-        let head = usize::try_from(self.limits.max_header_bytes).unwrap_or(usize::MAX);
-        let fast = h1::serve(io, shared.clone(), peer, &self.handler, head.max(MIN_BUF));
+        let fast = h1::serve(
+            io,
+            shared.clone(),
+            peer,
+            &self.handler,
+            max_head(&self.limits),
+        );
         let stop = |_: std::pin::Pin<&mut _>| {
             let mut s = shared.lock();
             s.closing = true;

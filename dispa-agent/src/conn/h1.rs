@@ -10,7 +10,7 @@
 use std::cell::RefCell;
 use std::convert::Infallible;
 use std::future::{Future, poll_fn};
-use std::io;
+use std::io::{self, Write as _};
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::task::{Context, Poll};
@@ -311,9 +311,8 @@ where
             parts.headers.remove(header::CONTENT_LENGTH);
         }
         if let Some(n) = body.size_hint().exact() {
-            out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(itoa(n, &mut [0; 20]));
-            out.extend_from_slice(b"\r\n");
+            // Writing into a Vec cannot fail.
+            let _ = write!(out, "content-length: {n}\r\n");
             Framing::Length(n)
         } else if asked.version == Version::HTTP_11 {
             out.extend_from_slice(b"transfer-encoding: chunked\r\n");
@@ -323,12 +322,7 @@ where
             Framing::Close
         }
     };
-    for (name, value) in &parts.headers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
+    head::push_lines(&mut out, &parts.headers);
     if !parts.headers.contains_key(header::DATE) {
         push_date(&mut out);
     }
@@ -382,7 +376,7 @@ where
                 return Ok(false);
             }
             Framing::Chunked => {
-                out.extend_from_slice(format!("{n:x}\r\n").as_bytes());
+                let _ = write!(out, "{n:x}\r\n");
             }
             _ => {}
         }
@@ -425,19 +419,6 @@ fn says_close(headers: &HeaderMap) -> bool {
         .get_all(header::CONNECTION)
         .iter()
         .any(|v| super::framing::connection_options(v.as_bytes()).0)
-}
-
-/// `n` in decimal, in `buf`.
-fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            return &buf[i..];
-        }
-    }
 }
 
 /// Appends a `date` header; the text is made once a second per thread.

@@ -45,6 +45,16 @@ pub fn header_map(head: &Bytes, lines: &[Line], room: usize) -> Option<HeaderMap
     Some(headers)
 }
 
+/// Appends `name: value` lines for every header in `headers`.
+pub fn push_lines(out: &mut Vec<u8>, headers: &HeaderMap) {
+    for (name, value) in headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
 thread_local! {
     /// Buffers heads are written into, reused by the thread's connections.
     static BUFS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };

@@ -512,10 +512,7 @@ impl Proxy {
         }
         let replayable =
             buffered.is_some() || body.as_ref().is_some_and(hyper::body::Body::is_end_stream);
-        let idempotent = matches!(
-            parts.method.as_str(),
-            "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE"
-        );
+        let idempotent = crate::upstream::idempotent(&parts.method);
         if let Some((shadow, percent)) = &route.mirror
             && replayable
             && buffered.is_none()

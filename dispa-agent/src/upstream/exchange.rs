@@ -39,15 +39,6 @@ pub fn suits<B: Body>(req: &Request<B>) -> bool {
         && !req.headers().contains_key(http::header::TRANSFER_ENCODING)
 }
 
-/// Methods that may be sent again when a kept connection turns out closed before any of the
-/// response arrived (RFC 9110 section 9.2.2).
-pub fn idempotent(m: &Method) -> bool {
-    matches!(
-        m.as_str(),
-        "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
-    )
-}
-
 /// An upstream connection of the own exchange, with its read buffer (kept with it while it
 /// idles, so an exchange on a kept connection allocates none).
 pub struct Raw {
@@ -72,12 +63,7 @@ pub fn encode<B>(req: &Request<B>) -> HeadBuf {
     let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in req.headers() {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
+    head::push_lines(&mut out, req.headers());
     // A method whose requests carry a body says this one is empty (as hyper does).
     if matches!(req.method().as_str(), "POST" | "PUT" | "PATCH") {
         out.extend_from_slice(b"content-length: 0\r\n");

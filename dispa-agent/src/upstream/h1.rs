@@ -138,10 +138,11 @@ impl H1Conns {
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<SocketAddr, Vec<Kept>>> {
-        // Each update is one push or removal; a poisoned map is still consistent.
-        self.by_endpoint
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        unpoisoned(&self.by_endpoint)
+    }
+
+    fn lock_raw(&self) -> MutexGuard<'_, HashMap<SocketAddr, Vec<RawKept>>> {
+        unpoisoned(&self.raw)
     }
 
     /// Sends `req` (origin-form URI) to `addr`: on the agent's own exchange when it suits
@@ -167,7 +168,7 @@ impl H1Conns {
     ) -> Result<Response<OwnBody>, SendError> {
         let head = exchange::encode(&req);
         let method_head = req.method() == Method::HEAD;
-        let repeatable = exchange::idempotent(req.method());
+        let repeatable = super::idempotent(req.method());
         drop(req);
         let home = || (Arc::downgrade(self), addr);
         if let Some(conn) = self.checkout_raw(addr, !repeatable) {
@@ -193,10 +194,7 @@ impl H1Conns {
     /// that could not be sent again if the connection turned out closed.
     pub(super) fn checkout_raw(&self, addr: SocketAddr, probe: bool) -> Option<exchange::Raw> {
         let now = Instant::now();
-        let mut map = self
-            .raw
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut map = self.lock_raw();
         let list = map.get_mut(&addr)?;
         while let Some(k) = list.pop() {
             if now.duration_since(k.since) >= self.idle_timeout {
@@ -219,7 +217,7 @@ impl H1Conns {
     #[cfg(test)]
     pub(super) fn idle_readable(&self, addr: SocketAddr) -> bool {
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        self.raw.lock().unwrap().get(&addr).is_some_and(|l| {
+        self.lock_raw().get(&addr).is_some_and(|l| {
             l.iter()
                 .any(|k| k.raw.conn.poll_read_ready(&mut cx).is_ready())
         })
@@ -227,10 +225,7 @@ impl H1Conns {
 
     /// An own-exchange connection whose response ended cleanly, for the next request.
     pub(super) fn keep_raw(&self, addr: SocketAddr, raw: exchange::Raw) {
-        let mut map = self
-            .raw
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut map = self.lock_raw();
         let list = map.entry(addr).or_default();
         if list.len() < MAX_PER_ENDPOINT {
             list.push(RawKept {
@@ -356,15 +351,18 @@ impl H1Conns {
             !list.is_empty()
         });
         drop(map);
-        let mut raw = self
-            .raw
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut raw = self.lock_raw();
         raw.retain(|_, list| {
             list.retain(|k| now.duration_since(k.since) < self.idle_timeout);
             !list.is_empty()
         });
     }
+}
+
+/// Each update of a connection list is one push or removal: a poisoned list is still
+/// consistent.
+fn unpoisoned<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Closes idle connections of endpoints that get no more requests; ends with the pool.
@@ -434,7 +432,7 @@ mod tests {
                 (l.len(), l.iter().filter(|k| k.sender.is_ready()).count())
             }),
             Path::Own(_) => {
-                let n = c.raw.lock().unwrap().get(&addr).map_or(0, Vec::len);
+                let n = c.lock_raw().get(&addr).map_or(0, Vec::len);
                 (n, n)
             }
         }

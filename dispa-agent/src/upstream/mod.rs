@@ -26,6 +26,15 @@ pub use h1::{SendError, UpstreamBody};
 pub use pool::{Pool, PoolKey, UpstreamClient};
 pub use retry_budget::RetryBudget;
 
+/// Methods whose requests may be sent again (RFC 9110 section 9.2.2): by route retries, and
+/// when a kept connection turns out closed before any of the response arrived.
+pub fn idempotent(m: &http::Method) -> bool {
+    matches!(
+        m.as_str(),
+        "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+    )
+}
+
 /// A resolved endpoint, before it gets run-time state.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ResolvedEndpoint {
