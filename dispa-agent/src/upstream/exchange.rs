@@ -397,6 +397,7 @@ impl Body for OwnBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::upstream::test_upstream::{answering, eventually};
     use http_body_util::BodyExt;
     use std::sync::Arc;
     use std::time::Duration;
@@ -447,9 +448,7 @@ mod tests {
     }
 
     async fn upstream(answer: &'static [u8], close: bool) -> SocketAddr {
-        super::super::test_upstream::answering(answer, close)
-            .await
-            .0
+        answering(answer, close).await.0
     }
 
     async fn fetch(conns: &Arc<H1Conns>, addr: SocketAddr) -> io::Result<(StatusCode, Vec<u8>)> {
@@ -541,13 +540,10 @@ mod tests {
         let c = conns();
         assert_eq!(fetch(&c, addr).await.unwrap().0, StatusCode::NO_CONTENT);
         stray.notify_one();
-        // Wait until the runtime has seen the kept connection turn readable.
-        for _ in 0..500 {
-            if c.idle_readable(addr) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        eventually("the runtime sees the kept connection turn readable", || {
+            c.idle_readable(addr)
+        })
+        .await;
         let mut req = Request::new(crate::proxy::CountedBody::new(None, Arc::default()));
         *req.uri_mut() = "/".parse().unwrap();
         let resp = c.send(addr, req).await.unwrap();

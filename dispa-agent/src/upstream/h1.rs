@@ -383,12 +383,13 @@ async fn sweep(conns: Weak<H1Conns>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::upstream::test_upstream::{answering, eventually};
     use http_body_util::BodyExt;
     use std::sync::atomic::AtomicUsize;
 
     async fn upstream(close_after: bool) -> (SocketAddr, Arc<AtomicUsize>) {
         let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-        super::super::test_upstream::answering(ok, close_after).await
+        answering(ok, close_after).await
     }
 
     fn conns(idle: Duration) -> Arc<H1Conns> {
@@ -436,17 +437,6 @@ mod tests {
                 (n, n)
             }
         }
-    }
-
-    /// Waits (bounded) until `f` holds.
-    async fn eventually(what: &str, f: impl Fn() -> bool) {
-        for _ in 0..500 {
-            if f() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("never: {what}");
     }
 
     #[tokio::test]

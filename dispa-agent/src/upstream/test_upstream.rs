@@ -1,9 +1,11 @@
-//! A raw-TCP upstream for the HTTP/1.1 client tests: answers every request head with fixed
-//! bytes, written a few at a time (so the client sees them split), and counts connections.
+//! For the HTTP/1.1 client tests: a raw-TCP upstream that answers every request head with
+//! fixed bytes, written a few at a time (so the client sees them split), and counts
+//! connections; and a bounded wait for a condition.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -46,4 +48,15 @@ pub async fn answering(answer: &'static [u8], close_after: bool) -> (SocketAddr,
         }
     });
     (addr, accepted)
+}
+
+/// Waits (bounded, polling) until `f` holds; panics naming `what` if it never does.
+pub async fn eventually(what: &str, f: impl Fn() -> bool) {
+    for _ in 0..500 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("never: {what}");
 }
