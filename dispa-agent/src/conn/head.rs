@@ -39,7 +39,8 @@ pub fn header_map(head: &Bytes, lines: &[Line], room: usize) -> Option<HeaderMap
     let mut headers = HeaderMap::with_capacity(lines.len() + room);
     for &(ns, ne, vs, ve) in lines {
         let name = HeaderName::from_bytes(head.get(ns..ne)?).ok()?;
-        let value = HeaderValue::from_maybe_shared(head.slice(vs..ve.min(head.len()))).ok()?;
+        head.get(vs..ve)?;
+        let value = HeaderValue::from_maybe_shared(head.slice(vs..ve)).ok()?;
         headers.append(name, value);
     }
     Some(headers)
