@@ -117,6 +117,8 @@ http {
     listen 127.0.0.1:$NGX_TLS ssl http2;
     ssl_certificate $WORK/cert.pem;
     ssl_certificate_key $WORK/key.pem;
+    # nginx 1.22 offers only TLS 1.2 by default (1.23.4 added 1.3); the others offer 1.3.
+    ssl_protocols TLSv1.2 TLSv1.3;
     location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; }
   }
 }
