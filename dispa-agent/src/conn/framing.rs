@@ -10,6 +10,7 @@
 //! Pure: bytes and the time in, verdicts out (fuzzed).
 
 use std::collections::VecDeque;
+use std::mem::MaybeUninit;
 use std::time::Instant;
 
 use super::chunked::{Chunked, Next};
@@ -278,27 +279,38 @@ fn find_head_end(buf: &[u8]) -> Option<usize> {
     None
 }
 
+/// Whether `head` has a CR not followed by LF or an LF not preceded by CR.
+fn bare_line_end(head: &[u8]) -> bool {
+    let mut after_crlf = 0;
+    for i in memchr::memchr2_iter(b'\r', b'\n', head) {
+        if i < after_crlf {
+            continue; // the LF of a CRLF already seen
+        }
+        if head[i] == b'\n' || head.get(i + 1) != Some(&b'\n') {
+            return true;
+        }
+        after_crlf = i + 2;
+    }
+    false
+}
+
 /// Checks one complete head and says how its body is framed.
 fn analyse(head: &[u8], max_headers: usize) -> Result<State, HeadError> {
     // httparse accepts a bare LF as a line end; a front proxy may not split lines there.
-    for (i, &b) in head.iter().enumerate() {
-        let prev = i.checked_sub(1).map(|p| head[p]);
-        let next = head.get(i + 1).copied();
-        if (b == b'\n' && prev != Some(b'\r')) || (b == b'\r' && next != Some(b'\n')) {
-            return Err(HeadError::BareLineEnd);
-        }
+    if bare_line_end(head) {
+        return Err(HeadError::BareLineEnd);
     }
-    // On the stack for the usual limits (the default is 100).
-    let mut stack = [httparse::EMPTY_HEADER; 128];
+    // On the stack for the usual limits (the default is 100), left unwritten until parsed.
+    let mut stack = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; 128];
     let mut heap = Vec::new();
-    let headers: &mut [httparse::Header<'_>] = if max_headers <= stack.len() {
+    let headers: &mut [MaybeUninit<httparse::Header<'_>>] = if max_headers <= stack.len() {
         &mut stack[..max_headers]
     } else {
-        heap.resize(max_headers, httparse::EMPTY_HEADER);
+        heap.resize_with(max_headers, MaybeUninit::uninit);
         &mut heap
     };
-    let mut req = httparse::Request::new(headers);
-    match req.parse(head) {
+    let mut req = httparse::Request::new(&mut []);
+    match req.parse_with_uninit_headers(head, headers) {
         Ok(httparse::Status::Complete(_)) => {}
         Ok(httparse::Status::Partial) => return Err(HeadError::Malformed),
         Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
@@ -422,6 +434,37 @@ GET /last HTTP/1.1\r\nHost: a\r\n\r\n";
         // Once refused, every later request on the connection is refused.
         assert_eq!(t.next_verdict(), Some(Err(HeadError::LengthAndChunked)));
         assert_eq!(t.next_verdict(), Some(Err(HeadError::LengthAndChunked)));
+    }
+
+    #[test]
+    fn a_cr_or_lf_outside_a_crlf_is_a_bare_line_end() {
+        // The plain definition, byte by byte, to check the scan against.
+        let naive = |h: &[u8]| {
+            h.iter().enumerate().any(|(i, &b)| {
+                let prev = i.checked_sub(1).map(|p| h[p]);
+                (b == b'\n' && prev != Some(b'\r')) || (b == b'\r' && h.get(i + 1) != Some(&b'\n'))
+            })
+        };
+        let fixed: [&[u8]; 9] = [
+            b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"\n",
+            b"\r",
+            b"a\r\r\n",
+            b"a\r\n\n",
+            b"\r\n\r",
+            b"x\ny",
+            b"",
+            b"\r\n\r\n\r\n",
+        ];
+        for h in fixed {
+            assert_eq!(bare_line_end(h), naive(h), "{h:?}");
+        }
+        for _ in 0..2000 {
+            let h: Vec<u8> = (0..fastrand::usize(0..12))
+                .map(|_| *fastrand::choice(b"\r\na").unwrap_or(&b'a'))
+                .collect();
+            assert_eq!(bare_line_end(&h), naive(&h), "{h:?}");
+        }
     }
 
     #[test]

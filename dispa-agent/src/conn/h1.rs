@@ -11,6 +11,7 @@ use std::cell::RefCell;
 use std::convert::Infallible;
 use std::future::{Future, poll_fn};
 use std::io::{self, Write as _};
+use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::task::{Context, Poll};
@@ -188,9 +189,9 @@ fn recycle(buf: BytesMut) {
 
 /// Parses one request head from the front of `buf`, taking it out when it is whole.
 fn parse(buf: &mut BytesMut) -> Parse {
-    let mut parsed = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut parsed);
-    let len = match req.parse(buf) {
+    let mut parsed = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match req.parse_with_uninit_headers(buf, &mut parsed) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Parse::Partial,
         Err(_) => return Parse::HandOff,

@@ -71,6 +71,14 @@ pub fn wants_trailers(headers: &HeaderMap) -> bool {
 
 /// Removes hop-by-hop headers, including every header the Connection header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none of them: one look at the names present instead of a hashed
+    // lookup for each of the nine.
+    if !headers
+        .keys()
+        .any(|k| k == header::TRANSFER_ENCODING || HOP_BY_HOP.contains(k))
+    {
+        return;
+    }
     // "close" and "keep-alive" (what most peers send) name nothing to look up beyond the
     // fixed list: no Vec, no parsed name.
     let named: Vec<HeaderName> = headers
@@ -85,14 +93,21 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for n in named {
         headers.remove(n);
     }
-    for n in &HOP_BY_HOP {
-        headers.remove(n);
-    }
+    remove_present(headers, &HOP_BY_HOP);
     // The sender's framing does not apply to the next hop, which re-frames the body; a
     // Content-Length beside a Transfer-Encoding is void (RFC 9112 section 6.3) and must not
     // travel on either.
     if headers.remove(header::TRANSFER_ENCODING).is_some() {
         headers.remove(header::CONTENT_LENGTH);
+    }
+}
+
+/// Removes `names` from `headers`; one pass over the names present when it holds none.
+fn remove_present(headers: &mut HeaderMap, names: &[HeaderName]) {
+    if headers.keys().any(|k| names.contains(k)) {
+        for n in names {
+            headers.remove(n);
+        }
     }
 }
 
@@ -136,9 +151,7 @@ pub fn set_forwarded(
     raw_host: &str,
     scheme: &'static str,
 ) {
-    for n in &SPOOFABLE {
-        headers.remove(n);
-    }
+    remove_present(headers, &SPOOFABLE);
     headers.insert(X_FORWARDED_FOR, forwarded_for);
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
     // The Host header the client sent is usually `raw_host` already: shared, not copied.

@@ -1,7 +1,6 @@
 //! Prometheus metrics. Labels are bounded: route and upstream names come from config, status
 //! is a class ("2xx"), reasons are fixed strings; never raw paths or client addresses.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 
@@ -11,6 +10,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+/// Per-request lookups by route and upstream name (fast hash; names come from config).
+type NameMap<V> = foldhash::HashMap<String, V>;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -93,7 +95,7 @@ pub struct Metrics {
     log_dropped: Family<ReasonLabels, Counter>,
     log_dropped_total: AtomicU64,
     /// Request series handles by route, then upstream: looked up without building labels.
-    meters: RwLock<HashMap<String, HashMap<String, Arc<RequestMeters>>>>,
+    meters: RwLock<NameMap<NameMap<Arc<RequestMeters>>>>,
 }
 
 /// One (route, upstream) pair's request series, each made on first use (an unused status

@@ -6,6 +6,7 @@
 //! to it; it stays the path for request bodies, upgrades and TLS upstreams.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Weak;
@@ -159,9 +160,13 @@ enum Parsed {
 
 /// Parses a response head from the front of `buf`, taking it out when whole.
 fn parse(buf: &mut BytesMut, method_head: bool) -> io::Result<Parsed> {
-    let mut parsed = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut parsed);
-    let len = match resp.parse(buf) {
+    let mut parsed = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut resp,
+        buf,
+        &mut parsed,
+    ) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
         Err(_) => return Err(invalid("malformed upstream response head")),

@@ -5,7 +5,8 @@
 //! its end). No pool key is built or hashed per request and no task is spawned per response
 //! to return a connection; each connection's task stays on the thread that opened it.
 
-use std::collections::HashMap;
+// Per-request lookups keyed by endpoint address: a fast hash.
+use foldhash::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};

@@ -61,7 +61,7 @@ pub struct UpstreamRuntime {
     /// Circuit breaker on connections in use and requests waiting for one.
     pub gate: Option<Arc<ConnGate>>,
     /// TLS without a configured sni: each named endpoint's server name.
-    pub server_names: HashMap<SocketAddr, String>,
+    pub server_names: foldhash::HashMap<SocketAddr, String>,
 }
 
 /// At most `max_connections` requests use an upstream connection at once; up to
@@ -206,7 +206,7 @@ pub fn build(
             .iter()
             .filter_map(|r| Some((r.addr, r.server_name.clone()?)))
             .collect(),
-        _ => HashMap::new(),
+        _ => foldhash::HashMap::default(),
     };
     let old: HashMap<SocketAddr, &Endpoint> = previous
         .map(|p| p.endpoints.iter().map(|e| (e.addr, e)).collect())
