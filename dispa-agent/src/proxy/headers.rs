@@ -93,7 +93,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for n in named {
         headers.remove(n);
     }
-    remove_present(headers, &HOP_BY_HOP);
+    for n in &HOP_BY_HOP {
+        headers.remove(n);
+    }
     // The sender's framing does not apply to the next hop, which re-frames the body; a
     // Content-Length beside a Transfer-Encoding is void (RFC 9112 section 6.3) and must not
     // travel on either.
