@@ -209,9 +209,8 @@ fn parse(buf: &mut BytesMut) -> Parse {
     let target = head::span(buf, target.as_bytes());
     let mut keep_alive = version == Version::HTTP_11;
     let mut close = false;
-    let mut lines = [(0, 0, 0, 0); MAX_HEADERS];
-    let count = req.headers.len();
-    for (h, slot) in req.headers.iter().zip(lines.iter_mut()) {
+    let mut lines = head::Lines::new();
+    for h in req.headers.iter() {
         let name = h.name.as_bytes();
         if [
             &b"content-length"[..],
@@ -229,14 +228,16 @@ fn parse(buf: &mut BytesMut) -> Parse {
             close |= c;
             keep_alive |= k;
         }
-        *slot = head::line(buf, h);
+        lines.push(head::line(buf, h));
     }
     let bytes = buf.split_to(len).freeze();
     let Ok(uri) = Uri::from_maybe_shared(bytes.slice(target.0..target.1)) else {
         return put_back(buf, &bytes);
     };
-    // Room for the headers the proxy adds (request id, trace context, X-Forwarded-*).
-    let Some(headers) = head::header_map(&bytes, &lines[..count], 6) else {
+    // Room for the five headers the proxy adds (request id, trace context, X-Forwarded-For,
+    // -Proto, -Host), and no more: a map of up to six fits glibc's thread cache (its entries
+    // stay under 1 KiB), a larger one takes the slower path that also consolidates free chunks.
+    let Some(headers) = head::header_map(&bytes, &lines, 5) else {
         return put_back(buf, &bytes);
     };
     let asked = Asked {
@@ -272,18 +273,19 @@ enum Framing {
 }
 
 /// Writes `resp`; returns whether the connection stays open for another request.
-async fn write_response<S, B>(
-    io: &mut S,
+// The head is written out before the returned future, which is boxed once per response, is
+// made: it holds only the body and the bytes to send, not the response's header map.
+fn write_response<'a, S, B>(
+    io: &'a mut S,
     resp: Response<B>,
     asked: Asked,
     closing: bool,
-) -> io::Result<bool>
+) -> impl Future<Output = io::Result<bool>> + 'a
 where
     S: AsyncWrite + Unpin,
-    B: Body,
+    B: Body + 'a,
 {
     let (mut parts, body) = resp.into_parts();
-    let mut body = pin!(body);
     let status = parts.status;
     let mut keep_alive = asked.keep_alive && !closing && !says_close(&parts.headers);
     // Hop-by-hop: this connection's own are written below.
@@ -333,86 +335,90 @@ where
         out.extend_from_slice(b"connection: keep-alive\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    if matches!(framing, Framing::None) {
-        io.write_all(&out).await?;
-        io.flush().await?;
-        return Ok(keep_alive);
-    }
-    let mut sent = 0u64;
-    loop {
-        // Gathered bytes go out before waiting on the body, never after.
-        let step = poll_fn(|cx| match body.as_mut().poll_frame(cx) {
-            Poll::Pending if !out.is_empty() => Poll::Ready(None),
-            // The error itself is not needed, and need not be Send.
-            other => other.map(|f| Some(f.map(|r| r.map_err(drop)))),
-        })
-        .await;
-        let frame = match step {
-            None => {
-                io.write_all(&out).await?;
-                io.flush().await?;
-                out.clear();
+    drop(parts);
+    async move {
+        let mut body = pin!(body);
+        if matches!(framing, Framing::None) {
+            io.write_all(&out).await?;
+            io.flush().await?;
+            return Ok(keep_alive);
+        }
+        let mut sent = 0u64;
+        loop {
+            // Gathered bytes go out before waiting on the body, never after.
+            let step = poll_fn(|cx| match body.as_mut().poll_frame(cx) {
+                Poll::Pending if !out.is_empty() => Poll::Ready(None),
+                // The error itself is not needed, and need not be Send.
+                other => other.map(|f| Some(f.map(|r| r.map_err(drop)))),
+            })
+            .await;
+            let frame = match step {
+                None => {
+                    io.write_all(&out).await?;
+                    io.flush().await?;
+                    out.clear();
+                    continue;
+                }
+                Some(None) => break,
+                // The upstream broke off: the client sees the message cut short.
+                Some(Some(Err(_))) => {
+                    io.write_all(&out).await?;
+                    return Ok(false);
+                }
+                Some(Some(Ok(f))) => f,
+            };
+            // Trailers are not passed on over HTTP/1.1.
+            let Ok(mut data) = frame.into_data() else {
+                continue;
+            };
+            let n = data.remaining() as u64;
+            if n == 0 {
                 continue;
             }
-            Some(None) => break,
-            // The upstream broke off: the client sees the message cut short.
-            Some(Some(Err(_))) => {
-                io.write_all(&out).await?;
-                return Ok(false);
+            sent += n;
+            match framing {
+                Framing::Length(total) if sent > total => {
+                    io.write_all(&out).await?;
+                    return Ok(false);
+                }
+                Framing::Chunked => {
+                    let _ = write!(out, "{n:x}\r\n");
+                }
+                _ => {}
             }
-            Some(Some(Ok(f))) => f,
-        };
-        // Trailers are not passed on over HTTP/1.1.
-        let Ok(mut data) = frame.into_data() else {
-            continue;
-        };
-        let n = data.remaining() as u64;
-        if n == 0 {
-            continue;
+            if out.len() as u64 + n <= COALESCE as u64 {
+                while data.has_remaining() {
+                    let chunk = data.chunk();
+                    let l = chunk.len();
+                    out.extend_from_slice(chunk);
+                    data.advance(l);
+                }
+            } else {
+                io.write_all(&out).await?;
+                out.clear();
+                while data.has_remaining() {
+                    let l = io.write(data.chunk()).await?;
+                    if l == 0 {
+                        return Err(io::ErrorKind::WriteZero.into());
+                    }
+                    data.advance(l);
+                }
+            }
+            if matches!(framing, Framing::Chunked) {
+                out.extend_from_slice(b"\r\n");
+            }
         }
-        sent += n;
         match framing {
-            Framing::Length(total) if sent > total => {
-                io.write_all(&out).await?;
-                return Ok(false);
-            }
-            Framing::Chunked => {
-                let _ = write!(out, "{n:x}\r\n");
-            }
+            Framing::Chunked => out.extend_from_slice(b"0\r\n\r\n"),
+            Framing::Length(total) if sent != total => keep_alive = false,
             _ => {}
         }
-        if out.len() as u64 + n <= COALESCE as u64 {
-            while data.has_remaining() {
-                let chunk = data.chunk();
-                let l = chunk.len();
-                out.extend_from_slice(chunk);
-                data.advance(l);
-            }
-        } else {
+        if !out.is_empty() {
             io.write_all(&out).await?;
-            out.clear();
-            while data.has_remaining() {
-                let l = io.write(data.chunk()).await?;
-                if l == 0 {
-                    return Err(io::ErrorKind::WriteZero.into());
-                }
-                data.advance(l);
-            }
         }
-        if matches!(framing, Framing::Chunked) {
-            out.extend_from_slice(b"\r\n");
-        }
+        io.flush().await?;
+        Ok(keep_alive)
     }
-    match framing {
-        Framing::Chunked => out.extend_from_slice(b"0\r\n\r\n"),
-        Framing::Length(total) if sent != total => keep_alive = false,
-        _ => {}
-    }
-    if !out.is_empty() {
-        io.write_all(&out).await?;
-    }
-    io.flush().await?;
-    Ok(keep_alive)
 }
 
 fn says_close(headers: &HeaderMap) -> bool {

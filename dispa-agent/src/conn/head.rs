@@ -11,6 +11,9 @@ use http::{HeaderMap, HeaderName, HeaderValue, Version};
 /// Where a header line's name and value lie in the head: (name start, end, value start, end).
 pub type Line = (usize, usize, usize, usize);
 
+/// The lines of one head; most heads fit inline, and nothing is zeroed per head.
+pub type Lines = smallvec::SmallVec<[Line; 16]>;
+
 /// HTTP/1.0 for minor version 0, else HTTP/1.1 (httparse accepts no other).
 pub fn version(minor: Option<u8>) -> Version {
     if minor == Some(0) {

@@ -152,7 +152,8 @@ impl Body for CountedBody {
 
 /// What is needed to finish a request's record once its response body is done.
 pub struct Finish {
-    pub record: LogRecord,
+    /// Boxed: a finish is moved with its response several times per request.
+    pub record: Box<LogRecord>,
     pub start: Instant,
     pub bytes_in: Arc<AtomicU64>,
     pub sink: LogSink,
@@ -183,7 +184,7 @@ impl Finish {
             .record(u16::try_from(r.status).unwrap_or(0), elapsed);
         let status = r.status;
         tracing::debug!(parent: &self.span, status, duration_ms = elapsed.as_secs_f64() * 1000.0, bytes_out, "request finished");
-        self.sink.record(self.record);
+        self.sink.record(*self.record);
     }
 }
 

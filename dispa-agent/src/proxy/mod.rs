@@ -7,6 +7,7 @@ pub mod headers;
 pub mod hygiene;
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -177,107 +178,114 @@ impl Proxy {
     }
 
     /// Serves one request that arrived over `scheme` ("http" or "https").
-    pub async fn serve(
+    ///
+    /// This and the steps below are plain functions returning an `async move` block rather
+    /// than `async fn`s: an `async fn` keeps each argument twice in its state (as passed and
+    /// as moved into its body), and each level's state is copied whole into its caller's.
+    #[allow(clippy::manual_async_fn)]
+    pub fn serve(
         self: Arc<Self>,
         mut req: Request<ClientBody>,
         peer: SocketAddr,
         scheme: &'static str,
-    ) -> Result<Response<LoggedBody>, Infallible> {
-        let start = Instant::now();
-        let ts_us = access_log::now_us();
-        self.metrics.in_flight.inc();
-        let rid = access_log::request_id(req.headers());
-        let tp = access_log::traceparent(req.headers());
-        req.headers_mut().insert(X_REQUEST_ID, rid.clone());
-        req.headers_mut().insert(TRACEPARENT, tp.clone());
-        let rid_str = rid.to_str().unwrap_or_default();
-        // Without a traffic log only the status and route are needed (metrics, window).
-        let logging = self.logs.enabled();
-        let record = if !logging {
-            LogRecord {
-                ts_us,
-                ..Default::default()
-            }
-        } else {
-            LogRecord {
-                ts_us,
-                agent: self.logs.agent.to_string(),
-                request_id: rid_str.to_string(),
-                client_ip: peer.ip().to_canonical().to_string(),
-                method: req.method().as_str().to_string(),
-                scheme: scheme.into(),
-                path: access_log::capped(req.uri().path(), access_log::MAX_PATH),
-                query: access_log::capped(
-                    &access_log::redact_query(
-                        req.uri().query().unwrap_or(""),
-                        &self.logs.redact_query,
+    ) -> impl Future<Output = Result<Response<LoggedBody>, Infallible>> {
+        async move {
+            let start = Instant::now();
+            let ts_us = access_log::now_us();
+            self.metrics.in_flight.inc();
+            let rid = access_log::request_id(req.headers());
+            let tp = access_log::traceparent(req.headers());
+            req.headers_mut().insert(X_REQUEST_ID, rid.clone());
+            req.headers_mut().insert(TRACEPARENT, tp.clone());
+            let rid_str = rid.to_str().unwrap_or_default();
+            // Without a traffic log only the status and route are needed (metrics, window).
+            let logging = self.logs.enabled();
+            let record = if !logging {
+                LogRecord {
+                    ts_us,
+                    ..Default::default()
+                }
+            } else {
+                LogRecord {
+                    ts_us,
+                    agent: self.logs.agent.to_string(),
+                    request_id: rid_str.to_string(),
+                    client_ip: peer.ip().to_canonical().to_string(),
+                    method: req.method().as_str().to_string(),
+                    scheme: scheme.into(),
+                    path: access_log::capped(req.uri().path(), access_log::MAX_PATH),
+                    query: access_log::capped(
+                        &access_log::redact_query(
+                            req.uri().query().unwrap_or(""),
+                            &self.logs.redact_query,
+                        ),
+                        access_log::MAX_PATH,
                     ),
-                    access_log::MAX_PATH,
-                ),
-                user_agent: header_str(req.headers(), &header::USER_AGENT),
-                traceparent: tp.to_str().unwrap_or_default().to_string(),
-                ..Default::default()
-            }
-        };
-        let span = tracing::debug_span!("request", id = %rid_str, method = %req.method(), path = %req.uri().path());
-        let bytes_in = Arc::new(AtomicU64::new(0));
-        // Finishes the record (499, client_closed) if the client goes away before a response.
-        let mut pending = body::Pending::new(body::Finish {
-            record,
-            start,
-            bytes_in: bytes_in.clone(),
-            sink: self.logs.clone(),
-            metrics: self.metrics.clone(),
-            window: self.window.clone(),
-            span: span.clone(),
-            in_flight: None,
-            conn_permit: None,
-            meters: None,
-        });
-        // Not boxed here: both server paths box the whole request future once (an idle
-        // connection keeps no request state either way).
-        let (ex, mut resp) = self
-            .handle(req, peer, scheme, bytes_in.clone())
-            .instrument(span.clone())
-            .await;
-        resp.headers_mut().insert(X_REQUEST_ID, rid);
+                    user_agent: header_str(req.headers(), &header::USER_AGENT),
+                    traceparent: tp.to_str().unwrap_or_default().to_string(),
+                    ..Default::default()
+                }
+            };
+            let span = tracing::debug_span!("request", id = %rid_str, method = %req.method(), path = %req.uri().path());
+            let bytes_in = Arc::new(AtomicU64::new(0));
+            // Finishes the record (499, client_closed) if the client goes away before a response.
+            let mut pending = body::Pending::new(body::Finish {
+                record: Box::new(record),
+                start,
+                bytes_in: bytes_in.clone(),
+                sink: self.logs.clone(),
+                metrics: self.metrics.clone(),
+                window: self.window.clone(),
+                span: span.clone(),
+                in_flight: None,
+                conn_permit: None,
+                meters: None,
+            });
+            // Not boxed here: both server paths box the whole request future once (an idle
+            // connection keeps no request state either way).
+            let (ex, mut resp) = self
+                .handle(req, peer, scheme, bytes_in.clone())
+                .instrument(span.clone())
+                .await;
+            resp.headers_mut().insert(X_REQUEST_ID, rid);
 
-        let status = resp.status().as_u16();
-        let meters = self.metrics.meters(&ex.route, &ex.upstream);
-        meters.answered(&self.metrics, status);
-        if let Some(us) = ex.upstream_us {
-            meters.upstream_took(&self.metrics, us as f64 / 1e6);
-        }
-        let Some(mut finish) = pending.take() else {
-            return Ok(Failure::BadRequest.response().map(LoggedBody::unlogged));
-        };
-        let record = &mut finish.record;
-        if let Some(reason) = ex.failure.map(Failure::reason).or(ex.policy_denied) {
-            self.metrics
-                .denied
-                .get_or_create(&ReasonLabels {
-                    reason: reason.to_string(),
-                })
-                .inc();
-            record.denial_reason = reason.to_string();
-        }
-        record.status = u32::from(status);
-        record.route = ex.route;
-        if logging {
-            if let Some(ip) = ex.client_ip {
-                record.client_ip = ip.to_string();
+            let status = resp.status().as_u16();
+            let meters = self.metrics.meters(&ex.route, &ex.upstream);
+            meters.answered(&self.metrics, status);
+            if let Some(us) = ex.upstream_us {
+                meters.upstream_took(&self.metrics, us as f64 / 1e6);
             }
-            record.host = access_log::capped(&ex.host, access_log::MAX_HOST);
-            record.upstream = ex.upstream;
-            record.endpoint = ex.endpoint.map(|e| e.to_string()).unwrap_or_default();
-            record.attempts = ex.attempts;
-            record.upstream_duration_us = ex.upstream_us.unwrap_or(0);
+            let Some(mut finish) = pending.take() else {
+                return Ok(Failure::BadRequest.response().map(LoggedBody::unlogged));
+            };
+            let record = &mut finish.record;
+            if let Some(reason) = ex.failure.map(Failure::reason).or(ex.policy_denied) {
+                self.metrics
+                    .denied
+                    .get_or_create(&ReasonLabels {
+                        reason: reason.to_string(),
+                    })
+                    .inc();
+                record.denial_reason = reason.to_string();
+            }
+            record.status = u32::from(status);
+            record.route = ex.route;
+            if logging {
+                if let Some(ip) = ex.client_ip {
+                    record.client_ip = ip.to_string();
+                }
+                record.host = access_log::capped(&ex.host, access_log::MAX_HOST);
+                record.upstream = ex.upstream;
+                record.endpoint = ex.endpoint.map(|e| e.to_string()).unwrap_or_default();
+                record.attempts = ex.attempts;
+                record.upstream_duration_us = ex.upstream_us.unwrap_or(0);
+            }
+            finish.in_flight = ex.in_flight;
+            finish.conn_permit = ex.conn_permit;
+            finish.meters = Some(meters);
+            let idle = ex.idle_timeout;
+            Ok(resp.map(|b| LoggedBody::new(b, finish).with_idle_timeout(idle)))
         }
-        finish.in_flight = ex.in_flight;
-        finish.conn_permit = ex.conn_permit;
-        finish.meters = Some(meters);
-        let idle = ex.idle_timeout;
-        Ok(resp.map(|b| LoggedBody::new(b, finish).with_idle_timeout(idle)))
     }
 
     /// Sends a copy of a bodyless request to the mirror upstream; fire and forget, bounded.
@@ -285,7 +293,7 @@ impl Proxy {
         &self,
         shadow: Arc<UpstreamRuntime>,
         parts: &http::request::Parts,
-        path_and_query: &str,
+        target: &http::uri::PathAndQuery,
         client_ip: std::net::IpAddr,
         timeout: std::time::Duration,
     ) {
@@ -300,7 +308,7 @@ impl Proxy {
         let Some(picked) = shadow.pick(&ctx, &[]) else {
             return;
         };
-        let Ok(uri) = shadow.request_uri(picked.addr, path_and_query) else {
+        let Ok(uri) = shadow.request_uri(picked.addr, target) else {
             return;
         };
         let mut req = Request::new(CountedBody::new(None, Arc::default()));
@@ -325,110 +333,116 @@ impl Proxy {
         });
     }
 
-    async fn handle(
+    // Not an `async fn`: see `serve`.
+    #[allow(clippy::manual_async_fn)]
+    fn handle(
         &self,
         mut req: Request<ClientBody>,
         peer: SocketAddr,
         scheme: &'static str,
         bytes_in: Arc<AtomicU64>,
-    ) -> (Exchange, Response<ProxyBody>) {
-        let mut ex = Exchange::default();
-        // One snapshot for the whole request, however many swaps happen meanwhile.
-        let Some(snapshot) = self.current.load() else {
-            return fail(ex, Failure::NoSnapshot);
-        };
-        if let Err(r) = hygiene::check_request(&mut req, &snapshot.config.policy.limits) {
-            return fail(ex, Failure::Rejected(r));
-        }
-        let Some(raw_host) = headers::request_host(&req) else {
-            return fail(ex, Failure::BadRequest);
-        };
-        ex.host = normalize_host(&raw_host);
-        let view = RequestView {
-            path: req.uri().path(),
-            method: req.method().as_str(),
-            headers: req.headers(),
-            query: req.uri().query(),
-        };
-        let trusted = &snapshot.trusted_proxies;
-        let client_ip = crate::policy::client::client_ip(peer.ip(), req.headers(), trusted);
-        ex.client_ip = Some(client_ip);
-        let Some(route) = snapshot.routes.lookup(&ex.host, &view) else {
-            // The global allow/deny first: a refused client learns nothing about routes.
-            let u = &snapshot.unrouted;
-            if !crate::policy::address_allowed(client_ip, &u.allow, &u.deny) {
-                ex.policy_denied = Some(crate::policy::Denied::Address.reason());
-                return (ex, deny::response(crate::policy::Denied::Address, u));
+    ) -> impl Future<Output = (Exchange, Response<ProxyBody>)> {
+        async move {
+            let mut ex = Exchange::default();
+            // One snapshot for the whole request, however many swaps happen meanwhile.
+            let Some(snapshot) = self.current.load() else {
+                return fail(ex, Failure::NoSnapshot);
+            };
+            if let Err(r) = hygiene::check_request(&mut req, &snapshot.config.policy.limits) {
+                return fail(ex, Failure::Rejected(r));
             }
-            return fail(ex, Failure::NoRoute);
-        };
-        ex.route = route.name.to_string();
-        if let Some(a) = &route.policy.auth {
-            // Only the agent sets claim headers: a client's own copies are dropped.
-            for h in a.claim_headers() {
-                req.headers_mut().remove(h);
-            }
-        }
-        match route
-            .policy
-            .check(client_ip, req.headers(), req.uri().query())
-        {
-            Ok(authed) => {
-                for (n, v) in authed.forward {
-                    req.headers_mut().insert(n, v);
+            let Some(raw_host) = headers::request_host(&req) else {
+                return fail(ex, Failure::BadRequest);
+            };
+            ex.host = normalize_host(&raw_host);
+            let view = RequestView {
+                path: req.uri().path(),
+                method: req.method().as_str(),
+                headers: req.headers(),
+                query: req.uri().query(),
+            };
+            let trusted = &snapshot.trusted_proxies;
+            let client_ip = crate::policy::client::client_ip(peer.ip(), req.headers(), trusted);
+            ex.client_ip = Some(client_ip);
+            let Some(route) = snapshot.routes.lookup(&ex.host, &view) else {
+                // The global allow/deny first: a refused client learns nothing about routes.
+                let u = &snapshot.unrouted;
+                if !crate::policy::address_allowed(client_ip, &u.allow, &u.deny) {
+                    ex.policy_denied = Some(crate::policy::Denied::Address.reason());
+                    return (ex, deny::response(crate::policy::Denied::Address, u));
+                }
+                return fail(ex, Failure::NoRoute);
+            };
+            ex.route = route.name.to_string();
+            if let Some(a) = &route.policy.auth {
+                // Only the agent sets claim headers: a client's own copies are dropped.
+                for h in a.claim_headers() {
+                    req.headers_mut().remove(h);
                 }
             }
-            Err(d) => {
-                ex.policy_denied = Some(d.reason());
-                return (ex, deny::response(d, &route.policy));
-            }
-        }
-        let unsized_body = {
-            use hyper::body::Body;
-            !req.body().is_end_stream() && req.body().size_hint().exact().is_none()
-        };
-        if let Err(r) = hygiene::RouteHygiene::from(&route.policy).check(&req, unsized_body) {
-            return fail(ex, Failure::Rejected(r));
-        }
-        ex.idle_timeout = route.idle_timeout;
-        let upstream = match &route.action {
-            RouteAction::Redirect(rd) => return (ex, redirect(rd, &req, &raw_host, scheme)),
-            RouteAction::Respond {
-                status,
-                body,
-                headers,
-            } => {
-                let mut r = Response::new(Either::Right(Full::new(body.clone())));
-                *r.status_mut() = *status;
-                for (n, v) in headers {
-                    r.headers_mut().append(n.clone(), v.clone());
+            match route
+                .policy
+                .check(client_ip, req.headers(), req.uri().query())
+            {
+                Ok(authed) => {
+                    for (n, v) in authed.forward {
+                        req.headers_mut().insert(n, v);
+                    }
                 }
-                route.response_headers.apply(r.headers_mut());
-                return (ex, r);
+                Err(d) => {
+                    ex.policy_denied = Some(d.reason());
+                    return (ex, deny::response(d, &route.policy));
+                }
             }
-            action => match action.upstream() {
-                Some(u) => u.clone(),
-                None => return fail(ex, Failure::NoEndpoint),
-            },
-        };
-        ex.upstream = upstream.name.to_string();
-        let client = Client {
-            ip: client_ip,
-            forwarded_for: headers::forwarded_for(
-                req.headers(),
-                peer.ip(),
-                client_ip,
-                crate::policy::client::is_trusted(peer.ip(), trusted),
-            ),
-            scheme,
-            raw_host,
-        };
-        self.forward(ex, route, &upstream, req, client, bytes_in)
-            .await
+            let unsized_body = {
+                use hyper::body::Body;
+                !req.body().is_end_stream() && req.body().size_hint().exact().is_none()
+            };
+            if let Err(r) = hygiene::RouteHygiene::from(&route.policy).check(&req, unsized_body) {
+                return fail(ex, Failure::Rejected(r));
+            }
+            ex.idle_timeout = route.idle_timeout;
+            let upstream = match &route.action {
+                RouteAction::Redirect(rd) => return (ex, redirect(rd, &req, &raw_host, scheme)),
+                RouteAction::Respond {
+                    status,
+                    body,
+                    headers,
+                } => {
+                    let mut r = Response::new(Either::Right(Full::new(body.clone())));
+                    *r.status_mut() = *status;
+                    for (n, v) in headers {
+                        r.headers_mut().append(n.clone(), v.clone());
+                    }
+                    route.response_headers.apply(r.headers_mut());
+                    return (ex, r);
+                }
+                action => match action.upstream() {
+                    Some(u) => u.clone(),
+                    None => return fail(ex, Failure::NoEndpoint),
+                },
+            };
+            ex.upstream = upstream.name.to_string();
+            let client = Client {
+                ip: client_ip,
+                forwarded_for: headers::forwarded_for(
+                    req.headers(),
+                    peer.ip(),
+                    client_ip,
+                    crate::policy::client::is_trusted(peer.ip(), trusted),
+                ),
+                scheme,
+                raw_host,
+            };
+            self.forward(ex, route, &upstream, req, client, bytes_in)
+                .await
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
-    async fn forward(
+    // Not an `async fn`: see `serve`.
+    #[allow(clippy::manual_async_fn)]
+    fn forward(
         &self,
         mut ex: Exchange,
         route: &CompiledRoute,
@@ -436,231 +450,240 @@ impl Proxy {
         mut req: Request<ClientBody>,
         client: Client,
         bytes_in: Arc<AtomicU64>,
-    ) -> (Exchange, Response<ProxyBody>) {
-        use dispa_proto::config::model::RetryOn;
-        let Client {
-            ip: client_ip,
-            forwarded_for,
-            scheme,
-            raw_host,
-        } = client;
-        if upstream.saturated() {
-            return fail(ex, Failure::CircuitOpen);
-        }
-        if let Some(gate) = &upstream.gate {
-            match gate.enter().await {
-                Some(p) => ex.conn_permit = Some(p),
-                None => return fail(ex, Failure::CircuitOpen),
+    ) -> impl Future<Output = (Exchange, Response<ProxyBody>)> {
+        async move {
+            use dispa_proto::config::model::RetryOn;
+            let Client {
+                ip: client_ip,
+                forwarded_for,
+                scheme,
+                raw_host,
+            } = client;
+            if upstream.saturated() {
+                return fail(ex, Failure::CircuitOpen);
             }
-        }
-        upstream.retry_budget.on_request();
-        let h2 = upstream.pool.key().h2;
-        // WebSocket and other HTTP/1.1 upgrades: kept, then tunnelled if the upstream agrees.
-        let upgrade = headers::upgrade_request(&req)
-            .filter(|_| !h2)
-            .map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
-        let wants_trailers = headers::wants_trailers(req.headers());
-        let (mut parts, body) = req.into_parts();
-        let path = route.rewrite_path(parts.uri.path());
-        let path_and_query = match parts.uri.query() {
-            Some(q) => format!("{path}?{q}"),
-            None => path.into_owned(),
-        };
-        headers::strip_hop_by_hop(&mut parts.headers);
-        headers::set_forwarded(&mut parts.headers, forwarded_for, &raw_host, scheme);
-        if let Some((protocol, _)) = &upgrade {
-            parts
-                .headers
-                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            parts.headers.insert(header::UPGRADE, protocol.clone());
-        }
-        if wants_trailers {
-            // gRPC needs it, and it is the one TE value a proxy may pass on.
-            parts
-                .headers
-                .insert(header::TE, HeaderValue::from_static("trailers"));
-        }
-        if let Some(h) = &route.host_rewrite {
-            // X-Forwarded-Host keeps what the client asked for.
-            parts.headers.insert(header::HOST, h.clone());
-        }
-        route.request_headers.apply(&mut parts.headers);
-        // A request can be sent again if it has no body, or a small one (by Content-Length)
-        // that is read ahead when the route retries; a streamed body is gone once sent.
-        let declared = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        let mut buffered: Option<Bytes> = None;
-        let mut body = Some(body);
-        if route.retry.retries > 0
-            && declared.is_some_and(|n| n > 0 && n <= MAX_RETRY_BODY)
-            && let Some(b) = body.take()
-        {
-            use http_body_util::BodyExt;
-            match http_body_util::Limited::new(b, MAX_RETRY_BODY as usize)
-                .collect()
-                .await
-            {
-                Ok(c) => {
-                    let bytes = c.to_bytes();
-                    bytes_in.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                    buffered = Some(bytes);
+            if let Some(gate) = &upstream.gate {
+                match gate.enter().await {
+                    Some(p) => ex.conn_permit = Some(p),
+                    None => return fail(ex, Failure::CircuitOpen),
                 }
-                Err(_) => return fail(ex, Failure::BadRequest),
             }
-        }
-        let replayable =
-            buffered.is_some() || body.as_ref().is_some_and(hyper::body::Body::is_end_stream);
-        let idempotent = crate::upstream::idempotent(&parts.method);
-        if let Some((shadow, percent)) = &route.mirror
-            && replayable
-            && buffered.is_none()
-            && fastrand::u32(0..100) < *percent
-        {
-            self.mirror(
-                shadow.clone(),
-                &parts,
-                &path_and_query,
-                client_ip,
-                route.timeout,
-            );
-        }
-        let fault = Arc::new(body::BodyFault::default());
-        let mut tried: Vec<SocketAddr> = Vec::new();
-        let mut last_failure = Failure::NoEndpoint;
-        loop {
-            let ctx = crate::upstream::PickCtx {
-                client_ip,
-                headers: &parts.headers,
-            };
-            let Some(picked) = upstream.pick(&ctx, &tried) else {
-                return fail(ex, last_failure);
-            };
-            let endpoint = picked.addr;
-            tried.push(endpoint);
-            ex.attempts += 1;
-            ex.endpoint = Some(endpoint);
-            let Ok(uri) = upstream.request_uri(endpoint, &path_and_query) else {
+            upstream.retry_budget.on_request();
+            let h2 = upstream.pool.key().h2;
+            // WebSocket and other HTTP/1.1 upgrades: kept, then tunnelled if the upstream agrees.
+            let upgrade = headers::upgrade_request(&req)
+                .filter(|_| !h2)
+                .map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
+            let wants_trailers = headers::wants_trailers(req.headers());
+            let (mut parts, body) = req.into_parts();
+            let Some(target) = upstream_target(route, &parts.uri) else {
                 return fail(ex, Failure::BadRequest);
             };
-            let upstream_body = match &buffered {
-                Some(b) => CountedBody::buffered(b.clone()),
-                None => CountedBody::new(body.take(), bytes_in.clone())
-                    .limited(route.policy.max_body_bytes, fault.clone()),
-            };
-            let mut upstream_req = Request::new(upstream_body);
-            *upstream_req.method_mut() = parts.method.clone();
-            *upstream_req.uri_mut() = uri;
-            *upstream_req.version_mut() = if h2 {
-                http::Version::HTTP_2
-            } else {
-                http::Version::HTTP_11
-            };
-            // The last possible attempt takes the headers; earlier ones copy them.
-            *upstream_req.headers_mut() = if replayable && ex.attempts <= route.retry.retries {
-                parts.headers.clone()
-            } else {
-                std::mem::take(&mut parts.headers)
-            };
-
-            let sent_at = Instant::now();
-            // Boxed: the exchange's state is most of a request's, and every future that holds
-            // it inline is copied whole when it is moved (about 2 KiB less per level).
-            let sent = Box::pin(tokio::time::timeout(
-                route.timeout,
-                upstream.send(endpoint, upstream_req),
-            ))
-            .await;
-            ex.upstream_us = Some(u64::try_from(sent_at.elapsed().as_micros()).unwrap_or(u64::MAX));
-            let mut failed: Option<String> = None;
-            // What went wrong, if anything, and whether the route retries it.
-            let (outcome, retry_on) = match sent {
-                // The client's body was invalid or too large: its fault, never retried.
-                Ok(Err(_)) if let Some(r) = fault.get() => {
-                    return fail(ex, Failure::Rejected(r));
-                }
-                Err(_) => (Err(Failure::UpstreamTimeout), None),
-                Ok(Err(e)) => {
-                    let f = classify(&e);
-                    failed = Some(crate::tls::error_chain(&e));
-                    let on = if e.is_connect() {
-                        RetryOn::ConnectFailure
-                    } else {
-                        RetryOn::Reset
-                    };
-                    (Err(f), Some(on))
-                }
-                Ok(Ok(r)) => {
-                    let s = r.status().as_u16();
-                    let on = matches!(s, 502..=504).then_some(RetryOn::Status(s));
-                    (Ok(r), on)
-                }
-            };
-            let healthy = match &outcome {
-                Ok(r) => !r.status().is_server_error(),
-                Err(Failure::UpstreamTimeout) => true,
-                Err(_) => false,
-            };
-            if let Some(crate::upstream::health::Transition::Ejected(d)) = picked.health.passive(
-                healthy,
-                &upstream.outlier,
-                crate::upstream::health::now_ms(),
-            ) {
-                tracing::warn!(upstream = %upstream.name, %endpoint, "ejecting endpoint for {d:?} after consecutive failures");
+            headers::strip_hop_by_hop(&mut parts.headers);
+            headers::set_forwarded(&mut parts.headers, forwarded_for, &raw_host, scheme);
+            if let Some((protocol, _)) = &upgrade {
+                parts
+                    .headers
+                    .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                parts.headers.insert(header::UPGRADE, protocol.clone());
             }
-            let may_retry = retry_on.is_some_and(|on| {
-                route.retry.on.contains(&on)
-                    && (idempotent || route.retry.non_idempotent || on == RetryOn::ConnectFailure)
-            }) && replayable
-                && ex.attempts <= route.retry.retries
-                && upstream.retry_budget.try_retry();
-            match outcome {
-                Ok(mut resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
-                    let Some((_, client_side)) = upgrade else {
-                        return fail(ex, Failure::UpstreamFailed);
-                    };
-                    let upstream_side = hyper::upgrade::on(&mut resp);
-                    let in_flight = picked.in_flight;
-                    tokio::spawn(async move {
-                        let _in_flight = in_flight;
-                        match tokio::try_join!(client_side, upstream_side) {
-                            Ok((c, u)) => {
-                                let (mut c, mut u) = (
-                                    hyper_util::rt::TokioIo::new(c),
-                                    hyper_util::rt::TokioIo::new(u),
-                                );
-                                let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
-                            }
-                            Err(e) => tracing::debug!("upgrade failed: {e}"),
+            if wants_trailers {
+                // gRPC needs it, and it is the one TE value a proxy may pass on.
+                parts
+                    .headers
+                    .insert(header::TE, HeaderValue::from_static("trailers"));
+            }
+            if let Some(h) = &route.host_rewrite {
+                // X-Forwarded-Host keeps what the client asked for.
+                parts.headers.insert(header::HOST, h.clone());
+            }
+            route.request_headers.apply(&mut parts.headers);
+            // A request can be sent again if it has no body, or a small one (by Content-Length)
+            // that is read ahead when the route retries; a streamed body is gone once sent.
+            let declared = parts
+                .headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+            let mut buffered: Option<Bytes> = None;
+            let mut body = Some(body);
+            if route.retry.retries > 0
+                && declared.is_some_and(|n| n > 0 && n <= MAX_RETRY_BODY)
+                && let Some(b) = body.take()
+            {
+                use http_body_util::BodyExt;
+                match http_body_util::Limited::new(b, MAX_RETRY_BODY as usize)
+                    .collect()
+                    .await
+                {
+                    Ok(c) => {
+                        let bytes = c.to_bytes();
+                        bytes_in
+                            .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                        buffered = Some(bytes);
+                    }
+                    Err(_) => return fail(ex, Failure::BadRequest),
+                }
+            }
+            let replayable =
+                buffered.is_some() || body.as_ref().is_some_and(hyper::body::Body::is_end_stream);
+            let idempotent = crate::upstream::idempotent(&parts.method);
+            if let Some((shadow, percent)) = &route.mirror
+                && replayable
+                && buffered.is_none()
+                && fastrand::u32(0..100) < *percent
+            {
+                self.mirror(shadow.clone(), &parts, &target, client_ip, route.timeout);
+            }
+            // Only a body can be at fault; none is read from an empty one.
+            let fault = body
+                .as_ref()
+                .is_some_and(|b| !hyper::body::Body::is_end_stream(b))
+                .then(|| Arc::new(body::BodyFault::default()));
+            let mut tried: smallvec::SmallVec<[SocketAddr; 4]> = smallvec::SmallVec::new();
+            let mut last_failure = Failure::NoEndpoint;
+            loop {
+                let ctx = crate::upstream::PickCtx {
+                    client_ip,
+                    headers: &parts.headers,
+                };
+                let Some(picked) = upstream.pick(&ctx, &tried) else {
+                    return fail(ex, last_failure);
+                };
+                let endpoint = picked.addr;
+                tried.push(endpoint);
+                ex.attempts += 1;
+                ex.endpoint = Some(endpoint);
+                let Ok(uri) = upstream.request_uri(endpoint, &target) else {
+                    return fail(ex, Failure::BadRequest);
+                };
+                let upstream_body = match &buffered {
+                    Some(b) => CountedBody::buffered(b.clone()),
+                    None => {
+                        let b = CountedBody::new(body.take(), bytes_in.clone());
+                        match &fault {
+                            Some(f) => b.limited(route.policy.max_body_bytes, f.clone()),
+                            None => b,
                         }
-                    });
-                    return (ex, resp.map(Either::Left));
-                }
-                Ok(mut resp) if !may_retry => {
-                    ex.in_flight = Some(picked.in_flight);
-                    headers::strip_hop_by_hop(resp.headers_mut());
-                    route.response_headers.apply(resp.headers_mut());
-                    return (ex, resp.map(Either::Left));
-                }
-                Err(f) if !may_retry => {
-                    // The whole source chain, so the log names the cause (e.g. a TLS
-                    // certificate verification failure).
-                    if let Some(why) = &failed {
-                        tracing::warn!(route = %route.name, upstream = %upstream.name, %endpoint, "upstream request failed: {why}");
                     }
-                    return fail(ex, f);
-                }
-                Ok(_) => last_failure = Failure::UpstreamFailed,
-                Err(f) => {
-                    if let Some(why) = &failed {
-                        tracing::debug!(route = %route.name, %endpoint, "upstream request failed, retrying: {why}");
+                };
+                let mut upstream_req = Request::new(upstream_body);
+                *upstream_req.method_mut() = parts.method.clone();
+                *upstream_req.uri_mut() = uri;
+                *upstream_req.version_mut() = if h2 {
+                    http::Version::HTTP_2
+                } else {
+                    http::Version::HTTP_11
+                };
+                // The last possible attempt takes the headers; earlier ones copy them.
+                *upstream_req.headers_mut() = if replayable && ex.attempts <= route.retry.retries {
+                    parts.headers.clone()
+                } else {
+                    std::mem::take(&mut parts.headers)
+                };
+
+                let sent_at = Instant::now();
+                // Boxed: the exchange's state is most of a request's, and every future that holds
+                // it inline is copied whole when it is moved (about 2 KiB less per level).
+                let sent = Box::pin(tokio::time::timeout(
+                    route.timeout,
+                    upstream.send(endpoint, upstream_req),
+                ))
+                .await;
+                ex.upstream_us =
+                    Some(u64::try_from(sent_at.elapsed().as_micros()).unwrap_or(u64::MAX));
+                let mut failed: Option<String> = None;
+                // What went wrong, if anything, and whether the route retries it.
+                let (outcome, retry_on) = match sent {
+                    // The client's body was invalid or too large: its fault, never retried.
+                    Ok(Err(_)) if let Some(r) = fault.as_ref().and_then(|f| f.get()) => {
+                        return fail(ex, Failure::Rejected(r));
                     }
-                    last_failure = f;
+                    Err(_) => (Err(Failure::UpstreamTimeout), None),
+                    Ok(Err(e)) => {
+                        let f = classify(&e);
+                        failed = Some(crate::tls::error_chain(&e));
+                        let on = if e.is_connect() {
+                            RetryOn::ConnectFailure
+                        } else {
+                            RetryOn::Reset
+                        };
+                        (Err(f), Some(on))
+                    }
+                    Ok(Ok(r)) => {
+                        let s = r.status().as_u16();
+                        let on = matches!(s, 502..=504).then_some(RetryOn::Status(s));
+                        (Ok(r), on)
+                    }
+                };
+                let healthy = match &outcome {
+                    Ok(r) => !r.status().is_server_error(),
+                    Err(Failure::UpstreamTimeout) => true,
+                    Err(_) => false,
+                };
+                if let Some(crate::upstream::health::Transition::Ejected(d)) =
+                    picked.health.passive(
+                        healthy,
+                        &upstream.outlier,
+                        crate::upstream::health::now_ms(),
+                    )
+                {
+                    tracing::warn!(upstream = %upstream.name, %endpoint, "ejecting endpoint for {d:?} after consecutive failures");
                 }
+                let may_retry = retry_on.is_some_and(|on| {
+                    route.retry.on.contains(&on)
+                        && (idempotent
+                            || route.retry.non_idempotent
+                            || on == RetryOn::ConnectFailure)
+                }) && replayable
+                    && ex.attempts <= route.retry.retries
+                    && upstream.retry_budget.try_retry();
+                match outcome {
+                    Ok(mut resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                        let Some((_, client_side)) = upgrade else {
+                            return fail(ex, Failure::UpstreamFailed);
+                        };
+                        let upstream_side = hyper::upgrade::on(&mut resp);
+                        let in_flight = picked.in_flight;
+                        tokio::spawn(async move {
+                            let _in_flight = in_flight;
+                            match tokio::try_join!(client_side, upstream_side) {
+                                Ok((c, u)) => {
+                                    let (mut c, mut u) = (
+                                        hyper_util::rt::TokioIo::new(c),
+                                        hyper_util::rt::TokioIo::new(u),
+                                    );
+                                    let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+                                }
+                                Err(e) => tracing::debug!("upgrade failed: {e}"),
+                            }
+                        });
+                        return (ex, resp.map(Either::Left));
+                    }
+                    Ok(mut resp) if !may_retry => {
+                        ex.in_flight = Some(picked.in_flight);
+                        headers::strip_hop_by_hop(resp.headers_mut());
+                        route.response_headers.apply(resp.headers_mut());
+                        return (ex, resp.map(Either::Left));
+                    }
+                    Err(f) if !may_retry => {
+                        // The whole source chain, so the log names the cause (e.g. a TLS
+                        // certificate verification failure).
+                        if let Some(why) = &failed {
+                            tracing::warn!(route = %route.name, upstream = %upstream.name, %endpoint, "upstream request failed: {why}");
+                        }
+                        return fail(ex, f);
+                    }
+                    Ok(_) => last_failure = Failure::UpstreamFailed,
+                    Err(f) => {
+                        if let Some(why) = &failed {
+                            tracing::debug!(route = %route.name, %endpoint, "upstream request failed, retrying: {why}");
+                        }
+                        last_failure = f;
+                    }
+                }
+                self.metrics.retries.inc();
+                body = None;
             }
-            self.metrics.retries.inc();
-            body = None;
         }
     }
 }
@@ -691,6 +714,23 @@ fn redirect<B>(
         r.headers_mut().insert(header::LOCATION, v);
     }
     r
+}
+
+/// The path and query to ask the upstream for: the client's own (shared, not copied) unless
+/// the route rewrites the path. `None` if a rewrite makes an invalid one.
+fn upstream_target(route: &CompiledRoute, uri: &http::Uri) -> Option<http::uri::PathAndQuery> {
+    let path = route.rewrite_path(uri.path());
+    if let (std::borrow::Cow::Borrowed(_), Some(pq)) = (&path, uri.path_and_query())
+        // An absolute-form target may have a query and no path ("http://a?b").
+        && pq.as_str().starts_with('/')
+    {
+        return Some(pq.clone());
+    }
+    let target = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.into_owned(),
+    };
+    target.parse().ok()
 }
 
 fn fail(mut ex: Exchange, f: Failure) -> (Exchange, Response<ProxyBody>) {

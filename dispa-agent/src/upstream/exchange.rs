@@ -187,9 +187,8 @@ fn parse(buf: &mut BytesMut, method_head: bool) -> io::Result<Parsed> {
     let mut length: Option<u64> = None;
     let mut chunked = false;
     let mut coded = false;
-    let mut lines = [(0, 0, 0, 0); MAX_HEADERS];
-    let count = resp.headers.len();
-    for (h, slot) in resp.headers.iter().zip(lines.iter_mut()) {
+    let mut lines = head::Lines::new();
+    for h in resp.headers.iter() {
         let name = h.name.as_bytes();
         if name.eq_ignore_ascii_case(b"content-length") {
             let n = crate::conn::framing::parse_length(h.value.trim_ascii())
@@ -212,11 +211,12 @@ fn parse(buf: &mut BytesMut, method_head: bool) -> io::Result<Parsed> {
             close |= c;
             reuse |= k;
         }
-        *slot = head::line(buf, h);
+        lines.push(head::line(buf, h));
     }
     let bytes = buf.split_to(len).freeze();
-    let mut headers = head::header_map(&bytes, &lines[..count], 2)
-        .ok_or_else(|| invalid("invalid upstream header"))?;
+    // Room for the request id the proxy adds (sized as in `conn::h1`).
+    let mut headers =
+        head::header_map(&bytes, &lines, 1).ok_or_else(|| invalid("invalid upstream header"))?;
     if coded {
         // Transfer-Encoding overrides a Content-Length, which must not travel on with it
         // (RFC 9112 section 6.3): the body is re-framed downstream. Such a message, or a
@@ -551,7 +551,7 @@ mod tests {
         .await;
         let mut req = Request::new(crate::proxy::CountedBody::new(None, Arc::default()));
         *req.uri_mut() = "/".parse().unwrap();
-        let resp = c.send(addr, req).await.unwrap();
+        let resp = c.clone().send(addr, req).await.unwrap();
         assert_eq!(resp.status(), StatusCode::NO_CONTENT, "not the stray bytes");
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
     }

@@ -7,6 +7,7 @@
 
 // Per-request lookups keyed by endpoint address: a fast hash.
 use foldhash::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -20,6 +21,7 @@ use tokio::net::TcpStream;
 use tower_service::Service;
 
 use super::exchange::{self, OwnBody};
+use crate::conn::head::HeadBuf;
 use crate::proxy::CountedBody;
 use crate::tls::{Connector, MaybeTls};
 
@@ -148,29 +150,41 @@ impl H1Conns {
 
     /// Sends `req` (origin-form URI) to `addr`: on the agent's own exchange when it suits
     /// (plaintext, no body, no upgrade), else over hyper's client connection.
-    pub async fn send(
-        self: &Arc<Self>,
+    /// A plain function returning either future, not an `async fn`: an `async fn` keeps its
+    /// arguments twice in its state, and the own exchange needs only the encoded head, so its
+    /// future (what most requests wait on) does not carry the request at all.
+    pub fn send(
+        self: Arc<Self>,
         addr: SocketAddr,
         req: Request<CountedBody>,
-    ) -> Result<Response<UpstreamBody>, SendError> {
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, SendError>> + Send {
+        use futures_util::future::Either;
         if self.scheme == "http" && exchange::suits(&req) {
-            return Ok(self.exchange(addr, req).await?.map(UpstreamBody::Own));
+            let head = exchange::encode(&req);
+            let method_head = req.method() == Method::HEAD;
+            let repeatable = super::idempotent(req.method());
+            drop(req);
+            return Either::Left(async move {
+                let resp = self.exchange(addr, head, method_head, repeatable).await?;
+                Ok(resp.map(UpstreamBody::Own))
+            });
         }
-        Ok(self.send_hyper(addr, req).await?.map(UpstreamBody::Hyper))
+        // Boxed: hyper's connection path is the larger future, and fewer requests take it.
+        Either::Right(Box::pin(async move {
+            Ok(self.send_hyper(addr, req).await?.map(UpstreamBody::Hyper))
+        }))
     }
 
-    /// The own exchange. A request that may be repeated goes out once more on a new
-    /// connection when a kept one turns out closed before any of the response came back;
-    /// for the others a kept connection is probed first.
+    /// The own exchange of an encoded `head`. A request that may be repeated goes out once
+    /// more on a new connection when a kept one turns out closed before any of the response
+    /// came back; for the others a kept connection is probed first.
     async fn exchange(
         self: &Arc<Self>,
         addr: SocketAddr,
-        req: Request<CountedBody>,
+        head: HeadBuf,
+        method_head: bool,
+        repeatable: bool,
     ) -> Result<Response<OwnBody>, SendError> {
-        let head = exchange::encode(&req);
-        let method_head = req.method() == Method::HEAD;
-        let repeatable = super::idempotent(req.method());
-        drop(req);
         let home = || (Arc::downgrade(self), addr);
         if let Some(conn) = self.checkout_raw(addr, !repeatable) {
             match exchange::round_trip(conn, &head, method_head, home()).await {
@@ -420,7 +434,7 @@ mod tests {
             Path::Hyper => c.send_hyper(addr, req).await?.map(UpstreamBody::Hyper),
             Path::Own(m) => {
                 *req.method_mut() = m.parse().unwrap();
-                c.send(addr, req).await?
+                c.clone().send(addr, req).await?
             }
         };
         let body = resp.into_body().collect().await.unwrap().to_bytes();

@@ -13,6 +13,7 @@ mod retry_budget;
 mod test_upstream;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -115,31 +116,34 @@ impl UpstreamRuntime {
     pub fn request_uri(
         &self,
         addr: SocketAddr,
-        path_and_query: &str,
+        path_and_query: &http::uri::PathAndQuery,
     ) -> Result<http::Uri, http::uri::InvalidUri> {
         if self.pool.key().h2 {
             format!("{}://{addr}{path_and_query}", self.pool.scheme()).parse()
         } else {
-            path_and_query.parse()
+            Ok(path_and_query.clone().into())
         }
     }
 
     /// Sends `req` to `addr`: over this thread's HTTP/1.1 connections (the URI in origin
     /// form), or the pooled HTTP/2 client (the URI absolute).
-    pub async fn send(
+    /// Not an `async fn`, which would keep `req` twice in its state (see [`h1::H1Conns::send`]).
+    pub fn send(
         &self,
         addr: SocketAddr,
         req: http::Request<crate::proxy::CountedBody>,
-    ) -> Result<http::Response<UpstreamBody>, SendError> {
+    ) -> impl Future<Output = Result<http::Response<UpstreamBody>, SendError>> + Send + use<> {
+        use futures_util::future::{Either, TryFutureExt};
         let name = self.server_names.get(&addr).map(String::as_str);
         if self.pool.key().h2 {
-            // Boxed: the pooled client's future is large, and HTTP/1.1 requests need none of it.
-            return Box::pin(self.pool.client_for(name).request(req))
-                .await
-                .map(|r| r.map(UpstreamBody::Hyper))
-                .map_err(SendError::Pooled);
+            // The pooled client's future is boxed inside hyper-util.
+            let sent = self.pool.client_for(name).request(req);
+            return Either::Left(
+                sent.map_ok(|r| r.map(UpstreamBody::Hyper))
+                    .map_err(SendError::Pooled),
+            );
         }
-        self.pool.h1_for(name).send(addr, req).await
+        Either::Right(self.pool.h1_for(name).send(addr, req))
     }
 
     /// A non-pooling client for a health check of `addr`, for TLS upstreams.
