@@ -287,10 +287,30 @@ where
 {
     let (mut parts, body) = resp.into_parts();
     let status = parts.status;
-    let mut keep_alive = asked.keep_alive && !closing && !says_close(&parts.headers);
+    // One pass comparing names instead of a hashed lookup each; the proxy has usually removed
+    // the hop-by-hop ones already.
+    let (mut connection, mut coding, mut date) = (false, false, false);
+    let mut declared = None;
+    for (name, value) in &parts.headers {
+        if name == header::CONNECTION {
+            connection = true;
+        } else if name == header::TRANSFER_ENCODING {
+            coding = true;
+        } else if name == header::DATE {
+            date = true;
+        } else if name == header::CONTENT_LENGTH && declared.is_none() {
+            declared = Some(super::framing::parse_length(value.as_bytes()));
+        }
+    }
+    let mut keep_alive =
+        asked.keep_alive && !closing && !(connection && says_close(&parts.headers));
     // Hop-by-hop: this connection's own are written below.
-    parts.headers.remove(header::CONNECTION);
-    parts.headers.remove(header::TRANSFER_ENCODING);
+    if connection {
+        parts.headers.remove(header::CONNECTION);
+    }
+    if coding {
+        parts.headers.remove(header::TRANSFER_ENCODING);
+    }
     let mut out = head::HeadBuf::take();
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
@@ -301,10 +321,6 @@ where
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
-    let declared = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .map(|v| super::framing::parse_length(v.as_bytes()));
     let framing = if bodyless {
         Framing::None
     } else if let Some(Some(n)) = declared {
@@ -326,7 +342,7 @@ where
         }
     };
     head::push_lines(&mut out, &parts.headers);
-    if !parts.headers.contains_key(header::DATE) {
+    if !date {
         push_date(&mut out);
     }
     if !keep_alive && asked.version == Version::HTTP_11 {
@@ -543,6 +559,22 @@ mod tests {
             .insert(header::CONTENT_LENGTH, HeaderValue::from_static("1"));
         let (text, _) = written(resp, head).await;
         assert!(text.ends_with("\r\n\r\n") && text.contains("content-length: 1"));
+
+        // The upstream's own Date is kept, not doubled; a chunked coding it named is not passed on.
+        let mut resp = Response::new(http_body_util::Full::new(Bytes::from_static(b"x")));
+        resp.headers_mut().insert(
+            header::DATE,
+            HeaderValue::from_static("Tue, 01 Dec 2026 00:00:00 GMT"),
+        );
+        resp.headers_mut().insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        let (text, keep) = written(resp, GET11).await;
+        assert_eq!(text.matches("date: ").count(), 1, "{text}");
+        assert!(text.contains("date: Tue, 01 Dec 2026"), "{text}");
+        assert!(!text.contains("transfer-encoding"), "{text}");
+        assert!(text.contains("content-length: 1\r\n") && keep, "{text}");
     }
 
     /// A body of unknown length.

@@ -33,11 +33,14 @@ const BODY_READ: usize = 64 * 1024;
 
 /// Whether a request can take this path.
 pub fn suits<B: Body>(req: &Request<B>) -> bool {
+    use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING, UPGRADE};
+    // One pass comparing the few names, not three hashed lookups.
     req.body().is_end_stream()
         && req.method() != Method::CONNECT
-        && !req.headers().contains_key(http::header::UPGRADE)
-        && !req.headers().contains_key(http::header::CONTENT_LENGTH)
-        && !req.headers().contains_key(http::header::TRANSFER_ENCODING)
+        && !req
+            .headers()
+            .keys()
+            .any(|k| k == UPGRADE || k == CONTENT_LENGTH || k == TRANSFER_ENCODING)
 }
 
 /// An upstream connection of the own exchange, with its read buffer (kept with it while it
