@@ -71,12 +71,14 @@ pub fn wants_trailers(headers: &HeaderMap) -> bool {
 
 /// Removes hop-by-hop headers, including every header the Connection header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none of them: one look at the names present instead of a hashed
-    // lookup for each of the nine.
-    if !headers
+    // Most messages carry none of them, and most others only `Connection`: the names present
+    // are found by comparing, and only those are removed (each removal is a hashed lookup).
+    let present: smallvec::SmallVec<[HeaderName; 4]> = headers
         .keys()
-        .any(|k| k == header::TRANSFER_ENCODING || HOP_BY_HOP.contains(k))
-    {
+        .filter(|k| *k == header::TRANSFER_ENCODING || HOP_BY_HOP.contains(k))
+        .cloned()
+        .collect();
+    if present.is_empty() {
         return;
     }
     // "close" and "keep-alive" (what most peers send) name nothing to look up beyond the
@@ -93,13 +95,15 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for n in named {
         headers.remove(n);
     }
-    for n in &HOP_BY_HOP {
+    let mut coded = false;
+    for n in present {
+        coded |= n == header::TRANSFER_ENCODING;
         headers.remove(n);
     }
     // The sender's framing does not apply to the next hop, which re-frames the body; a
     // Content-Length beside a Transfer-Encoding is void (RFC 9112 section 6.3) and must not
     // travel on either.
-    if headers.remove(header::TRANSFER_ENCODING).is_some() {
+    if coded {
         headers.remove(header::CONTENT_LENGTH);
     }
 }
