@@ -71,14 +71,11 @@ pub fn wants_trailers(headers: &HeaderMap) -> bool {
 
 /// Removes hop-by-hop headers, including every header the Connection header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none of them, and most others only `Connection`: the names present
-    // are found by comparing, and only those are removed (each removal is a hashed lookup).
-    let present: smallvec::SmallVec<[HeaderName; 4]> = headers
-        .keys()
-        .filter(|k| *k == header::TRANSFER_ENCODING || HOP_BY_HOP.contains(k))
-        .cloned()
-        .collect();
-    if present.is_empty() {
+    // Most messages carry none of them, and most others only `Connection`.
+    let found = present(headers, |k| {
+        k == header::TRANSFER_ENCODING || HOP_BY_HOP.contains(k)
+    });
+    if found.is_empty() {
         return;
     }
     // "close" and "keep-alive" (what most peers send) name nothing to look up beyond the
@@ -96,7 +93,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         headers.remove(n);
     }
     let mut coded = false;
-    for n in present {
+    for n in found {
         coded |= n == header::TRANSFER_ENCODING;
         headers.remove(n);
     }
@@ -108,12 +105,19 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Removes `names` from `headers`; one pass over the names present when it holds none.
+/// The names in `headers` that `wanted` picks, found by comparing names: each removal is a
+/// hashed lookup, so only names known to be there are removed.
+fn present(
+    headers: &HeaderMap,
+    wanted: impl Fn(&HeaderName) -> bool,
+) -> smallvec::SmallVec<[HeaderName; 4]> {
+    headers.keys().filter(|k| wanted(k)).cloned().collect()
+}
+
+/// Removes `names` from `headers`, looking up only those it holds.
 fn remove_present(headers: &mut HeaderMap, names: &[HeaderName]) {
-    if headers.keys().any(|k| names.contains(k)) {
-        for n in names {
-            headers.remove(n);
-        }
+    for n in present(headers, |k| names.contains(k)) {
+        headers.remove(n);
     }
 }
 

@@ -441,9 +441,8 @@ impl Proxy {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     // Not an `async fn`: see `serve`.
-    #[allow(clippy::manual_async_fn)]
+    #[allow(clippy::too_many_arguments, clippy::manual_async_fn)]
     fn forward(
         &self,
         mut ex: Exchange,
