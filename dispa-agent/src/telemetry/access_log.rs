@@ -90,7 +90,7 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
     }
     let mut id = [0u8; 32];
     hex_into(&fastrand::u128(..).to_be_bytes(), &mut id);
-    HeaderValue::from_bytes(&id).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+    crate::conn::head::cut_value(&id).unwrap_or_else(|| HeaderValue::from_static("invalid"))
 }
 
 /// A W3C `traceparent`: the inbound one if well-formed, else a new trace.
@@ -117,7 +117,7 @@ pub fn traceparent(headers: &HeaderMap) -> HeaderValue {
     let mut tp = *b"00-00000000000000000000000000000000-0000000000000000-01";
     hex_into(&fastrand::u128(1..).to_be_bytes(), &mut tp[3..35]);
     hex_into(&fastrand::u64(1..).to_be_bytes(), &mut tp[36..52]);
-    HeaderValue::from_bytes(&tp).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+    crate::conn::head::cut_value(&tp).unwrap_or_else(|| HeaderValue::from_static("invalid"))
 }
 
 /// Lower-case hex of `bytes` into `out` (twice as long).
