@@ -185,9 +185,30 @@ pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, Rejection> {
     })
 }
 
-/// Already normal: nothing escaped, no empty, `.` or `..` segment (most paths).
+/// Already normal: nothing escaped, no empty, `.` or `..` segment (most paths). One pass over
+/// the bytes: string searches and a split cost several times as much on this per-request path.
 fn is_normal(path: &str) -> bool {
-    !path.contains('%') && !path.contains("//") && path.split('/').all(|s| s != "." && s != "..")
+    // Within the segment being read: its length, how many of its bytes are dots, and whether
+    // the byte before was a slash.
+    let (mut len, mut dots, mut after_slash) = (0usize, 0usize, false);
+    let dot_segment = |len: usize, dots: usize| len == dots && (len == 1 || len == 2);
+    for &b in path.as_bytes() {
+        match b {
+            b'%' => return false,
+            b'/' => {
+                if after_slash || dot_segment(len, dots) {
+                    return false;
+                }
+                (len, dots, after_slash) = (0, 0, true);
+            }
+            _ => {
+                len += 1;
+                dots += usize::from(b == b'.');
+                after_slash = false;
+            }
+        }
+    }
+    !dot_segment(len, dots)
 }
 
 /// A route's body and path rules, from its effective policy (`[routes.policy]` over `[policy]`).
@@ -236,6 +257,20 @@ impl RouteHygiene {
 mod tests {
     use super::*;
     use dispa_proto::config::model::DEFAULT_LIMITS;
+
+    #[test]
+    fn the_one_pass_normal_check_agrees_with_its_definition() {
+        let defined = |p: &str| {
+            !p.contains('%') && !p.contains("//") && p.split('/').all(|s| s != "." && s != "..")
+        };
+        for p in [
+            "", "/", "//", "/a", "/a/", "/a//b", "/.", "/..", "/...", "/./", "/../", "/a/.",
+            "/a/..", "/a/.../b", "/.a", "/a.", "/..a/", "/a/%41", "%", "/a/b/c.d", ".", "..",
+            "a/b", "/a/./b", "/a/../b", "/a/b//",
+        ] {
+            assert_eq!(is_normal(p), defined(p), "{p:?}");
+        }
+    }
 
     #[test]
     fn paths_are_normalised() {
