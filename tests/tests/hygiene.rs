@@ -107,6 +107,15 @@ const SMUGGLING: &[(&str, &str)] = &[
         "GET / HTTP/1.1\r\nHost: a\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\n\r\n",
     ),
     (
+        // Bodyless: the agent's own HTTP/1.1 path takes it, not hyper.
+        "bare LF in a bodyless head",
+        "GET / HTTP/1.1\r\nHost: a\nX-A: b\r\n\r\nGET /smuggled HTTP/1.1\r\n\r\n",
+    ),
+    (
+        "bare CR in a bodyless head",
+        "GET / HTTP/1.1\r\nHost: a\r\nX-A: a\rX-B: b\r\n\r\nGET /smuggled HTTP/1.1\r\n\r\n",
+    ),
+    (
         "bare CR in the head",
         "GET / HTTP/1.1\r\nHost: a\r\nX: a\rTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\n\r\n",
     ),

@@ -83,6 +83,8 @@ pub struct Tracker {
     verdicts: VecDeque<Result<(), HeadError>>,
     /// When the current head's first byte arrived.
     head_since: Option<Instant>,
+    /// The own HTTP/1.1 path parses heads itself (see [`Tracker::defer`]).
+    deferred: bool,
     heads: u64,
     /// Set when a head was refused: every later request is refused too.
     poisoned: Option<HeadError>,
@@ -98,6 +100,7 @@ impl Tracker {
             max_headers: max_headers.max(1),
             verdicts: VecDeque::new(),
             head_since: None,
+            deferred: false,
             heads: 0,
             poisoned: None,
         }
@@ -128,8 +131,64 @@ impl Tracker {
         Some(Err(HeadError::Malformed))
     }
 
+    /// The own HTTP/1.1 path (`conn::h1`) parses heads itself, so each is parsed once: from
+    /// here `feed` only notes when a head begins; the path reports each head it takes with
+    /// [`Tracker::own_head`] and, before hyper reads on, gives back what it has not parsed
+    /// with [`Tracker::resume`]. Only at a connection's start.
+    pub fn defer(&mut self) {
+        if self.state == State::Head && self.head.is_empty() && self.verdicts.is_empty() {
+            self.deferred = true;
+        }
+    }
+
+    /// Whether heads are left to the own path.
+    pub fn is_deferred(&self) -> bool {
+        self.deferred
+    }
+
+    /// Whether a head of `len` bytes and `lines` header lines is within the limits (else the
+    /// own path hands it to hyper, and this tracker refuses it).
+    pub fn within_limits(&self, len: usize, lines: usize) -> bool {
+        len <= self.max_head && lines <= self.max_headers
+    }
+
+    /// The own path took a whole head, bodyless and within the limits: its verdict is queued
+    /// as [`Tracker::feed`] would have made it. `next_since`: bytes of the next head follow,
+    /// read by then.
+    pub fn own_head(
+        &mut self,
+        head: &[u8],
+        next_since: Option<Instant>,
+    ) -> Result<(), StreamError> {
+        self.heads += 1;
+        self.head_since = next_since;
+        let start = head.iter().position(|b| !matches!(b, b'\r' | b'\n'));
+        if bare_line_end(&head[start.unwrap_or(head.len())..]) {
+            self.refuse(HeadError::BareLineEnd)
+        } else {
+            self.push(Ok(()))
+        }
+    }
+
+    /// The own path hands over: `unread`, the bytes it read but did not parse, are followed
+    /// now, and so is everything after. A head begun before keeps its start time.
+    pub fn resume(&mut self, unread: &[u8], now: Instant) -> Result<(), StreamError> {
+        if !std::mem::take(&mut self.deferred) {
+            return Ok(());
+        }
+        let since = self.head_since.take().unwrap_or(now);
+        self.feed(unread, since)
+    }
+
     /// Follows `bytes`, read from the client at `now`.
     pub fn feed(&mut self, mut bytes: &[u8], now: Instant) -> Result<(), StreamError> {
+        if self.deferred {
+            // Empty lines before a request line do not start a head (as in `feed_head`).
+            if self.head_since.is_none() && bytes.iter().any(|b| !matches!(b, b'\r' | b'\n')) {
+                self.head_since = Some(now);
+            }
+            return Ok(());
+        }
         while !bytes.is_empty() {
             match self.state {
                 State::Passthrough => return Ok(()),
@@ -370,11 +429,60 @@ pub fn parse_length(v: &[u8]) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn verdicts(input: &[u8]) -> (Vec<Result<(), HeadError>>, Result<(), StreamError>) {
         let mut t = Tracker::new(16384, 100);
         let r = t.feed(input, Instant::now());
         (t.verdicts.drain(..).collect(), r)
+    }
+
+    #[test]
+    fn deferred_heads_get_the_verdicts_a_parse_would_give() {
+        let t0 = Instant::now();
+        let mut t = Tracker::new(16384, 100);
+        t.defer();
+        assert!(t.is_deferred());
+        // Empty lines start no head; a request line does, and its start is kept.
+        t.feed(b"\r\n", t0).unwrap();
+        assert_eq!(t.head_since(), None);
+        t.feed(b"GET / HT", t0).unwrap();
+        t.feed(b"TP/1.1\r\n\r\n", t0 + Duration::from_secs(1))
+            .unwrap();
+        assert_eq!(t.head_since(), Some(t0));
+        t.own_head(b"\r\nGET / HTTP/1.1\r\n\r\n", None).unwrap();
+        assert_eq!(t.head_since(), None);
+        assert_eq!(t.next_verdict(), Some(Ok(())));
+        // Limits as the tracker's own.
+        assert!(t.within_limits(16384, 100));
+        assert!(!t.within_limits(16385, 1) && !t.within_limits(10, 101));
+        // A bare LF: refused, and so is everything after.
+        t.own_head(b"GET / HTTP/1.1\nHost: a\r\n\r\n", Some(t0))
+            .unwrap();
+        assert_eq!(t.next_verdict(), Some(Err(HeadError::BareLineEnd)));
+        assert_eq!(t.next_verdict(), Some(Err(HeadError::BareLineEnd)));
+    }
+
+    #[test]
+    fn a_resumed_tracker_follows_bodies_from_the_unread_bytes() {
+        let t0 = Instant::now();
+        let mut t = Tracker::new(16384, 100);
+        t.defer();
+        t.own_head(b"GET / HTTP/1.1\r\n\r\n", None).unwrap();
+        assert_eq!(t.next_verdict(), Some(Ok(())));
+        t.feed(b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nab", t0)
+            .unwrap();
+        t.resume(b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nab", t0)
+            .unwrap();
+        assert!(!t.is_deferred());
+        assert_eq!(t.next_verdict(), Some(Ok(())));
+        // The body's last byte, then a head with both framings.
+        t.feed(
+            b"cGET / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            t0,
+        )
+        .unwrap();
+        assert_eq!(t.next_verdict(), Some(Err(HeadError::LengthAndChunked)));
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::task::{Context, Poll};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
@@ -83,7 +83,8 @@ enum Parse {
     Partial,
     /// Not for this path: hyper serves the connection from here.
     HandOff,
-    Request(Request<ClientBody>, Asked),
+    /// The request, and its head's bytes.
+    Request(Request<ClientBody>, Asked, Bytes),
 }
 
 /// Serves requests on `io` until the client leaves, a response closes the connection, or a
@@ -103,15 +104,28 @@ where
     B::Data: Send,
 {
     let mut buf = BytesMut::new();
+    // Heads this path takes are parsed here only, not again by the framing tracker.
+    if let Some(t) = shared.lock().tracker.as_mut() {
+        t.defer();
+    }
     loop {
         let (mut req, asked) = loop {
             if !buf.is_empty() {
-                match parse(&mut buf) {
-                    Parse::Request(r, a) => break (r, a),
-                    Parse::Partial if buf.len() < max_head => {}
-                    Parse::Partial | Parse::HandOff => {
-                        return Ok(Outcome::HandOff(io, buf.freeze()));
+                let hand_off = match parse(&mut buf) {
+                    Parse::Request(r, a, head) => {
+                        if took(&shared, &head, r.headers().len(), !buf.is_empty())? {
+                            break (r, a);
+                        }
+                        // Past the configured limits: hyper answers, the tracker refuses.
+                        let _ = put_back(&mut buf, &head);
+                        true
                     }
+                    Parse::Partial => buf.len() >= max_head,
+                    Parse::HandOff => true,
+                };
+                if hand_off {
+                    resume(&shared, &buf)?;
+                    return Ok(Outcome::HandOff(io, buf.freeze()));
                 }
             }
             if fill(&mut io, &mut buf).await? == 0 {
@@ -148,6 +162,31 @@ where
         if buf.is_empty() {
             recycle(std::mem::take(&mut buf));
         }
+    }
+}
+
+/// Reports a head this path took to the connection's framing tracker, which queues its
+/// verdict; `false` if it is past the configured limits, for hyper to refuse.
+fn took(shared: &Shared, head: &[u8], lines: usize, more: bool) -> io::Result<bool> {
+    let mut s = shared.lock();
+    let Some(t) = s.tracker.as_mut().filter(|t| t.is_deferred()) else {
+        return Ok(true);
+    };
+    if !t.within_limits(head.len(), lines) {
+        return Ok(false);
+    }
+    t.own_head(head, more.then(Instant::now))
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    Ok(true)
+}
+
+/// The tracker follows the connection from `unread` on, as hyper reads it.
+fn resume(shared: &Shared, unread: &[u8]) -> io::Result<()> {
+    match shared.lock().tracker.as_mut() {
+        Some(t) => t
+            .resume(unread, Instant::now())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
+        None => Ok(()),
     }
 }
 
@@ -250,7 +289,7 @@ fn parse(buf: &mut BytesMut) -> Parse {
     *req.uri_mut() = uri;
     *req.version_mut() = version;
     *req.headers_mut() = headers;
-    Parse::Request(req, asked)
+    Parse::Request(req, asked, bytes)
 }
 
 /// Puts a head taken out of `buf` back in front, for hyper.
@@ -468,7 +507,7 @@ mod tests {
     fn parsed(raw: &[u8]) -> (Option<(Request<ClientBody>, Asked)>, BytesMut) {
         let mut buf = BytesMut::from(raw);
         match parse(&mut buf) {
-            Parse::Request(r, a) => (Some((r, a)), buf),
+            Parse::Request(r, a, _) => (Some((r, a)), buf),
             Parse::Partial => panic!("partial"),
             Parse::HandOff => (None, buf),
         }
