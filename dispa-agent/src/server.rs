@@ -121,7 +121,7 @@ pub async fn serve_on_threads<F, Fut, B>(
 ) where
     F: Fn(http::Request<ClientBody>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<http::Response<B>, std::convert::Infallible>> + Send + 'static,
-    B: Body + Send + 'static,
+    B: Body + crate::conn::head::CarriesFields + Send + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
@@ -190,7 +190,7 @@ pub async fn serve<F, Fut, B>(
 ) where
     F: Fn(http::Request<ClientBody>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<http::Response<B>, std::convert::Infallible>> + Send + 'static,
-    B: Body + Send + 'static,
+    B: Body + crate::conn::head::CarriesFields + Send + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
@@ -273,7 +273,7 @@ impl<F, Fut, B> Conn<F>
 where
     F: Fn(http::Request<ClientBody>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<http::Response<B>, std::convert::Infallible>> + Send + 'static,
-    B: Body + Send + 'static,
+    B: Body + crate::conn::head::CarriesFields + Send + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
@@ -427,7 +427,9 @@ where
             // whole life; inline, its size would cost each idle connection.
             let fut = Box::pin(h(req, peer));
             async move {
-                let resp = fut.await?;
+                let mut resp = fut.await?;
+                // hyper writes the header map only.
+                crate::conn::head::materialize(&mut resp);
                 Ok::<_, std::convert::Infallible>(resp.map(|b| Tracked::new(b, guard)))
             }
         });

@@ -107,7 +107,12 @@ async fn answer(
         "query": req.uri().query(),
         "headers": headers,
     });
-    Ok(Response::new(full(body.to_string())))
+    let mut resp = Response::new(full(body.to_string()));
+    // Names the upstream in the head too: tests see upstream fields reach the client.
+    if let Ok(v) = http::HeaderValue::from_str(&name) {
+        resp.headers_mut().insert("x-upstream", v);
+    }
+    Ok(resp)
 }
 
 impl TestUpstream {

@@ -175,6 +175,17 @@ async fn h2c_clients_are_proxied() {
     assert_eq!(r.version, http::Version::HTTP_2);
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["path"], "/path");
+    // The upstream's own fields reach HTTP/2 and HTTP/1.1 clients.
+    assert_eq!(r.header("x-upstream"), Some("u"));
+    let r = HttpClient::new()
+        .get(
+            &format!("http://{}/path", agent.proxy),
+            Some("h2.example.com"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-upstream"), Some("u"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

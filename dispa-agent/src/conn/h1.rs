@@ -100,7 +100,7 @@ where
     S: AsyncRead + AsyncWrite + ReadReady + Unpin + Send,
     F: Fn(Request<ClientBody>, SocketAddr) -> Fut,
     Fut: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
-    B: Body + Send + 'static,
+    B: Body + head::CarriesFields + Send + 'static,
     B::Data: Send,
 {
     let mut buf = BytesMut::new();
@@ -322,10 +322,13 @@ fn write_response<'a, S, B>(
 ) -> impl Future<Output = io::Result<bool>> + 'a
 where
     S: AsyncWrite + Unpin,
-    B: Body + 'a,
+    B: Body + head::CarriesFields + 'a,
 {
     let (mut parts, body) = resp.into_parts();
     let status = parts.status;
+    // An upstream's fields as it sent them, hop-by-hop ones already left out.
+    let mut body = body;
+    let raw = body.take_fields();
     // One pass comparing names instead of a hashed lookup each; the proxy has usually removed
     // the hop-by-hop ones already.
     let (mut connection, mut coding, mut date) = (false, false, false);
@@ -339,6 +342,13 @@ where
             date = true;
         } else if name == header::CONTENT_LENGTH && declared.is_none() {
             declared = Some(super::framing::parse_length(value.as_bytes()));
+        }
+    }
+    for (name, value) in raw.iter().flat_map(|r| r.iter()) {
+        if name.eq_ignore_ascii_case(b"date") {
+            date = true;
+        } else if name.eq_ignore_ascii_case(b"content-length") && declared.is_none() {
+            declared = Some(super::framing::parse_length(value));
         }
     }
     let mut keep_alive =
@@ -366,6 +376,7 @@ where
         Framing::Length(n)
     } else {
         if declared.is_some() {
+            // Not a length: the body is framed below (the own exchange sends none such).
             parts.headers.remove(header::CONTENT_LENGTH);
         }
         if let Some(n) = body.size_hint().exact() {
@@ -380,6 +391,9 @@ where
             Framing::Close
         }
     };
+    if let Some(raw) = &raw {
+        raw.push_lines(&mut out, &parts.headers);
+    }
     head::push_lines(&mut out, &parts.headers);
     if !date {
         push_date(&mut out);
@@ -615,6 +629,56 @@ mod tests {
         assert!(!text.contains("transfer-encoding"), "{text}");
         assert!(text.contains("content-length: 1\r\n") && keep, "{text}");
     }
+
+    #[tokio::test]
+    async fn an_upstream_s_fields_are_written_as_sent_behind_the_proxy_s() {
+        let head: &[u8] = b"HTTP/1.1 200 OK\r\nServer: up\r\nDate: Tue, 01 Dec 2026 00:00:00 GMT\r\nContent-Length: 2\r\nX-Request-Id: theirs\r\n\r\n";
+        let mut parsed = [httparse::EMPTY_HEADER; 8];
+        let mut r = httparse::Response::new(&mut parsed);
+        r.parse(head).unwrap();
+        let lines = r.headers.iter().map(|h| head::line(head, h)).collect();
+        let fields = Some(Box::new(head::RawFields::new(
+            Bytes::from_static(head),
+            lines,
+        )));
+        let mut resp = Response::new(Carrier(fields, b"hi"));
+        resp.headers_mut()
+            .insert("x-request-id", HeaderValue::from_static("ours"));
+        let mut out = Vec::new();
+        let keep = write_response(&mut out, resp, GET11, false).await.unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(
+            text,
+            "HTTP/1.1 200 OK\r\nServer: up\r\nDate: Tue, 01 Dec 2026 00:00:00 GMT\r\nContent-Length: 2\r\nx-request-id: ours\r\n\r\nhi"
+        );
+        assert!(keep);
+    }
+
+    /// A body of two bytes that carries its response's fields.
+    struct Carrier(Option<Box<head::RawFields>>, &'static [u8]);
+
+    impl head::CarriesFields for Carrier {
+        fn take_fields(&mut self) -> Option<Box<head::RawFields>> {
+            self.0.take()
+        }
+    }
+
+    impl Body for Carrier {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+            let d = std::mem::take(&mut self.1);
+            Poll::Ready(
+                (!d.is_empty()).then(|| Ok(hyper::body::Frame::data(Bytes::from_static(d)))),
+            )
+        }
+    }
+
+    impl head::CarriesFields for Stream {}
 
     /// A body of unknown length.
     struct Stream(Vec<&'static [u8]>);

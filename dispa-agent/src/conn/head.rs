@@ -49,6 +49,101 @@ pub fn header_map(head: &Bytes, lines: &[Line], room: usize) -> Option<HeaderMap
     Some(headers)
 }
 
+/// An upstream response's end-to-end header fields as it sent them: its head's bytes and
+/// where each field lies, hop-by-hop fields left out. Carried by the response's body
+/// ([`CarriesFields`]) instead of parsed into its `HeaderMap` (each name matched and hashed,
+/// each value sliced) only to be written out again: the own HTTP/1.1 writer (`conn::h1`)
+/// copies them as they are, and whatever needs them in the map first calls [`materialize`].
+/// A field in the map overrides those of the same name here (the proxy's X-Request-Id over
+/// an upstream's). httparse accepts the same name (token) and value bytes as `http`, so
+/// nothing passes here that the map would refuse. (Not in the response's extensions: their
+/// map costs three allocations and two hashed lookups, a third of what this saves.)
+pub struct RawFields {
+    head: Bytes,
+    lines: Lines,
+}
+
+impl RawFields {
+    pub fn new(head: Bytes, lines: Lines) -> Self {
+        Self { head, lines }
+    }
+
+    /// Each field's name and value, in the order sent.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.lines
+            .iter()
+            .filter_map(|&(ns, ne, vs, ve)| Some((self.head.get(ns..ne)?, self.head.get(vs..ve)?)))
+    }
+
+    /// Appends the fields not overridden by a name in `headers`, each line as it was sent
+    /// (httparse refuses folded lines, so a line is its name to its value's end).
+    pub fn push_lines(&self, out: &mut Vec<u8>, headers: &HeaderMap) {
+        for &(ns, ne, _, ve) in &self.lines {
+            let (Some(name), Some(line)) = (self.head.get(ns..ne), self.head.get(ns..ve)) else {
+                continue;
+            };
+            if overridden(headers, name) {
+                continue;
+            }
+            out.extend_from_slice(line);
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+}
+
+/// A response body that may carry its response's header fields as sent.
+pub trait CarriesFields {
+    /// The fields, taken out; `None` if they are in the header map.
+    fn take_fields(&mut self) -> Option<Box<RawFields>> {
+        None
+    }
+}
+
+// Bodies made whole by the agent (and by the request-path fuzz target) carry none.
+impl CarriesFields for http_body_util::Full<Bytes> {}
+impl CarriesFields for String {}
+
+impl<L: CarriesFields, R: CarriesFields> CarriesFields for http_body_util::Either<L, R> {
+    fn take_fields(&mut self) -> Option<Box<RawFields>> {
+        match self {
+            http_body_util::Either::Left(b) => b.take_fields(),
+            http_body_util::Either::Right(b) => b.take_fields(),
+        }
+    }
+}
+
+/// Whether `headers` holds `name`: compared, not hashed, as the map holds a field or two.
+fn overridden(headers: &HeaderMap, name: &[u8]) -> bool {
+    headers
+        .keys()
+        .any(|k| k.as_str().as_bytes().eq_ignore_ascii_case(name))
+}
+
+/// Moves a response's [`RawFields`], if its body carries them, into its header map, behind
+/// the fields the map holds (which override those of the same name).
+pub fn materialize<B: CarriesFields>(resp: &mut http::Response<B>) {
+    let Some(raw) = resp.body_mut().take_fields() else {
+        return;
+    };
+    let headers = resp.headers_mut();
+    let set: smallvec::SmallVec<[HeaderName; 4]> = headers.keys().cloned().collect();
+    headers.reserve(raw.lines.len());
+    for &(ns, ne, vs, ve) in &raw.lines {
+        let (Some(name), Some(_)) = (raw.head.get(ns..ne), raw.head.get(vs..ve)) else {
+            continue;
+        };
+        let Ok(name) = HeaderName::from_bytes(name) else {
+            continue;
+        };
+        if set.contains(&name) {
+            continue;
+        }
+        if let Ok(value) = HeaderValue::from_maybe_shared(raw.head.slice(vs..ve)) {
+            headers.append(name, value);
+        }
+    }
+}
+
 /// Appends `name: value` lines for every header in `headers`.
 pub fn push_lines(out: &mut Vec<u8>, headers: &HeaderMap) {
     for (name, value) in headers {
@@ -158,5 +253,48 @@ mod tests {
         }
         assert!(cut_value(b"bad\r\nvalue").is_none());
         assert_eq!(cut_value(b"").expect("empty is valid"), "");
+    }
+
+    /// The fields of `head` (a response head as sent), as the own exchange keeps them.
+    fn raw(head: &'static [u8]) -> RawFields {
+        let mut parsed = [httparse::EMPTY_HEADER; 8];
+        let mut resp = httparse::Response::new(&mut parsed);
+        resp.parse(head).expect("a valid head");
+        let lines = resp.headers.iter().map(|h| line(head, h)).collect();
+        RawFields::new(Bytes::from_static(head), lines)
+    }
+
+    #[test]
+    fn raw_fields_are_written_as_sent_unless_the_map_overrides_them() {
+        let fields = raw(
+            b"HTTP/1.1 200 OK\r\nServer: up\r\nX-Request-Id: theirs\r\nVary: a\r\nVary: b\r\n\r\n",
+        );
+        let mut map = HeaderMap::new();
+        map.insert("x-request-id", HeaderValue::from_static("ours"));
+        let mut out = Vec::new();
+        fields.push_lines(&mut out, &map);
+        assert_eq!(out, b"Server: up\r\nVary: a\r\nVary: b\r\n");
+
+        struct Carrier(Option<Box<RawFields>>);
+        impl CarriesFields for Carrier {
+            fn take_fields(&mut self) -> Option<Box<RawFields>> {
+                self.0.take()
+            }
+        }
+        let mut resp = http::Response::new(Carrier(Some(Box::new(fields))));
+        resp.headers_mut()
+            .insert("x-request-id", HeaderValue::from_static("ours"));
+        materialize(&mut resp);
+        assert!(resp.body().0.is_none());
+        let h = resp.headers();
+        assert_eq!(h["server"], "up");
+        assert_eq!(
+            h.get_all("x-request-id").iter().collect::<Vec<_>>(),
+            ["ours"]
+        );
+        assert_eq!(h.get_all("vary").iter().collect::<Vec<_>>(), ["a", "b"]);
+        // Without raw fields nothing changes.
+        materialize(&mut resp);
+        assert_eq!(resp.headers().len(), 4);
     }
 }

@@ -275,6 +275,12 @@ impl Drop for LoggedBody {
     }
 }
 
+impl crate::conn::head::CarriesFields for LoggedBody {
+    fn take_fields(&mut self) -> Option<Box<crate::conn::head::RawFields>> {
+        self.inner.take_fields()
+    }
+}
+
 impl Body for LoggedBody {
     type Data = Bytes;
     type Error = Box<dyn std::error::Error + Send + Sync>;

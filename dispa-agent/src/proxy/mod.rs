@@ -668,8 +668,13 @@ impl Proxy {
                     }
                     Ok(mut resp) if !may_retry => {
                         ex.in_flight = Some(picked.in_flight);
+                        // Fields the own exchange left as sent are already without the
+                        // hop-by-hop ones; route rules need them all in the map.
                         headers::strip_hop_by_hop(resp.headers_mut());
-                        route.response_headers.apply(resp.headers_mut());
+                        if !route.response_headers.is_empty() {
+                            crate::conn::head::materialize(&mut resp);
+                            route.response_headers.apply(resp.headers_mut());
+                        }
                         return (ex, resp.map(Either::Left));
                     }
                     Err(f) if !may_retry => {

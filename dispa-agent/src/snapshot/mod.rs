@@ -87,6 +87,10 @@ impl CompiledHeaderOps {
         })
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
+
     pub fn apply(&self, headers: &mut http::HeaderMap) {
         for n in &self.remove {
             headers.remove(n);

@@ -135,17 +135,22 @@ pub async fn round_trip(
                 // 1xx (but 101) are informational: the real response follows.
                 Parsed::Informational => continue,
                 Parsed::Response(parts, framing, reuse) => {
+                    let (fields, headers) = match parts.2 {
+                        Fields::Raw(raw) => (Some(Box::new(raw)), HeaderMap::new()),
+                        Fields::Map(map) => (None, map),
+                    };
                     let body = OwnBody {
                         conn: Some(conn),
                         buf,
                         framing,
                         reuse,
                         home,
+                        fields,
                     };
                     let mut resp = Response::new(body);
                     *resp.status_mut() = parts.0;
                     *resp.version_mut() = parts.1;
-                    *resp.headers_mut() = parts.2;
+                    *resp.headers_mut() = headers;
                     // A response without a body hands its connection back at once.
                     resp.body_mut().finish_if_done();
                     return Ok(resp);
@@ -155,10 +160,21 @@ pub async fn round_trip(
     }
 }
 
+// Returned once per head and taken apart at once: boxing would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 enum Parsed {
     Partial,
     Informational,
-    Response((StatusCode, Version, HeaderMap), Framing, bool),
+    Response((StatusCode, Version, Fields), Framing, bool),
+}
+
+/// A response's header fields: as sent, or in a map when they needed changes beyond leaving
+/// out the hop-by-hop ones (a Content-Length void beside a coding, repeated lengths, fields
+/// Connection names). Taken apart at once, as `Parsed`.
+#[allow(clippy::large_enum_variant)]
+enum Fields {
+    Raw(head::RawFields),
+    Map(HeaderMap),
 }
 
 /// Parses a response head from the front of `buf`, taking it out when whole.
@@ -191,6 +207,9 @@ fn parse(buf: &mut BytesMut, method_head: bool) -> io::Result<Parsed> {
     let mut chunked = false;
     let mut coded = false;
     let mut lines = head::Lines::new();
+    // Hop-by-hop fields seen, and whether Connection names fields of its own (rare: those
+    // are removed from the header map, as before).
+    let (mut hop, mut names_fields) = (false, false);
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
         if name.eq_ignore_ascii_case(b"content-length") {
@@ -213,10 +232,33 @@ fn parse(buf: &mut BytesMut, method_head: bool) -> io::Result<Parsed> {
             let (c, k) = crate::conn::framing::connection_options(h.value);
             close |= c;
             reuse |= k;
+            hop = true;
+            names_fields |= h.value.split(|&b| b == b',').any(|t| {
+                let t = t.trim_ascii();
+                !t.is_empty()
+                    && !t.eq_ignore_ascii_case(b"close")
+                    && !t.eq_ignore_ascii_case(b"keep-alive")
+            });
+        } else {
+            hop |= is_hop_by_hop(name);
         }
         lines.push(head::line(buf, h));
     }
     let bytes = buf.split_to(len).freeze();
+    let framing_fields = coded || lengths > 1;
+    if !framing_fields && !names_fields {
+        // The usual response: its fields travel as sent, hop-by-hop ones left out.
+        if hop {
+            lines.retain(|l| {
+                let name = bytes.get(l.0..l.1).unwrap_or_default();
+                !name.eq_ignore_ascii_case(b"connection") && !is_hop_by_hop(name)
+            });
+        }
+        let framing = body_framing(status, method_head, false, false, length);
+        let reuse = reuse && !close && !matches!(framing, Framing::ToEof);
+        let fields = Fields::Raw(head::RawFields::new(bytes, lines));
+        return Ok(Parsed::Response((status, version, fields), framing, reuse));
+    }
     // Room for the request id the proxy adds (sized as in `conn::h1`).
     let mut headers =
         head::header_map(&bytes, &lines, 1).ok_or_else(|| invalid("invalid upstream header"))?;
@@ -235,22 +277,53 @@ fn parse(buf: &mut BytesMut, method_head: bool) -> io::Result<Parsed> {
     if close {
         reuse = false;
     }
-    let framing =
-        if method_head || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
-            Framing::Length(0)
-        } else if chunked {
-            Framing::Chunked(Chunked::default())
-        } else if coded {
-            Framing::ToEof
-        } else if let Some(n) = length {
-            Framing::Length(n)
-        } else {
-            Framing::ToEof
-        };
+    let framing = body_framing(status, method_head, chunked, coded, length);
     if matches!(framing, Framing::ToEof) {
         reuse = false;
     }
-    Ok(Parsed::Response((status, version, headers), framing, reuse))
+    Ok(Parsed::Response(
+        (status, version, Fields::Map(headers)),
+        framing,
+        reuse,
+    ))
+}
+
+/// How a response's body ends, from its status and framing fields.
+fn body_framing(
+    status: StatusCode,
+    method_head: bool,
+    chunked: bool,
+    coded: bool,
+    length: Option<u64>,
+) -> Framing {
+    if method_head || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        Framing::Length(0)
+    } else if chunked {
+        Framing::Chunked(Chunked::default())
+    } else if coded {
+        Framing::ToEof
+    } else if let Some(n) = length {
+        Framing::Length(n)
+    } else {
+        Framing::ToEof
+    }
+}
+
+/// Hop-by-hop fields (RFC 9110 section 7.6.1) besides Connection, as
+/// `proxy::headers::strip_hop_by_hop` removes them from a map.
+fn is_hop_by_hop(name: &[u8]) -> bool {
+    [
+        &b"keep-alive"[..],
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    ]
+    .iter()
+    .any(|n| name.eq_ignore_ascii_case(n))
 }
 
 /// Where a response body is in its framing.
@@ -273,6 +346,14 @@ pub struct OwnBody {
     framing: Framing,
     reuse: bool,
     home: (Weak<H1Conns>, SocketAddr),
+    /// The response's header fields as sent, until they are written or put in the map.
+    fields: Option<Box<head::RawFields>>,
+}
+
+impl head::CarriesFields for OwnBody {
+    fn take_fields(&mut self) -> Option<Box<head::RawFields>> {
+        self.fields.take()
+    }
 }
 
 impl std::fmt::Debug for OwnBody {
@@ -427,7 +508,7 @@ mod tests {
         );
         let both = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n";
         match parse(&mut BytesMut::from(&both[..]), false) {
-            Ok(Parsed::Response((_, _, h), Framing::Chunked(_), _)) => {
+            Ok(Parsed::Response((_, _, Fields::Map(h)), Framing::Chunked(_), _)) => {
                 assert!(!h.contains_key(http::header::CONTENT_LENGTH), "dropped");
             }
             _ => panic!("chunked wins"),
@@ -448,6 +529,22 @@ mod tests {
             framing(close_wins, false),
             Some((Framing::Length(0), false))
         );
+        // The usual response keeps its fields as sent, without the hop-by-hop ones; one
+        // whose Connection names a field goes into a map, for the proxy to remove it.
+        let usual = b"HTTP/1.1 200 OK\r\nServer: up\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nContent-Length: 0\r\nTE: trailers\r\n\r\n";
+        match parse(&mut BytesMut::from(&usual[..]), false) {
+            Ok(Parsed::Response((_, _, Fields::Raw(raw)), Framing::Length(0), true)) => {
+                let names: Vec<&[u8]> = raw.iter().map(|(n, _)| n).collect();
+                assert_eq!(names, [&b"Server"[..], b"Content-Length"]);
+            }
+            _ => panic!("kept as sent"),
+        }
+        let naming =
+            b"HTTP/1.1 200 OK\r\nConnection: x-secret\r\nX-Secret: 1\r\nContent-Length: 0\r\n\r\n";
+        assert!(matches!(
+            parse(&mut BytesMut::from(&naming[..]), false),
+            Ok(Parsed::Response((_, _, Fields::Map(h)), _, true)) if h.contains_key("x-secret")
+        ));
         let mut info = BytesMut::from(
             &b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\n"[..],
         );

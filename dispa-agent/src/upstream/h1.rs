@@ -63,6 +63,15 @@ pub enum UpstreamBody {
     Own(OwnBody),
 }
 
+impl crate::conn::head::CarriesFields for UpstreamBody {
+    fn take_fields(&mut self) -> Option<Box<crate::conn::head::RawFields>> {
+        match self {
+            UpstreamBody::Own(b) => b.take_fields(),
+            UpstreamBody::Hyper(_) => None,
+        }
+    }
+}
+
 impl Body for UpstreamBody {
     type Data = Bytes;
     type Error = BoxError;
