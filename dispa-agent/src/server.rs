@@ -468,6 +468,7 @@ where
         let name = self.opts.name;
         let limits = &self.limits;
         let mut shutdown = self.shutdown.clone();
+        let probe = self.shutdown.clone();
         let mut closing: Option<tokio::time::Instant> = None;
         let mut stop_asked = *shutdown.borrow();
         // Made once: a `changed()` made on every wake-up would join and leave the channel's
@@ -480,6 +481,24 @@ where
             }
         };
         tokio::pin!(stopping);
+        // And polled again only when the channel moved on: `select!` polls every branch on
+        // each wake-up of the task (a few per request), and a waiting `changed()` locks the
+        // channel's waiter list on every poll. Its waiter holds this task's waker, which is
+        // the same on every poll (checked), so nothing is missed.
+        let mut waiting_with: Option<std::task::Waker> = None;
+        let mut stopping = std::future::poll_fn(move |cx| {
+            let same_waker = waiting_with
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()));
+            if same_waker && matches!(probe.has_changed(), Ok(false)) {
+                return std::task::Poll::Pending;
+            }
+            let polled = stopping.as_mut().poll(cx);
+            if polled.is_pending() && !same_waker {
+                waiting_with = Some(cx.waker().clone());
+            }
+            polled
+        });
         // One timer for the connection's life, moved rather than remade on every wake-up
         // (moving a deadline later does not touch tokio's timer wheel).
         let timer = tokio::time::sleep(Duration::ZERO);

@@ -279,6 +279,42 @@ async fn sigterm_finishes_in_flight_requests_then_exits_zero() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_idle_keep_alive_connections_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let up = TestUpstream::start("u").await;
+    let cfg = format!(
+        "[upstreams.u]\nendpoints = [\"{}\"]\n[[routes]]\nname = \"r\"\nupstream = \"u\"\n",
+        up.addr
+    );
+    let (_plane, mut agent) = fleet_with(dir.path(), &cfg).await;
+    // One request answered, then the connection waits, idle (the idle timeout is 60 s).
+    let mut s = tokio::net::TcpStream::connect(agent.proxy).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("\"upstream\"") {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "answered before closing");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(got.starts_with(b"HTTP/1.1 200"));
+    agent.sigterm().await;
+    // The agent closes the idle connection and exits, well before the idle timeout.
+    let closed = tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf))
+        .await
+        .expect("the idle connection is closed on SIGTERM");
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+    let status = tokio::time::timeout(Duration::from_secs(20), agent.child.wait())
+        .await
+        .expect("agent exits")
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "log:\n{}", agent.log_text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_of_another_protocol_major_is_refused_with_both_versions() {
     let dir = tempfile::tempdir().unwrap();
     let plane = PlaneProc::start(dir.path()).await;
