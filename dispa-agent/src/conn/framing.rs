@@ -409,6 +409,10 @@ fn analyse(head: &[u8], max_headers: usize) -> Result<State, HeadError> {
 /// What a Connection header value says about persistence: (`close`, `keep-alive`) among its
 /// tokens. `close` wins over `keep-alive` wherever both appear.
 pub fn connection_options(v: &[u8]) -> (bool, bool) {
+    // The one token nearly every peer sends, without splitting.
+    if v.eq_ignore_ascii_case(b"keep-alive") {
+        return (false, true);
+    }
     let (mut close, mut keep_alive) = (false, false);
     for token in v.split(|&b| b == b',') {
         let token = token.trim_ascii();
@@ -423,7 +427,8 @@ pub fn parse_length(v: &[u8]) -> Option<u64> {
     if v.is_empty() || v.len() > 18 || !v.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    std::str::from_utf8(v).ok()?.parse().ok()
+    // 18 digits cannot overflow a u64.
+    Some(v.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
 }
 
 #[cfg(test)]

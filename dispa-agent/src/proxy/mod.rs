@@ -149,6 +149,9 @@ struct Exchange {
     client_ip: Option<std::net::IpAddr>,
     /// Why the policy refused the request.
     policy_denied: Option<&'static str>,
+    /// The request's series, once its route is known (`route` and `upstream`, the names,
+    /// are filled in for the traffic log only).
+    meters: Option<Arc<crate::telemetry::RequestMeters>>,
 }
 
 /// Shared by every connection of the proxy listener.
@@ -245,7 +248,7 @@ impl Proxy {
             // cache, the chunk freed last first (still in the CPU's cache); one box of the
             // whole request (3 KiB) came from its bins, wherever a free chunk was, which with
             // a large route table loaded was rarely memory the CPU had cached.
-            let (ex, mut resp) = Box::pin(
+            let (mut ex, mut resp) = Box::pin(
                 self.handle(req, peer, scheme, bytes_in.clone())
                     .instrument(span.clone()),
             )
@@ -253,7 +256,10 @@ impl Proxy {
             resp.headers_mut().insert(X_REQUEST_ID, rid);
 
             let status = resp.status().as_u16();
-            let meters = self.metrics.meters(&ex.route, &ex.upstream);
+            let meters = match ex.meters.take() {
+                Some(m) => m,
+                None => self.metrics.meters(&ex.route, &ex.upstream),
+            };
             meters.answered(&self.metrics, status);
             if let Some(us) = ex.upstream_us {
                 meters.upstream_took(&self.metrics, us as f64 / 1e6);
@@ -357,7 +363,11 @@ impl Proxy {
             let Some(raw_host) = headers::request_host(&req) else {
                 return fail(ex, Failure::BadRequest);
             };
-            ex.host = normalize_host(&raw_host);
+            let host = normalize_host(&raw_host);
+            // Kept for the traffic log only.
+            if self.logs.enabled() {
+                ex.host = host.to_string();
+            }
             let view = RequestView {
                 path: req.uri().path(),
                 method: req.method().as_str(),
@@ -367,7 +377,7 @@ impl Proxy {
             let trusted = &snapshot.trusted_proxies;
             let client_ip = crate::policy::client::client_ip(peer.ip(), req.headers(), trusted);
             ex.client_ip = Some(client_ip);
-            let Some(route) = snapshot.routes.lookup(&ex.host, &view) else {
+            let Some(route) = snapshot.routes.lookup(&host, &view) else {
                 // The global allow/deny first: a refused client learns nothing about routes.
                 let u = &snapshot.unrouted;
                 if !crate::policy::address_allowed(client_ip, &u.allow, &u.deny) {
@@ -376,7 +386,11 @@ impl Proxy {
                 }
                 return fail(ex, Failure::NoRoute);
             };
-            ex.route = route.name.to_string();
+            let logging = self.logs.enabled();
+            if logging {
+                ex.route = route.name.to_string();
+            }
+            ex.meters = Some(route.meters(&self.metrics, None));
             if let Some(a) = &route.policy.auth {
                 // Only the agent sets claim headers: a client's own copies are dropped.
                 for h in a.claim_headers() {
@@ -425,7 +439,10 @@ impl Proxy {
                     None => return fail(ex, Failure::NoEndpoint),
                 },
             };
-            ex.upstream = upstream.name.to_string();
+            if logging {
+                ex.upstream = upstream.name.to_string();
+            }
+            ex.meters = Some(route.meters(&self.metrics, Some(&upstream)));
             let client = Client {
                 ip: client_ip,
                 forwarded_for: headers::forwarded_for(

@@ -11,6 +11,8 @@ mod matcher;
 
 // Looked up on every request with keys from config; foldhash is several times faster than
 // SipHash on short keys, and lookups alone give a client nothing to collide.
+use std::borrow::Cow;
+
 use foldhash::HashMap;
 
 use dispa_proto::config::model::{HostPattern, Route};
@@ -92,7 +94,7 @@ impl<R> RouteTable<R> {
 }
 
 /// Lower-cases a Host header / authority and strips the port and a trailing dot.
-pub fn normalize_host(raw: &str) -> String {
+pub fn normalize_host(raw: &str) -> Cow<'_, str> {
     let host = if let Some(rest) = raw.strip_prefix('[') {
         // IPv6 literal: "[::1]:8080" -> "::1"
         rest.split(']').next().unwrap_or(rest)
@@ -105,7 +107,13 @@ pub fn normalize_host(raw: &str) -> String {
             }
         })
     };
-    host.trim_end_matches('.').to_ascii_lowercase()
+    let host = host.trim_end_matches('.');
+    // Most hosts arrive in lower case: borrowed, not copied.
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    }
 }
 
 #[cfg(test)]

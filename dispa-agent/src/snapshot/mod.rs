@@ -159,9 +159,31 @@ pub struct CompiledRoute {
     pub rewrite: Option<(PathMatch, String)>,
     /// Allow/deny, rate limit, auth and body limits: the route's own, else the global ones.
     pub policy: crate::policy::RoutePolicy,
+    /// The route's request series, without an upstream and with its own, found once per
+    /// snapshot instead of by name on every request.
+    meters: [std::sync::OnceLock<Arc<crate::telemetry::RequestMeters>>; 2],
 }
 
 impl CompiledRoute {
+    /// The route's request series, with `upstream` or without. The first upstream asked for
+    /// is kept; a split route's others are looked up by name.
+    pub fn meters(
+        &self,
+        metrics: &crate::telemetry::Metrics,
+        upstream: Option<&UpstreamRuntime>,
+    ) -> Arc<crate::telemetry::RequestMeters> {
+        let (slot, name) = match upstream {
+            Some(u) => (&self.meters[1], u.name.as_str()),
+            None => (&self.meters[0], ""),
+        };
+        let kept = slot.get_or_init(|| metrics.meters(self.name.as_str(), name));
+        if kept.upstream() == name {
+            kept.clone()
+        } else {
+            metrics.meters(self.name.as_str(), name)
+        }
+    }
+
     /// The path to send upstream.
     pub fn rewrite_path<'a>(&self, path: &'a str) -> std::borrow::Cow<'a, str> {
         match &self.rewrite {
@@ -353,6 +375,7 @@ fn compile_route(
         response_headers: CompiledHeaderOps::compile(&r.response_headers, &r.name)?,
         rewrite: r.rewrite_prefix.clone().map(|to| (r.path.clone(), to)),
         policy,
+        meters: Default::default(),
     })
 }
 
@@ -405,6 +428,29 @@ mod tests {
             headers: &headers,
         };
         u.pick(&ctx, &[]).map(|p| p.addr)
+    }
+
+    #[test]
+    fn a_route_s_series_are_kept_per_upstream_and_split_routes_get_each_their_own() {
+        let s = snapshot(
+            "[upstreams.a]\nendpoints=[\"127.0.0.1:1\"]\n[upstreams.b]\nendpoints=[\"127.0.0.1:2\"]\n[[routes]]\nname=\"r\"\nsplit={ a = 1, b = 1 }\n",
+            None,
+        );
+        let metrics = crate::telemetry::Metrics::new();
+        let route = s.routes.routes().next().unwrap();
+        let (a, b) = (
+            &s.upstreams[&dispa_proto::UpstreamName::new("a")],
+            &s.upstreams[&dispa_proto::UpstreamName::new("b")],
+        );
+        assert_eq!(route.meters(&metrics, Some(a)).upstream(), "a");
+        assert_eq!(route.meters(&metrics, Some(b)).upstream(), "b");
+        assert_eq!(route.meters(&metrics, Some(a)).upstream(), "a");
+        assert_eq!(route.meters(&metrics, None).upstream(), "");
+        // The same series the registry hands out by name.
+        assert!(Arc::ptr_eq(
+            &route.meters(&metrics, Some(b)),
+            &metrics.meters("r", "b")
+        ));
     }
 
     #[test]

@@ -100,7 +100,7 @@ pub struct Metrics {
 
 /// One (route, upstream) pair's request series, each made on first use (an unused status
 /// class stays out of the exposition).
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct RequestMeters {
     route: String,
     upstream: String,
@@ -110,6 +110,11 @@ pub struct RequestMeters {
 }
 
 impl RequestMeters {
+    /// The upstream of the series ("" for none).
+    pub fn upstream(&self) -> &str {
+        &self.upstream
+    }
+
     /// Counts a request answered with `status`.
     pub fn answered(&self, m: &Metrics, status: u16) {
         let i = usize::from((status / 100).clamp(1, 5) - 1);
