@@ -473,13 +473,16 @@ where
         let mut stop_asked = *shutdown.borrow();
         // Made once: a `changed()` made on every wake-up would join and leave the channel's
         // waiter list (two lock round trips) each time.
-        let stopping = async move {
+        // Unconstrained: with the task's cooperative budget spent, `changed()` would return
+        // Pending without joining the waiter list, and the shortcut below would never poll it
+        // again.
+        let stopping = tokio::task::unconstrained(async move {
             while shutdown.changed().await.is_ok() {
                 if *shutdown.borrow() {
                     return;
                 }
             }
-        };
+        });
         tokio::pin!(stopping);
         // And polled again only when the channel moved on: `select!` polls every branch on
         // each wake-up of the task (a few per request), and a waiting `changed()` locks the

@@ -162,6 +162,10 @@ impl Tracker {
     ) -> Result<(), StreamError> {
         self.heads += 1;
         self.head_since = next_since;
+        // After a refused head every later one is refused too, as `feed` would.
+        if let Some(e) = self.poisoned {
+            return self.push(Err(e));
+        }
         let start = head.iter().position(|b| !matches!(b, b'\r' | b'\n'));
         if bare_line_end(&head[start.unwrap_or(head.len())..]) {
             self.refuse(HeadError::BareLineEnd)
@@ -465,6 +469,9 @@ mod tests {
         t.own_head(b"GET / HTTP/1.1\nHost: a\r\n\r\n", Some(t0))
             .unwrap();
         assert_eq!(t.next_verdict(), Some(Err(HeadError::BareLineEnd)));
+        assert_eq!(t.next_verdict(), Some(Err(HeadError::BareLineEnd)));
+        // A later head, however clean, is refused as well, not queued as accepted.
+        t.own_head(b"GET / HTTP/1.1\r\n\r\n", None).unwrap();
         assert_eq!(t.next_verdict(), Some(Err(HeadError::BareLineEnd)));
     }
 

@@ -113,7 +113,7 @@ where
             if !buf.is_empty() {
                 let hand_off = match parse(&mut buf) {
                     Parse::Request(r, a, head) => {
-                        if took(&shared, &head, r.headers().len(), !buf.is_empty())? {
+                        if took(&shared, &head, r.headers().len(), head_begun(&buf))? {
                             break (r, a);
                         }
                         // Past the configured limits: hyper answers, the tracker refuses.
@@ -178,6 +178,12 @@ fn took(shared: &Shared, head: &[u8], lines: usize, more: bool) -> io::Result<bo
     t.own_head(head, more.then(Instant::now))
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     Ok(true)
+}
+
+/// Whether `unread` holds the start of a head: empty lines before a request line do not
+/// start one (they would start the header timeout on an idle connection).
+fn head_begun(unread: &[u8]) -> bool {
+    unread.iter().any(|b| !matches!(b, b'\r' | b'\n'))
 }
 
 /// The tracker follows the connection from `unread` on, as hyper reads it.
@@ -565,6 +571,13 @@ mod tests {
             assert!(r.is_none(), "{}", String::from_utf8_lossy(raw));
             assert_eq!(&rest[..], raw, "bytes kept for hyper");
         }
+    }
+
+    #[test]
+    fn only_bytes_of_a_request_line_begin_a_head() {
+        assert!(!head_begun(b""));
+        assert!(!head_begun(b"\r\n\r\n"));
+        assert!(head_begun(b"\r\nG"));
     }
 
     #[test]

@@ -208,13 +208,16 @@ thread_local! {
 }
 
 /// Size of a block of values: a request id, a trace context and an address take ~100 bytes.
-const VALUES_BLOCK: usize = 4096;
+/// Small, because a value kept elsewhere keeps its whole block: an HTTP/2 connection's HPACK
+/// table (4 KiB) indexes such values, about 50 of them, so at most ~25 KiB per connection.
+const VALUES_BLOCK: usize = 512;
 
 /// A header value holding `bytes`, cut from a block the serving thread shares between its
 /// requests: `HeaderValue::from_bytes` allocates a copy, and the first clone of that copy
 /// allocates again (its shared count); three such values per request were six of the
-/// request's twenty allocations, and the small chunks outnumbered glibc's thread cache. A
-/// block is freed when its last value is, or refilled in place when it is the last holder.
+/// request's twenty allocations, and the small chunks outnumbered glibc's thread cache (a
+/// block costs two allocations per four or five requests). A block is freed when its last
+/// value is, or refilled in place when it is the last holder.
 /// `None` if `bytes` is not a valid header value.
 pub fn cut_value(bytes: &[u8]) -> Option<HeaderValue> {
     let cut = VALUES.with_borrow_mut(|block| {
