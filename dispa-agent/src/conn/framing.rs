@@ -410,20 +410,34 @@ fn analyse(head: &[u8], max_headers: usize) -> Result<State, HeadError> {
     })
 }
 
-/// What a Connection header value says about persistence: (`close`, `keep-alive`) among its
-/// tokens. `close` wins over `keep-alive` wherever both appear.
-pub fn connection_options(v: &[u8]) -> (bool, bool) {
+/// What a Connection header value says: its `close` and `keep-alive` tokens (`close` wins
+/// over `keep-alive` wherever both appear), and whether it names other fields, which are then
+/// hop-by-hop too.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionOptions {
+    pub close: bool,
+    pub keep_alive: bool,
+    pub names_fields: bool,
+}
+
+pub fn connection_options(v: &[u8]) -> ConnectionOptions {
+    let mut o = ConnectionOptions::default();
     // The one token nearly every peer sends, without splitting.
     if v.eq_ignore_ascii_case(b"keep-alive") {
-        return (false, true);
+        o.keep_alive = true;
+        return o;
     }
-    let (mut close, mut keep_alive) = (false, false);
     for token in v.split(|&b| b == b',') {
         let token = token.trim_ascii();
-        close |= token.eq_ignore_ascii_case(b"close");
-        keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+        if token.eq_ignore_ascii_case(b"close") {
+            o.close = true;
+        } else if token.eq_ignore_ascii_case(b"keep-alive") {
+            o.keep_alive = true;
+        } else if !token.is_empty() {
+            o.names_fields = true;
+        }
     }
-    (close, keep_alive)
+    o
 }
 
 /// `1*DIGIT`, nothing else (no sign, no spaces, no list), at most 18 digits.
@@ -444,6 +458,18 @@ mod tests {
         let mut t = Tracker::new(16384, 100);
         let r = t.feed(input, Instant::now());
         (t.verdicts.drain(..).collect(), r)
+    }
+
+    #[test]
+    fn connection_says_close_keep_alive_and_which_fields_it_names() {
+        let o = |v: &[u8]| {
+            let c = connection_options(v);
+            (c.close, c.keep_alive, c.names_fields)
+        };
+        assert_eq!(o(b"Keep-Alive"), (false, true, false));
+        assert_eq!(o(b"close, keep-alive"), (true, true, false));
+        assert_eq!(o(b"keep-alive, X-Secret"), (false, true, true));
+        assert_eq!(o(b" , close ,"), (true, false, false));
     }
 
     #[test]

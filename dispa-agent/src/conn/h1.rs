@@ -269,9 +269,9 @@ fn parse(buf: &mut BytesMut) -> Parse {
             return Parse::HandOff;
         }
         if name.eq_ignore_ascii_case(b"connection") {
-            let (c, k) = super::framing::connection_options(h.value);
-            close |= c;
-            keep_alive |= k;
+            let o = super::framing::connection_options(h.value);
+            close |= o.close;
+            keep_alive |= o.keep_alive;
         }
         lines.push(head::line(buf, h));
     }
@@ -330,10 +330,9 @@ where
     S: AsyncWrite + Unpin,
     B: Body + head::CarriesFields + 'a,
 {
-    let (mut parts, body) = resp.into_parts();
+    let (mut parts, mut body) = resp.into_parts();
     let status = parts.status;
     // An upstream's fields as it sent them, hop-by-hop ones already left out.
-    let mut body = body;
     let raw = body.take_fields();
     // One pass comparing names instead of a hashed lookup each; the proxy has usually removed
     // the hop-by-hop ones already.
@@ -500,7 +499,7 @@ fn says_close(headers: &HeaderMap) -> bool {
     headers
         .get_all(header::CONNECTION)
         .iter()
-        .any(|v| super::framing::connection_options(v.as_bytes()).0)
+        .any(|v| super::framing::connection_options(v.as_bytes()).close)
 }
 
 /// Appends a `date` header; the text is made once a second per thread.
@@ -646,14 +645,7 @@ mod tests {
     #[tokio::test]
     async fn an_upstream_s_fields_are_written_as_sent_behind_the_proxy_s() {
         let head: &[u8] = b"HTTP/1.1 200 OK\r\nServer: up\r\nDate: Tue, 01 Dec 2026 00:00:00 GMT\r\nContent-Length: 2\r\nX-Request-Id: theirs\r\n\r\n";
-        let mut parsed = [httparse::EMPTY_HEADER; 8];
-        let mut r = httparse::Response::new(&mut parsed);
-        r.parse(head).unwrap();
-        let lines = r.headers.iter().map(|h| head::line(head, h)).collect();
-        let fields = Some(Box::new(head::RawFields::new(
-            Bytes::from_static(head),
-            lines,
-        )));
+        let fields = Some(Box::new(head::RawFields::parsed(head)));
         let mut resp = Response::new(Stream(vec![b"hi"], fields));
         resp.headers_mut()
             .insert("x-request-id", HeaderValue::from_static("ours"));

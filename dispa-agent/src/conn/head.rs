@@ -75,6 +75,19 @@ impl RawFields {
             .filter_map(|&(ns, ne, vs, ve)| Some((self.head.get(ns..ne)?, self.head.get(vs..ve)?)))
     }
 
+    /// The fields of `head`, a whole response head as sent (tests).
+    #[cfg(test)]
+    pub fn parsed(head: &'static [u8]) -> Self {
+        let mut found = [httparse::EMPTY_HEADER; 16];
+        let mut resp = httparse::Response::new(&mut found);
+        assert!(
+            resp.parse(head).is_ok_and(|s| s.is_complete()),
+            "a whole head"
+        );
+        let lines = resp.headers.iter().map(|h| line(head, h)).collect();
+        Self::new(Bytes::from_static(head), lines)
+    }
+
     /// Appends the fields not overridden by a name in `headers`, each line as it was sent
     /// (httparse refuses folded lines, so a line is its name to its value's end).
     pub fn push_lines(&self, out: &mut Vec<u8>, headers: &HeaderMap) {
@@ -258,18 +271,9 @@ mod tests {
         assert_eq!(cut_value(b"").expect("empty is valid"), "");
     }
 
-    /// The fields of `head` (a response head as sent), as the own exchange keeps them.
-    fn raw(head: &'static [u8]) -> RawFields {
-        let mut parsed = [httparse::EMPTY_HEADER; 8];
-        let mut resp = httparse::Response::new(&mut parsed);
-        resp.parse(head).expect("a valid head");
-        let lines = resp.headers.iter().map(|h| line(head, h)).collect();
-        RawFields::new(Bytes::from_static(head), lines)
-    }
-
     #[test]
     fn raw_fields_are_written_as_sent_unless_the_map_overrides_them() {
-        let fields = raw(
+        let fields = RawFields::parsed(
             b"HTTP/1.1 200 OK\r\nServer: up\r\nX-Request-Id: theirs\r\nVary: a\r\nVary: b\r\n\r\n",
         );
         let mut map = HeaderMap::new();

@@ -69,6 +69,15 @@ pub fn wants_trailers(headers: &HeaderMap) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
 }
 
+/// Whether a field name, as sent, is hop-by-hop: one of `HOP_BY_HOP` or
+/// Transfer-Encoding, the names [`strip_hop_by_hop`] removes besides those Connection names.
+pub fn is_hop_by_hop(name: &[u8]) -> bool {
+    name.eq_ignore_ascii_case(header::TRANSFER_ENCODING.as_str().as_bytes())
+        || HOP_BY_HOP
+            .iter()
+            .any(|h| name.eq_ignore_ascii_case(h.as_str().as_bytes()))
+}
+
 /// Removes hop-by-hop headers, including every header the Connection header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none of them, and most others only `Connection`.
@@ -239,6 +248,17 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+        // The same names, as sent, for fields that never enter a map.
+        for n in [
+            "Connection",
+            "keep-alive",
+            "TE",
+            "Transfer-Encoding",
+            "Upgrade",
+        ] {
+            assert!(is_hop_by_hop(n.as_bytes()), "{n}");
+        }
+        assert!(!is_hop_by_hop(b"X-Kept") && !is_hop_by_hop(b"Content-Length"));
 
         // A length beside a transfer coding goes with it; alone it stays.
         let mut h = HeaderMap::new();

@@ -21,6 +21,7 @@ use tokio::net::TcpStream;
 use super::h1::H1Conns;
 use crate::conn::chunked::{Chunked, Next};
 use crate::conn::head::{self, HeadBuf};
+use crate::proxy::headers::is_hop_by_hop;
 
 /// Largest response head read; hyper's client allows about as much by default.
 const MAX_HEAD: usize = 64 * 1024;
@@ -227,16 +228,11 @@ fn parse(buf: &mut BytesMut, method_head: bool) -> io::Result<Parsed> {
                 .next()
                 .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
         } else if name.eq_ignore_ascii_case(b"connection") {
-            let (c, k) = crate::conn::framing::connection_options(h.value);
-            close |= c;
-            reuse |= k;
+            let o = crate::conn::framing::connection_options(h.value);
+            close |= o.close;
+            reuse |= o.keep_alive;
+            names_fields |= o.names_fields;
             hop = true;
-            names_fields |= h.value.split(|&b| b == b',').any(|t| {
-                let t = t.trim_ascii();
-                !t.is_empty()
-                    && !t.eq_ignore_ascii_case(b"close")
-                    && !t.eq_ignore_ascii_case(b"keep-alive")
-            });
         } else {
             hop |= is_hop_by_hop(name);
         }
@@ -247,10 +243,7 @@ fn parse(buf: &mut BytesMut, method_head: bool) -> io::Result<Parsed> {
     if !framing_fields && !names_fields {
         // The usual response: its fields travel as sent, hop-by-hop ones left out.
         if hop {
-            lines.retain(|l| {
-                let name = bytes.get(l.0..l.1).unwrap_or_default();
-                !name.eq_ignore_ascii_case(b"connection") && !is_hop_by_hop(name)
-            });
+            lines.retain(|l| !is_hop_by_hop(bytes.get(l.0..l.1).unwrap_or_default()));
         }
         let framing = body_framing(status, method_head, false, false, length);
         let reuse = reuse && !close && !matches!(framing, Framing::ToEof);
@@ -305,23 +298,6 @@ fn body_framing(
     } else {
         Framing::ToEof
     }
-}
-
-/// Hop-by-hop fields (RFC 9110 section 7.6.1) besides Connection, as
-/// `proxy::headers::strip_hop_by_hop` removes them from a map.
-fn is_hop_by_hop(name: &[u8]) -> bool {
-    [
-        &b"keep-alive"[..],
-        b"proxy-connection",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    ]
-    .iter()
-    .any(|n| name.eq_ignore_ascii_case(n))
 }
 
 /// Where a response body is in its framing.
