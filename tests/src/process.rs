@@ -222,6 +222,15 @@ impl AgentProc {
         signal(&self.child, "-TERM").await;
     }
 
+    /// Waits for the agent to exit, up to `within`, and asserts it exited with status 0.
+    pub async fn exits_cleanly(&mut self, within: Duration) {
+        let status = tokio::time::timeout(within, self.child.wait())
+            .await
+            .expect("agent exits")
+            .expect("agent's exit status");
+        assert_eq!(status.code(), Some(0), "log:\n{}", self.log_text());
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

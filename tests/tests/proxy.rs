@@ -266,11 +266,7 @@ async fn sigterm_finishes_in_flight_requests_then_exits_zero() {
         .expect("in-flight request completes");
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["upstream"], "slow");
-    let status = tokio::time::timeout(Duration::from_secs(20), agent.child.wait())
-        .await
-        .expect("agent exits")
-        .unwrap();
-    assert_eq!(status.code(), Some(0), "log:\n{}", agent.log_text());
+    agent.exits_cleanly(Duration::from_secs(20)).await;
     assert!(
         agent.log_text().contains("draining"),
         "{}",
@@ -307,11 +303,7 @@ async fn sigterm_closes_idle_keep_alive_connections_at_once() {
         .await
         .expect("the idle connection is closed on SIGTERM");
     assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
-    let status = tokio::time::timeout(Duration::from_secs(20), agent.child.wait())
-        .await
-        .expect("agent exits")
-        .unwrap();
-    assert_eq!(status.code(), Some(0), "log:\n{}", agent.log_text());
+    agent.exits_cleanly(Duration::from_secs(20)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -171,11 +171,7 @@ async fn no_loss_no_duplicates_across_plane_and_agent_restarts() {
     // Restart b while the plane is down: its queue goes to its spool, then it boots from
     // its cached snapshot and keeps serving.
     b.sigterm().await;
-    let status = tokio::time::timeout(Duration::from_secs(30), b.child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(status.success(), "b exits cleanly: {status}");
+    b.exits_cleanly(Duration::from_secs(30)).await;
     let b = AgentProc::start(dir.path(), &plane_url, "b").await;
     ids.extend(load(5_000, &[a.proxy, b.proxy], 8).await);
     let plane = PlaneProc::start_at(dir.path(), plane.addr).await;
