@@ -27,7 +27,29 @@ pub struct RouteTable<R> {
     matchers: Vec<Matcher>,
     exact: HashMap<String, Vec<usize>>,
     wildcard: HashMap<String, Vec<usize>>,
+    /// The lengths of the wildcard suffixes: a host's suffix of any other length is not
+    /// looked up (most hosts, `127.0.0.1` or `api.example.com` against `*.example.net`,
+    /// have none to look up).
+    suffix_lens: SuffixLens,
     any: Vec<usize>,
+}
+
+/// A set of byte lengths; a length past the last bit is always "maybe".
+#[derive(Debug, Default)]
+struct SuffixLens([u64; 4]);
+
+impl SuffixLens {
+    fn insert(&mut self, len: usize) {
+        if let Some(word) = self.0.get_mut(len / 64) {
+            *word |= 1 << (len % 64);
+        }
+    }
+
+    fn may_hold(&self, len: usize) -> bool {
+        self.0
+            .get(len / 64)
+            .is_none_or(|w| w & (1 << (len % 64)) != 0)
+    }
 }
 
 impl<R> RouteTable<R> {
@@ -39,6 +61,7 @@ impl<R> RouteTable<R> {
             matchers: Vec::with_capacity(routes.len()),
             exact: HashMap::default(),
             wildcard: HashMap::default(),
+            suffix_lens: SuffixLens::default(),
             any: Vec::new(),
         };
         for (i, (route, value)) in routes.into_iter().enumerate() {
@@ -48,7 +71,10 @@ impl<R> RouteTable<R> {
             for h in &route.hosts {
                 match h {
                     HostPattern::Exact(h) => t.exact.entry(h.clone()).or_default().push(i),
-                    HostPattern::Wildcard(s) => t.wildcard.entry(s.clone()).or_default().push(i),
+                    HostPattern::Wildcard(s) => {
+                        t.suffix_lens.insert(s.len());
+                        t.wildcard.entry(s.clone()).or_default().push(i);
+                    }
                     HostPattern::Any => t.any.push(i),
                 }
             }
@@ -83,8 +109,14 @@ impl<R> RouteTable<R> {
         if !self.wildcard.is_empty() {
             // "a.b.example.com" tries "b.example.com", "example.com", "com": longest suffix first,
             // and never the whole host, so "*.example.com" does not match "example.com".
-            for (dot, _) in host.match_indices('.') {
-                if let Some(i) = self.wildcard.get(&host[dot + 1..]).and_then(scan) {
+            // A byte loop: hosts are short, and a char searcher costs more to set up.
+            let dots = host.bytes().enumerate().filter(|&(_, b)| b == b'.');
+            for (dot, _) in dots {
+                let suffix = &host[dot + 1..];
+                if !self.suffix_lens.may_hold(suffix.len()) {
+                    continue;
+                }
+                if let Some(i) = self.wildcard.get(suffix).and_then(scan) {
                     return Some(&self.routes[i]);
                 }
             }
@@ -172,6 +204,26 @@ mod tests {
         assert_eq!(get("example.com"), None);
         assert_eq!(get("badexample.com"), None);
         assert_eq!(get("example.com.evil"), None);
+    }
+
+    #[test]
+    fn suffix_lengths_only_skip_lookups_that_cannot_match() {
+        // Config caps a host at 253 bytes; past the set's 256 bits a length is "maybe".
+        let long = format!("{0}.{0}.{0}.example.org", "l".repeat(60));
+        let t = table(&format!(
+            "{UP}{}{}",
+            route("w", r#"["*.example.com"]"#, ""),
+            route("long", &format!(r#"["*.{long}"]"#), ""),
+        ));
+        let get = |h: &str| look(&t, h, "/", "GET", &[]).map(str::to_string);
+        assert_eq!(get("a.b.example.com").as_deref(), Some("w"));
+        assert_eq!(get(&format!("x.{long}")).as_deref(), Some("long"));
+        assert_eq!(get("127.0.0.1"), None);
+        let mut lens = SuffixLens::default();
+        lens.insert(11);
+        lens.insert(300);
+        assert!(lens.may_hold(11) && !lens.may_hold(12) && !lens.may_hold(0));
+        assert!(lens.may_hold(256) && lens.may_hold(5000));
     }
 
     #[test]
