@@ -70,7 +70,8 @@ fn bench(c: &mut Criterion) {
             let mut h = request_headers();
             headers::strip_hop_by_hop(&mut h);
             let xff = headers::forwarded_for(&h, client, client, false);
-            headers::set_forwarded(&mut h, xff, "api.example.com", "http");
+            let host = headers::RawHost::new(HeaderValue::from_static("api.example.com"));
+            headers::set_forwarded(&mut h, xff, &host.expect("valid"), "http");
             h.len()
         })
     });

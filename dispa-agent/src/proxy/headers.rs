@@ -30,16 +30,36 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// The request's host as sent: the URI authority (HTTP/2, absolute-form) or the Host header.
-pub fn request_host<B>(req: &Request<B>) -> Option<String> {
+/// Shares the header's bytes (no copy per request); checked to be visible ASCII when made.
+#[derive(Clone, Debug)]
+pub struct RawHost(HeaderValue);
+
+impl RawHost {
+    /// A host as a client sent it: visible ASCII, not empty, no userinfo.
+    pub fn new(v: HeaderValue) -> Option<Self> {
+        let h = v.to_str().ok()?;
+        (!h.is_empty() && !h.contains('@')).then_some(RawHost(v))
+    }
+
+    pub fn as_str(&self) -> &str {
+        self.0.to_str().unwrap_or_default()
+    }
+
+    pub fn value(&self) -> &HeaderValue {
+        &self.0
+    }
+}
+
+pub fn request_host<B>(req: &Request<B>) -> Option<RawHost> {
     if let Some(a) = req.uri().authority() {
         // host and port only: userinfo ("user:pw@") is never part of the host.
-        return Some(match a.port() {
+        let s = match a.port() {
             Some(p) => format!("{}:{}", a.host(), p.as_str()),
             None => a.host().to_string(),
-        });
+        };
+        return HeaderValue::try_from(s).ok().and_then(RawHost::new);
     }
-    let h = req.headers().get(header::HOST)?.to_str().ok()?;
-    (!h.is_empty() && !h.contains('@')).then(|| h.to_string())
+    RawHost::new(req.headers().get(header::HOST)?.clone())
 }
 
 /// The protocol an HTTP/1.1 request asks to upgrade to (`Connection: upgrade` + `Upgrade`).
@@ -194,23 +214,17 @@ fn dotted_quad(ip: std::net::Ipv4Addr, out: &mut [u8; 64]) -> usize {
 pub fn set_forwarded(
     headers: &mut HeaderMap,
     forwarded_for: HeaderValue,
-    raw_host: &str,
+    raw_host: &RawHost,
     scheme: &'static str,
 ) {
     remove_present(headers, &SPOOFABLE);
     headers.insert(X_FORWARDED_FOR, forwarded_for);
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
-    // The Host header the client sent is usually `raw_host` already: shared, not copied, and
-    // not inserted again (an insert reserves room first, even when it replaces).
-    let sent = headers
-        .get(header::HOST)
-        .filter(|v| v.as_bytes() == raw_host.as_bytes())
-        .cloned();
-    if let Some(v) = sent {
-        headers.insert(X_FORWARDED_HOST, v);
-    } else if let Ok(v) = HeaderValue::from_str(raw_host) {
-        headers.insert(X_FORWARDED_HOST, v.clone());
-        headers.insert(header::HOST, v);
+    headers.insert(X_FORWARDED_HOST, raw_host.value().clone());
+    // The Host header the client sent is usually `raw_host` already: not inserted again (an
+    // insert reserves room first, even when it replaces).
+    if headers.get(header::HOST) != Some(raw_host.value()) {
+        headers.insert(header::HOST, raw_host.value().clone());
     }
 }
 
@@ -276,9 +290,12 @@ mod tests {
         let req = Request::get("http://user:pw@api.example.com:8080/")
             .body(())
             .unwrap();
-        assert_eq!(request_host(&req).as_deref(), Some("api.example.com:8080"));
+        assert_eq!(
+            request_host(&req).as_ref().map(RawHost::as_str),
+            Some("api.example.com:8080")
+        );
         let req = Request::get("/").header("host", "u@evil").body(()).unwrap();
-        assert_eq!(request_host(&req), None);
+        assert!(request_host(&req).is_none());
     }
 
     #[test]
@@ -290,7 +307,8 @@ mod tests {
         let client: std::net::IpAddr = "127.0.0.9".parse().unwrap();
         // From an untrusted peer the client's claim is dropped.
         let xff = forwarded_for(&h, client, client, false);
-        set_forwarded(&mut h, xff, "api.example.com:8080", "http");
+        let host = RawHost::new(HeaderValue::from_static("api.example.com:8080")).unwrap();
+        set_forwarded(&mut h, xff, &host, "http");
         assert_eq!(h["x-forwarded-for"], "127.0.0.9");
         assert!(!h.contains_key("forwarded") && !h.contains_key("x-real-ip"));
         assert_eq!(h["x-forwarded-proto"], "http");

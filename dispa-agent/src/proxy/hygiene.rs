@@ -92,7 +92,11 @@ pub fn check_request<B>(req: &mut Request<B>, limits: &Limits) -> Result<(), Rej
     if uri_len > usize::try_from(limits.max_uri_bytes).unwrap_or(usize::MAX) {
         return Err(Rejection::UriTooLong);
     }
-    check_lengths(req.headers())?;
+    // HTTP/1 heads had their framing checked byte for byte (the framing tracker, or the own
+    // path, which hands any head with a Content-Length to hyper and so to the tracker).
+    if req.version() >= http::Version::HTTP_2 {
+        check_lengths(req.headers())?;
+    }
     if let Cow::Owned(path) = normalize_path(req.uri().path())? {
         let pq = match req.uri().query() {
             Some(q) => format!("{path}?{q}"),
@@ -237,6 +241,11 @@ impl RouteHygiene {
         if self.encoded_slashes == EncodedSlashes::Reject && req.uri().path().contains("%2F") {
             return Err(Rejection::EncodedSlash);
         }
+        // Looked up only when a setting asks: most routes set neither.
+        let wants = (self.require_content_length && has_body) || self.max_body_bytes.is_some();
+        if !wants {
+            return Ok(());
+        }
         let declared = req
             .headers()
             .get(header::CONTENT_LENGTH)
@@ -308,7 +317,10 @@ mod tests {
             check_request(&mut req, &DEFAULT_LIMITS),
             Err(Rejection::UriTooLong)
         );
+        // HTTP/2's lengths are checked here; HTTP/1's by the framing tracker, whose verdict
+        // arrives in the extensions (below).
         let mut req = Request::post("/")
+            .version(http::Version::HTTP_2)
             .header("content-length", "5")
             .header("content-length", "5")
             .body(())

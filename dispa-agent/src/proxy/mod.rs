@@ -47,7 +47,7 @@ struct Client {
     /// "http" or "https": X-Forwarded-Proto.
     scheme: &'static str,
     /// The request's host as sent.
-    raw_host: String,
+    raw_host: headers::RawHost,
 }
 
 /// Where a failure came from, for the status, the body, the log record and the metrics.
@@ -248,11 +248,10 @@ impl Proxy {
             // cache, the chunk freed last first (still in the CPU's cache); one box of the
             // whole request (3 KiB) came from its bins, wherever a free chunk was, which with
             // a large route table loaded was rarely memory the CPU had cached.
-            let (mut ex, mut resp) = Box::pin(
-                self.handle(req, peer, scheme, bytes_in.clone())
-                    .instrument(span.clone()),
-            )
-            .await;
+            // Instrumented outside the box: the wrapper holds the box, not the future again.
+            let (mut ex, mut resp) = Box::pin(self.handle(req, peer, scheme, bytes_in.clone()))
+                .instrument(span.clone())
+                .await;
             resp.headers_mut().insert(X_REQUEST_ID, rid);
 
             let status = resp.status().as_u16();
@@ -363,7 +362,7 @@ impl Proxy {
             let Some(raw_host) = headers::request_host(&req) else {
                 return fail(ex, Failure::BadRequest);
             };
-            let host = normalize_host(&raw_host);
+            let host = normalize_host(raw_host.as_str());
             // Kept for the traffic log only.
             if self.logs.enabled() {
                 ex.host = host.to_string();
@@ -420,7 +419,9 @@ impl Proxy {
             }
             ex.idle_timeout = route.idle_timeout;
             let upstream = match &route.action {
-                RouteAction::Redirect(rd) => return (ex, redirect(rd, &req, &raw_host, scheme)),
+                RouteAction::Redirect(rd) => {
+                    return (ex, redirect(rd, &req, raw_host.as_str(), scheme));
+                }
                 RouteAction::Respond {
                     status,
                     body,
@@ -520,14 +521,19 @@ impl Proxy {
             route.request_headers.apply(&mut parts.headers);
             // A request can be sent again if it has no body, or a small one (by Content-Length)
             // that is read ahead when the route retries; a streamed body is gone once sent.
-            let declared = parts
-                .headers
-                .get(header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+            let declared = || {
+                parts
+                    .headers
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+            };
             let mut buffered: Option<Bytes> = None;
             let mut body = Some(body);
             if route.retry.retries > 0
-                && declared.is_some_and(|n| n > 0 && n <= MAX_RETRY_BODY)
+                && body
+                    .as_ref()
+                    .is_some_and(|b| !hyper::body::Body::is_end_stream(b))
+                && declared().is_some_and(|n| n > 0 && n <= MAX_RETRY_BODY)
                 && let Some(b) = body.take()
             {
                 use http_body_util::BodyExt;
