@@ -4,6 +4,7 @@
 //! `Agent::bind` then `Agent::run` is the whole lifecycle; the `dispa` binary only parses flags.
 
 pub mod admin;
+pub mod clock;
 pub mod conn;
 pub mod policy;
 pub mod proxy;

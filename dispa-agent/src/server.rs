@@ -536,7 +536,8 @@ where
                 timer.as_mut().reset(next);
             }
             tokio::select! {
-                r = conn.as_mut() => return Some(r),
+                // The clock read once per wake-up of the connection (see `clock`).
+                r = crate::clock::Polled(conn.as_mut()) => return Some(r),
                 _ = timer.as_mut() => {
                     if closing.is_some_and(|at| tokio::time::Instant::now() >= at) {
                         return None;

@@ -93,7 +93,7 @@ impl Drop for RequestGuard {
         let mut s = self.0.lock();
         s.in_flight = s.in_flight.saturating_sub(1);
         if s.in_flight == 0 {
-            s.idle_since = Instant::now();
+            s.idle_since = crate::clock::now();
         }
     }
 }
@@ -194,7 +194,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for ConnIo<S> {
             let mut s = shared.lock();
             if !s.handed_off
                 && let Some(t) = s.tracker.as_mut()
-                && let Err(e) = t.feed(&buf.filled()[before..], Instant::now())
+                && let Err(e) = t.feed(&buf.filled()[before..], crate::clock::now())
             {
                 return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e)));
             }

@@ -169,7 +169,7 @@ pub struct Finish {
 
 impl Finish {
     fn done(mut self, bytes_out: u64) {
-        let elapsed = self.start.elapsed();
+        let elapsed = crate::clock::since(self.start);
         let r = &mut self.record;
         r.duration_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
         r.bytes_out = bytes_out;

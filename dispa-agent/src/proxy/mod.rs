@@ -11,7 +11,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-use std::time::Instant;
 
 use bytes::Bytes;
 use dispa_proto::v1::LogRecord;
@@ -193,7 +192,7 @@ impl Proxy {
         scheme: &'static str,
     ) -> impl Future<Output = Result<Response<LoggedBody>, Infallible>> {
         async move {
-            let start = Instant::now();
+            let start = crate::clock::now();
             let ts_us = access_log::now_us();
             self.metrics.in_flight.inc();
             let rid = access_log::request_id(req.headers());
@@ -612,15 +611,17 @@ impl Proxy {
                         };
                     // Boxed: the exchange's state is most of a request's, and every future
                     // that holds it inline is copied whole when it is moved.
-                    Box::pin(tokio::time::timeout(
-                        route.timeout,
+                    let deadline = crate::clock::now() + route.timeout;
+                    Box::pin(tokio::time::timeout_at(
+                        deadline.into(),
                         upstream.send(endpoint, upstream_req),
                     ))
                 };
-                let sent_at = Instant::now();
+                let sent_at = crate::clock::now();
                 let sent = sending.await;
-                ex.upstream_us =
-                    Some(u64::try_from(sent_at.elapsed().as_micros()).unwrap_or(u64::MAX));
+                ex.upstream_us = Some(
+                    u64::try_from(crate::clock::since(sent_at).as_micros()).unwrap_or(u64::MAX),
+                );
                 let mut failed: Option<String> = None;
                 // What went wrong, if anything, and whether the route retries it.
                 let (outcome, retry_on) = match sent {

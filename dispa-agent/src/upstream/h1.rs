@@ -217,7 +217,7 @@ impl H1Conns {
     /// idle-connection handler have the same window); `probe`: read anyway, for a request
     /// that could not be sent again if the connection turned out closed.
     pub(super) fn checkout_raw(&self, addr: SocketAddr, probe: bool) -> Option<exchange::Raw> {
-        let now = Instant::now();
+        let now = crate::clock::now();
         let mut map = self.lock_raw();
         let list = map.get_mut(&addr)?;
         while let Some(k) = list.pop() {
@@ -254,7 +254,7 @@ impl H1Conns {
         if list.len() < MAX_PER_ENDPOINT {
             list.push(RawKept {
                 raw,
-                since: Instant::now(),
+                since: crate::clock::now(),
             });
         }
     }
@@ -312,7 +312,7 @@ impl H1Conns {
 
     /// A kept connection ready for a request, dropping closed and long-idle ones on the way.
     fn checkout(&self, addr: SocketAddr) -> Option<SendRequest<CountedBody>> {
-        let now = Instant::now();
+        let now = crate::clock::now();
         let mut map = self.lock();
         let list = map.get_mut(&addr)?;
         let mut i = list.len();
@@ -345,7 +345,7 @@ impl H1Conns {
         }
         list.push(Kept {
             sender,
-            since: Instant::now(),
+            since: crate::clock::now(),
         });
     }
 
@@ -368,7 +368,7 @@ impl H1Conns {
 
     /// Drops closed connections and those idle past the idle timeout.
     fn sweep_now(&self) {
-        let now = Instant::now();
+        let now = crate::clock::now();
         let mut map = self.lock();
         map.retain(|_, list| {
             list.retain(|k| !self.stale(k, now));

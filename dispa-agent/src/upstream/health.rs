@@ -11,7 +11,8 @@ use dispa_proto::config::model::{HealthCheck, Outlier};
 /// Milliseconds since this process started (monotonic).
 pub fn now_ms() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
-    u64::try_from(START.get_or_init(Instant::now).elapsed().as_millis()).unwrap_or(u64::MAX)
+    let start = *START.get_or_init(Instant::now);
+    u64::try_from(crate::clock::since(start).as_millis()).unwrap_or(u64::MAX)
 }
 
 #[derive(Debug, Default)]
