@@ -4,6 +4,7 @@
 #   tests/bench/compare.sh                 # every scenario, 3 rounds of 10 s each
 #   tests/bench/compare.sh --smoke         # 1 round of 1 s each: checks the harness works
 #   tests/bench/compare.sh --rounds 5 --duration 20 --scenarios small,big
+#   tests/bench/compare.sh --hold DIR      # set everything up, write DIR/env, wait (profile.sh, ab.sh)
 #
 # Scenarios: small (HTTP/1.1, 20-byte response), big (64 KiB response), h2 (HTTP/2 over TLS,
 # h2load), tls-keepalive (HTTP/1.1 over TLS, kept-alive), tls-handshake (a new TLS connection
@@ -20,6 +21,7 @@ ROUNDS=3
 DURATION=10
 SMOKE=0
 SCENARIOS="small,big,h2,tls-keepalive,tls-handshake,hosts,idle,plane"
+HOLD=""
 CONNS=64
 THREADS=2
 while [ $# -gt 0 ]; do
@@ -28,6 +30,7 @@ while [ $# -gt 0 ]; do
     --rounds) ROUNDS="$2"; shift ;;
     --duration) DURATION="$2"; shift ;;
     --scenarios) SCENARIOS="$2"; shift ;;
+    --hold) HOLD="$2"; shift ;;
     -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -57,6 +60,7 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
+trap 'exit 143' INT TERM
 ulimit -n "$(ulimit -Hn)"
 
 # Fixed high ports; fail early if one is taken.
@@ -190,6 +194,18 @@ start_agent() {
   done
 }
 start_agent
+
+if [ -n "$HOLD" ]; then
+  # For the other scripts: where everything listens, then wait to be stopped (INT or TERM).
+  mkdir -p "$HOLD"
+  printf 'WORK=%s\nUP=%s\nPLANE=%s\nNGX=%s\nAGENT_PID=%s\nNGX_MASTER=%s\n' \
+    "$WORK" "$UP" "$PLANE" "$NGX" "$AGENT_PID" "$(cat "$WORK/nginx-px.pid")" > "$HOLD/env.tmp"
+  mv "$HOLD/env.tmp" "$HOLD/env"
+  echo "held: upstream :$UP, plane :$PLANE, agent :$DSP, nginx :$NGX, HAProxy :$HAP"
+  sleep infinity &
+  PIDS+=($!)
+  wait $!
+fi
 
 # --- measuring ---
 NGX_MASTER="$(cat "$WORK/nginx-px.pid")"

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Two agent builds side by side in front of compare.sh's upstream and plane, alternating
+# fresh agents A B A B, each warmed up 1 s then loaded with `wrk -t2 -c64` for 5 s; prints
+# each run's RPS, p99 and the agent's user and kernel CPU per request (from /proc), then the
+# medians and how often B was ahead. What "What was tried" in docs/BENCHMARKS.md reports.
+#
+#   tests/bench/ab.sh OLD/dispa target/release/dispa            # 10 rounds, plain HTTP/1.1
+#   tests/bench/ab.sh --rounds 6 --tls OLD/dispa NEW/dispa      # over TLS
+#
+# The machine drifts by more than most single changes: use 10 rounds or more, and callgrind
+# (profile.sh) for instruction counts.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+ROUNDS=10
+TLS=0
+BINS=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --rounds) ROUNDS="$2"; shift ;;
+    --tls) TLS=1 ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    *) BINS+=("$1") ;;
+  esac
+  shift
+done
+[ ${#BINS[@]} -eq 2 ] || { echo "usage: ab.sh [--rounds N] [--tls] BIN_A BIN_B" >&2; exit 2; }
+
+HELD="$(mktemp -d /tmp/dispa-ab.XXXXXX)"
+stop() {
+  [ -n "${AGENT:-}" ] && kill "$AGENT" 2>/dev/null || true
+  [ -n "${HOLD_PID:-}" ] && kill "$HOLD_PID" 2>/dev/null || true
+  wait 2>/dev/null || true
+  rm -rf "$HELD"
+}
+trap stop EXIT
+trap 'exit 143' INT TERM
+
+# shellcheck source=held.sh
+. "$ROOT/tests/bench/held.sh"
+start_held "$HELD"
+
+PORT=19183; TLS_PORT=19545; ADMIN=19191
+URL="http://127.0.0.1:$PORT/"; EXTRA=()
+if [ "$TLS" = 1 ]; then URL="https://127.0.0.1:$TLS_PORT/"; EXTRA=(--listen-tls "127.0.0.1:$TLS_PORT"); fi
+HZ="$(getconf CLK_TCK)"
+ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
+run() { # label binary
+  rm -rf "$HELD/agent"
+  "$2" --log-level warn agent --plane "http://127.0.0.1:$PLANE" --id "ab-$1" \
+    --listen "127.0.0.1:$PORT" "${EXTRA[@]}" --admin "127.0.0.1:$ADMIN" \
+    --cache-dir "$HELD/agent" --traffic-log off > "$HELD/agent.log" 2>&1 &
+  AGENT=$!
+  for _ in $(seq 1 200); do curl -sf "http://127.0.0.1:$ADMIN/readyz" >/dev/null && break; sleep 0.05; done
+  wrk -t2 -c64 -d1s "$URL" > /dev/null
+  local u0 s0 u1 s1 out
+  read -r u0 s0 < <(ticks "$AGENT")
+  out="$(wrk -t2 -c64 -d5s --latency "$URL")"
+  read -r u1 s1 < <(ticks "$AGENT")
+  kill "$AGENT"; wait "$AGENT" 2>/dev/null || true
+  AGENT=""
+  awk -v label="$1" -v du=$((u1 - u0)) -v ds=$((s1 - s0)) -v hz="$HZ" '
+    /requests in/ { n = $1 } /^Requests\/sec/ { rps = $2 } $1 == "99%" { p99 = $2 }
+    END { printf "%s rps=%.0f p99=%s user_us=%.2f sys_us=%.2f\n", label, rps, p99, du / hz / n * 1e6, ds / hz / n * 1e6 }' <<<"$out"
+}
+for r in $(seq 1 "$ROUNDS"); do
+  run A "${BINS[0]}" | tee -a "$HELD/results"
+  run B "${BINS[1]}" | tee -a "$HELD/results"
+done
+python3 - "$HELD/results" <<'PYEOF'
+import statistics, sys
+runs = {"A": [], "B": []}
+for line in open(sys.argv[1]):
+    label, *fields = line.split()
+    kv = dict(f.split("=") for f in fields)
+    runs[label].append((float(kv["rps"]), float(kv["user_us"]), float(kv["sys_us"])))
+for label, rs in runs.items():
+    med = [statistics.median(r[i] for r in rs) for i in range(3)]
+    print(f"{label} medians: {med[0]:,.0f} RPS, user {med[1]:.2f} us, kernel {med[2]:.2f} us per request")
+pairs = list(zip(runs["A"], runs["B"]))
+print(f"B ahead in RPS in {sum(b[0] > a[0] for a, b in pairs)} of {len(pairs)} rounds, "
+      f"lower user time in {sum(b[1] < a[1] for a, b in pairs)}")
+PYEOF
