@@ -362,8 +362,9 @@ impl Proxy {
                 return fail(ex, Failure::BadRequest);
             };
             let host = normalize_host(raw_host.as_str());
-            // Kept for the traffic log only.
-            if self.logs.enabled() {
+            // Names are kept for the traffic log only.
+            let logging = self.logs.enabled();
+            if logging {
                 ex.host = host.to_string();
             }
             let view = RequestView {
@@ -384,7 +385,6 @@ impl Proxy {
                 }
                 return fail(ex, Failure::NoRoute);
             };
-            let logging = self.logs.enabled();
             if logging {
                 ex.route = route.name.to_string();
             }
@@ -524,7 +524,7 @@ impl Proxy {
                 parts
                     .headers
                     .get(header::CONTENT_LENGTH)
-                    .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                    .and_then(|v| crate::conn::framing::parse_length(v.as_bytes()))
             };
             let mut buffered: Option<Bytes> = None;
             let mut body = Some(body);
