@@ -52,6 +52,7 @@ run() { # label binary
     --cache-dir "$HELD/agent" --traffic-log off > "$HELD/agent.log" 2>&1 &
   AGENT=$!
   for _ in $(seq 1 200); do curl -sf "http://127.0.0.1:$ADMIN/readyz" >/dev/null && break; sleep 0.05; done
+  curl -sf "http://127.0.0.1:$ADMIN/readyz" >/dev/null || { cat "$HELD/agent.log" >&2; exit 1; }
   wrk -t2 -c64 -d1s "$URL" > /dev/null
   local u0 s0 u1 s1 out
   read -r u0 s0 < <(ticks "$AGENT")
