@@ -60,6 +60,7 @@ fn bench(c: &mut Criterion) {
         let ctx = PickCtx {
             client_ip: client,
             headers: &h,
+            added: None,
         };
         c.bench_function(&format!("pick {balance}, 10 endpoints"), |b| {
             b.iter(|| u.pick(black_box(&ctx), &[]).map(|p| p.addr))
@@ -71,8 +72,12 @@ fn bench(c: &mut Criterion) {
             headers::strip_hop_by_hop(&mut h);
             let xff = headers::forwarded_for(&h, client, client, false);
             let host = headers::RawHost::new(HeaderValue::from_static("api.example.com"));
-            headers::set_forwarded(&mut h, xff, &host.expect("valid"), "http");
-            h.len()
+            let mut added = dispa_agent::proxy::Added::new(
+                HeaderValue::from_static("id"),
+                HeaderValue::from_static("00-tp"),
+            );
+            headers::forward_fields(&mut h, &mut added, xff, &host.expect("valid"), "http");
+            (h.len(), added)
         })
     });
     let src = "[policy]\ndeny = [\"10.9.0.0/16\"]\nrate_limit = { per_second = 1000000, burst = 1000000 }\nauth = { api_keys = [\"key-0123456789\"] }\n[upstreams.u]\nendpoints = [\"127.0.0.1:1\"]\n[[routes]]\nname = \"r\"\nupstream = \"u\"\n";

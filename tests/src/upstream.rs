@@ -90,16 +90,17 @@ async fn answer(
     if let Some(ms) = query_u64(&req, "sleep_ms") {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
-    let headers: serde_json::Map<String, serde_json::Value> = req
-        .headers()
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.to_string(),
-                serde_json::Value::String(v.to_str().unwrap_or("").to_string()),
-            )
-        })
-        .collect();
+    // A repeated field reads as its values joined, so a test sees a duplicate.
+    let mut headers = serde_json::Map::new();
+    for k in req.headers().keys() {
+        let joined: Vec<&str> = req
+            .headers()
+            .get_all(k)
+            .iter()
+            .map(|v| v.to_str().unwrap_or(""))
+            .collect();
+        headers.insert(k.to_string(), joined.join(", ").into());
+    }
     let body = serde_json::json!({
         "upstream": &*name,
         "method": req.method().as_str(),

@@ -138,7 +138,6 @@ upstream = "slow"
         .unwrap();
     assert_eq!(r.status, 504);
     assert_eq!(r.text(), "upstream timed out\n");
-
     let m = http
         .get(&format!("http://{}/metrics", agent.admin), None)
         .await
@@ -705,11 +704,11 @@ respond = {{ status = 503, body = "down for maintenance\n", headers = {{ "retry-
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn host_rewrite_and_expect_100_continue() {
+async fn host_rewrite_request_rules_and_expect_100_continue() {
     let dir = tempfile::tempdir().unwrap();
     let up = TestUpstream::start("u").await;
     let cfg = format!(
-        "[upstreams.u]\nendpoints = [\"{}\"]\n\n[[routes]]\nname = \"r\"\nhost_rewrite = \"internal.svc:8080\"\nupstream = \"u\"\n",
+        "[upstreams.u]\nendpoints = [\"{}\"]\n\n[[routes]]\nname = \"r\"\nhost_rewrite = \"internal.svc:8080\"\nupstream = \"u\"\nrequest_headers = {{ remove = [\"x-forwarded-proto\"], set = {{ \"x-request-id\" = \"set-by-rule\" }} }}\n",
         up.addr
     );
     let (_plane, agent) = fleet_with(dir.path(), &cfg).await;
@@ -723,6 +722,10 @@ async fn host_rewrite_and_expect_100_continue() {
     let j = r.json();
     assert_eq!(j["headers"]["host"], "internal.svc:8080");
     assert_eq!(j["headers"]["x-forwarded-host"], "public.example.com");
+    // The route's rules act on the proxy's own fields too.
+    assert_eq!(j["headers"]["x-forwarded-for"], "127.0.0.1");
+    assert!(j["headers"].get("x-forwarded-proto").is_none(), "{j}");
+    assert_eq!(j["headers"]["x-request-id"], "set-by-rule");
 
     // curl sends `Expect: 100-continue` for this body and waits for the 100 before sending it.
     let body = "x".repeat(2 * 1024 * 1024);

@@ -25,9 +25,7 @@ const SPOOFABLE: [HeaderName; 5] = [
     HeaderName::from_static("x-forwarded-server"),
 ];
 
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+use super::added::{self, Added, X_FORWARDED_FOR};
 
 /// The request's host as sent: the URI authority (HTTP/2, absolute-form) or the Host header.
 /// Shares the header's bytes (no copy per request); checked to be visible ASCII when made.
@@ -143,9 +141,9 @@ fn present(
     headers.keys().filter(|k| wanted(k)).cloned().collect()
 }
 
-/// Removes `names` from `headers`, looking up only those it holds.
-fn remove_present(headers: &mut HeaderMap, names: &[HeaderName]) {
-    for n in present(headers, |k| names.contains(k)) {
+/// Removes the names `wanted` picks from `headers`, looking up only those it holds.
+fn remove_present(headers: &mut HeaderMap, wanted: impl Fn(&HeaderName) -> bool) {
+    for n in present(headers, wanted) {
         headers.remove(n);
     }
 }
@@ -211,21 +209,25 @@ fn dotted_quad(ip: std::net::Ipv4Addr, out: &mut [u8; 64]) -> usize {
     n
 }
 
-pub fn set_forwarded(
+/// Sets the forwarded fields of `added` (X-Forwarded-For/-Proto/-Host from what this agent
+/// saw) and removes from `headers` the client's fields of the names `added` holds and the
+/// spoofable ones; keeps the client's Host.
+pub fn forward_fields(
     headers: &mut HeaderMap,
+    added: &mut Added,
     forwarded_for: HeaderValue,
     raw_host: &RawHost,
     scheme: &'static str,
 ) {
-    remove_present(headers, &SPOOFABLE);
-    headers.insert(X_FORWARDED_FOR, forwarded_for);
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
-    headers.insert(X_FORWARDED_HOST, raw_host.value().clone());
+    remove_present(headers, |k| {
+        SPOOFABLE.contains(k) || added::NAMES.contains(k)
+    });
     // The Host header the client sent is usually `raw_host` already: not inserted again (an
     // insert reserves room first, even when it replaces).
     if headers.get(header::HOST) != Some(raw_host.value()) {
         headers.insert(header::HOST, raw_host.value().clone());
     }
+    added.forwarded(forwarded_for, scheme, raw_host.value().clone());
 }
 
 #[cfg(test)]
@@ -308,12 +310,20 @@ mod tests {
         // From an untrusted peer the client's claim is dropped.
         let xff = forwarded_for(&h, client, client, false);
         let host = RawHost::new(HeaderValue::from_static("api.example.com:8080")).unwrap();
-        set_forwarded(&mut h, xff, &host, "http");
+        h.insert("x-request-id", HeaderValue::from_static("theirs"));
+        let mut added = Added::new(
+            HeaderValue::from_static("ours"),
+            HeaderValue::from_static("00-tp"),
+        );
+        forward_fields(&mut h, &mut added, xff, &host, "http");
+        // Only the Host is left in the map; ours travel beside it.
+        assert_eq!(h.len(), 1);
+        assert_eq!(h["host"], "api.example.com:8080");
+        added.insert_into(&mut h);
         assert_eq!(h["x-forwarded-for"], "127.0.0.9");
-        assert!(!h.contains_key("forwarded") && !h.contains_key("x-real-ip"));
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "api.example.com:8080");
-        assert_eq!(h["host"], "api.example.com:8080");
+        assert_eq!(h["x-request-id"], "ours");
     }
 
     #[test]

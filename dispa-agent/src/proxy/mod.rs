@@ -1,6 +1,7 @@
 //! The request path: request -> snapshot -> route -> endpoint -> upstream -> response, with an
 //! access-log record and metrics for every request.
 
+mod added;
 mod body;
 mod deny;
 pub mod headers;
@@ -18,13 +19,14 @@ use http::{HeaderName, HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{Either, Full};
 use tracing::Instrument;
 
+pub use added::Added;
 pub use body::{CountedBody, LoggedBody};
 
 use crate::conn::ClientBody;
 use crate::routing::RequestView;
 use crate::routing::normalize_host;
 use crate::snapshot::{CompiledRoute, Current, RouteAction};
-use crate::telemetry::access_log::{self, LogSink, TRACEPARENT, X_REQUEST_ID};
+use crate::telemetry::access_log::{self, LogSink, X_REQUEST_ID};
 use crate::telemetry::window::Window;
 use crate::telemetry::{Metrics, ReasonLabels};
 use crate::upstream::{UpstreamBody, UpstreamRuntime};
@@ -47,6 +49,8 @@ struct Client {
     scheme: &'static str,
     /// The request's host as sent.
     raw_host: headers::RawHost,
+    /// The fields the proxy adds upstream.
+    added: Box<Added>,
 }
 
 /// Where a failure came from, for the status, the body, the log record and the metrics.
@@ -187,7 +191,7 @@ impl Proxy {
     #[allow(clippy::manual_async_fn)]
     pub fn serve(
         self: Arc<Self>,
-        mut req: Request<ClientBody>,
+        req: Request<ClientBody>,
         peer: SocketAddr,
         scheme: &'static str,
     ) -> impl Future<Output = Result<Response<LoggedBody>, Infallible>> {
@@ -197,8 +201,7 @@ impl Proxy {
             self.metrics.in_flight.inc();
             let rid = access_log::request_id(req.headers());
             let tp = access_log::traceparent(req.headers());
-            req.headers_mut().insert(X_REQUEST_ID, rid.clone());
-            req.headers_mut().insert(TRACEPARENT, tp.clone());
+            let added = Added::new(rid.clone(), tp.clone());
             let rid_str = rid.to_str().unwrap_or_default();
             // Without a traffic log only the status and route are needed (metrics, window).
             let logging = self.logs.enabled();
@@ -248,10 +251,18 @@ impl Proxy {
             // whole request (3 KiB) came from its bins, wherever a free chunk was, which with
             // a large route table loaded was rarely memory the CPU had cached.
             // Instrumented outside the box: the wrapper holds the box, not the future again.
-            let (mut ex, mut resp) = Box::pin(self.handle(req, peer, scheme, bytes_in.clone()))
-                .instrument(span.clone())
-                .await;
-            resp.headers_mut().insert(X_REQUEST_ID, rid);
+            let (mut ex, mut resp) =
+                Box::pin(self.handle(req, peer, scheme, bytes_in.clone(), added))
+                    .instrument(span.clone())
+                    .await;
+            // Beside an upstream's fields as sent, if they are: no map made for this field.
+            use crate::conn::head::CarriesFields;
+            match resp.body_mut().fields_mut() {
+                Some(raw) => raw.set_request_id(rid),
+                None => {
+                    resp.headers_mut().insert(X_REQUEST_ID, rid);
+                }
+            }
 
             let status = resp.status().as_u16();
             let meters = match ex.meters.take() {
@@ -300,6 +311,7 @@ impl Proxy {
         &self,
         shadow: Arc<UpstreamRuntime>,
         parts: &http::request::Parts,
+        added: Option<&Added>,
         target: &http::uri::PathAndQuery,
         client_ip: std::net::IpAddr,
         timeout: std::time::Duration,
@@ -311,6 +323,7 @@ impl Proxy {
         let ctx = crate::upstream::PickCtx {
             client_ip,
             headers: &parts.headers,
+            added,
         };
         let Some(picked) = shadow.pick(&ctx, &[]) else {
             return;
@@ -327,12 +340,15 @@ impl Proxy {
             http::Version::HTTP_11
         };
         *req.headers_mut() = parts.headers.clone();
+        if let Some(a) = added {
+            a.insert_into(req.headers_mut());
+        }
         self.metrics.mirrored.inc();
         tokio::spawn(async move {
             let _permit = permit;
             let _in_flight = picked.in_flight;
             // The answer is read and dropped: a mirror never affects the client.
-            let sent = shadow.send(picked.addr, req);
+            let sent = shadow.send(picked.addr, req, None);
             if let Ok(Ok(resp)) = tokio::time::timeout(timeout, sent).await {
                 use http_body_util::BodyExt;
                 let _ = tokio::time::timeout(timeout, resp.into_body().collect()).await;
@@ -348,6 +364,7 @@ impl Proxy {
         peer: SocketAddr,
         scheme: &'static str,
         bytes_in: Arc<AtomicU64>,
+        added: Box<Added>,
     ) -> impl Future<Output = (Exchange, Response<ProxyBody>)> {
         async move {
             let mut ex = Exchange::default();
@@ -453,6 +470,7 @@ impl Proxy {
                 ),
                 scheme,
                 raw_host,
+                added,
             };
             Box::pin(self.forward(ex, route, &upstream, req, client, bytes_in)).await
         }
@@ -483,7 +501,17 @@ impl Proxy {
             forwarded_for,
             scheme,
             raw_host,
+            mut added,
         } = client;
+        // Here, not in the future: what it no longer needs takes no room in its state.
+        headers::strip_hop_by_hop(&mut parts.headers);
+        headers::forward_fields(
+            &mut parts.headers,
+            &mut added,
+            forwarded_for,
+            &raw_host,
+            scheme,
+        );
         async move {
             use dispa_proto::config::model::RetryOn;
             if upstream.saturated() {
@@ -499,8 +527,7 @@ impl Proxy {
             let Some(target) = upstream_target(route, &parts.uri) else {
                 return fail(ex, Failure::BadRequest);
             };
-            headers::strip_hop_by_hop(&mut parts.headers);
-            headers::set_forwarded(&mut parts.headers, forwarded_for, &raw_host, scheme);
+            let mut added = Some(added);
             if let Some((protocol, _)) = &upgrade {
                 parts
                     .headers
@@ -517,7 +544,13 @@ impl Proxy {
                 // X-Forwarded-Host keeps what the client asked for.
                 parts.headers.insert(header::HOST, h.clone());
             }
-            route.request_headers.apply(&mut parts.headers);
+            if !route.request_headers.is_empty() {
+                // The rules see (and may change) every field, the proxy's included.
+                if let Some(a) = added.take() {
+                    a.insert_into(&mut parts.headers);
+                }
+                route.request_headers.apply(&mut parts.headers);
+            }
             // A request can be sent again if it has no body, or a small one (by Content-Length)
             // that is read ahead when the route retries; a streamed body is gone once sent.
             let declared = || {
@@ -557,7 +590,14 @@ impl Proxy {
                 && buffered.is_none()
                 && fastrand::u32(0..100) < *percent
             {
-                self.mirror(shadow.clone(), &parts, &target, client_ip, route.timeout);
+                self.mirror(
+                    shadow.clone(),
+                    &parts,
+                    added.as_deref(),
+                    &target,
+                    client_ip,
+                    route.timeout,
+                );
             }
             // Only a body can be at fault; none is read from an empty one.
             let fault = body
@@ -570,6 +610,7 @@ impl Proxy {
                 let ctx = crate::upstream::PickCtx {
                     client_ip,
                     headers: &parts.headers,
+                    added: added.as_deref(),
                 };
                 let Some(picked) = upstream.pick(&ctx, &tried) else {
                     return fail(ex, last_failure);
@@ -614,7 +655,7 @@ impl Proxy {
                     let deadline = crate::clock::now() + route.timeout;
                     Box::pin(tokio::time::timeout_at(
                         deadline.into(),
-                        upstream.send(endpoint, upstream_req),
+                        upstream.send(endpoint, upstream_req, added.as_deref()),
                     ))
                 };
                 let sent_at = crate::clock::now();

@@ -426,6 +426,7 @@ mod tests {
         let ctx = crate::upstream::PickCtx {
             client_ip: "127.0.0.1".parse().unwrap(),
             headers: &headers,
+            added: None,
         };
         u.pick(&ctx, &[]).map(|p| p.addr)
     }
@@ -495,6 +496,7 @@ mod tests {
         let ctx = crate::upstream::PickCtx {
             client_ip: "127.0.0.1".parse().unwrap(),
             headers: &headers,
+            added: None,
         };
         let picked = s1.upstreams[&name].pick(&ctx, &[]).unwrap();
         let first = picked.addr;

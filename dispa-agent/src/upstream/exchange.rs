@@ -60,8 +60,9 @@ impl Raw {
     }
 }
 
-/// The request head as it goes on the wire: origin form, HTTP/1.1.
-pub fn encode<B>(req: &Request<B>) -> HeadBuf {
+/// The request head as it goes on the wire: origin form, HTTP/1.1, the proxy's `added`
+/// fields after the request's own.
+pub fn encode<B>(req: &Request<B>, added: Option<&crate::proxy::Added>) -> HeadBuf {
     let mut out = HeadBuf::take();
     out.extend_from_slice(req.method().as_str().as_bytes());
     out.push(b' ');
@@ -69,6 +70,9 @@ pub fn encode<B>(req: &Request<B>) -> HeadBuf {
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     head::push_lines(&mut out, req.headers());
+    if let Some(a) = added {
+        a.push_lines(&mut out);
+    }
     // A method whose requests carry a body says this one is empty (as hyper does).
     if matches!(req.method().as_str(), "POST" | "PUT" | "PATCH") {
         out.extend_from_slice(b"content-length: 0\r\n");
@@ -327,6 +331,10 @@ pub struct OwnBody {
 impl head::CarriesFields for OwnBody {
     fn take_fields(&mut self) -> Option<Box<head::RawFields>> {
         self.fields.take()
+    }
+
+    fn fields_mut(&mut self) -> Option<&mut head::RawFields> {
+        self.fields.as_deref_mut()
     }
 }
 
@@ -625,7 +633,7 @@ mod tests {
         .await;
         let mut req = Request::new(crate::proxy::CountedBody::new(None, Arc::default()));
         *req.uri_mut() = "/".parse().unwrap();
-        let resp = c.clone().send(addr, req).await.unwrap();
+        let resp = c.clone().send(addr, req, None).await.unwrap();
         assert_eq!(resp.status(), StatusCode::NO_CONTENT, "not the stray bytes");
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
     }

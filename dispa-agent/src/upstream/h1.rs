@@ -70,6 +70,13 @@ impl crate::conn::head::CarriesFields for UpstreamBody {
             UpstreamBody::Hyper(_) => None,
         }
     }
+
+    fn fields_mut(&mut self) -> Option<&mut crate::conn::head::RawFields> {
+        match self {
+            UpstreamBody::Own(b) => b.fields_mut(),
+            UpstreamBody::Hyper(_) => None,
+        }
+    }
 }
 
 impl Body for UpstreamBody {
@@ -165,11 +172,12 @@ impl H1Conns {
     pub fn send(
         self: Arc<Self>,
         addr: SocketAddr,
-        req: Request<CountedBody>,
-    ) -> impl Future<Output = Result<Response<UpstreamBody>, SendError>> + Send {
+        mut req: Request<CountedBody>,
+        added: Option<&crate::proxy::Added>,
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, SendError>> + Send + use<> {
         use futures_util::future::Either;
         if self.scheme == "http" && exchange::suits(&req) {
-            let head = exchange::encode(&req);
+            let head = exchange::encode(&req, added);
             let method_head = req.method() == Method::HEAD;
             let repeatable = super::idempotent(req.method());
             drop(req);
@@ -177,6 +185,9 @@ impl H1Conns {
                 let resp = self.exchange(addr, head, method_head, repeatable).await?;
                 Ok(resp.map(UpstreamBody::Own))
             });
+        }
+        if let Some(a) = added {
+            a.insert_into(req.headers_mut());
         }
         // Boxed: hyper's connection path is the larger future, and fewer requests take it.
         Either::Right(Box::pin(async move {
@@ -443,7 +454,7 @@ mod tests {
             Path::Hyper => c.send_hyper(addr, req).await?.map(UpstreamBody::Hyper),
             Path::Own(m) => {
                 *req.method_mut() = m.parse().unwrap();
-                c.clone().send(addr, req).await?
+                c.clone().send(addr, req, None).await?
             }
         };
         let body = resp.into_body().collect().await.unwrap().to_bytes();

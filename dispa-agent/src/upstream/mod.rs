@@ -125,17 +125,21 @@ impl UpstreamRuntime {
         }
     }
 
-    /// Sends `req` to `addr`: over this thread's HTTP/1.1 connections (the URI in origin
-    /// form), or the pooled HTTP/2 client (the URI absolute).
+    /// Sends `req` to `addr` with the proxy's `added` fields: over this thread's HTTP/1.1
+    /// connections (the URI in origin form), or the pooled HTTP/2 client (the URI absolute).
     /// Not an `async fn`, which would keep `req` twice in its state (see [`h1::H1Conns::send`]).
     pub fn send(
         &self,
         addr: SocketAddr,
-        req: http::Request<crate::proxy::CountedBody>,
+        mut req: http::Request<crate::proxy::CountedBody>,
+        added: Option<&crate::proxy::Added>,
     ) -> impl Future<Output = Result<http::Response<UpstreamBody>, SendError>> + Send + use<> {
         use futures_util::future::{Either, TryFutureExt};
         let name = self.server_names.get(&addr).map(String::as_str);
         if self.pool.key().h2 {
+            if let Some(a) = added {
+                a.insert_into(req.headers_mut());
+            }
             // The pooled client's future is boxed inside hyper-util.
             let sent = self.pool.client_for(name).request(req);
             return Either::Left(
@@ -143,7 +147,7 @@ impl UpstreamRuntime {
                     .map_err(SendError::Pooled),
             );
         }
-        Either::Right(self.pool.h1_for(name).send(addr, req))
+        Either::Right(self.pool.h1_for(name).send(addr, req, added))
     }
 
     /// A non-pooling client for a health check of `addr`, for TLS upstreams.

@@ -39,6 +39,8 @@ impl Endpoint {
 pub struct PickCtx<'a> {
     pub client_ip: IpAddr,
     pub headers: &'a HeaderMap,
+    /// The proxy's own fields, which the request carries beside `headers`.
+    pub added: Option<&'a crate::proxy::Added>,
 }
 
 /// Counts a request against its endpoint until dropped (when the response ends).
@@ -117,8 +119,9 @@ fn hash_key(on: &HashOn, ctx: &PickCtx<'_>) -> Option<Vec<u8>> {
     match on {
         HashOn::ClientIp => Some(ctx.client_ip.to_canonical().to_string().into_bytes()),
         HashOn::Header(name) => ctx
-            .headers
-            .get(name.as_str())
+            .added
+            .and_then(|a| a.get(name.as_str()))
+            .or_else(|| ctx.headers.get(name.as_str()))
             .map(|v| v.as_bytes().to_vec()),
         HashOn::Cookie(name) => ctx
             .headers
@@ -169,6 +172,7 @@ mod tests {
         PickCtx {
             client_ip: "127.0.0.1".parse().unwrap(),
             headers,
+            added: None,
         }
     }
 
@@ -208,6 +212,25 @@ mod tests {
             Some(b"abc".to_vec())
         );
         assert_eq!(hash_key(&HashOn::Cookie("none".into()), &ctx(&h)), None);
+        // The proxy's own fields travel beside the map and hash the same.
+        let mut added = crate::proxy::Added::new("id".parse().unwrap(), "tp".parse().unwrap());
+        added.forwarded(
+            "198.51.100.7".parse().unwrap(),
+            "http",
+            "a".parse().unwrap(),
+        );
+        let with = PickCtx {
+            added: Some(&added),
+            ..ctx(&h)
+        };
+        assert_eq!(
+            hash_key(&HashOn::Header("X-Forwarded-For".into()), &with),
+            Some(b"198.51.100.7".to_vec())
+        );
+        assert_eq!(
+            hash_key(&HashOn::Header("x-user".into()), &with),
+            Some(b"alice".to_vec())
+        );
         // No key: spread like round robin.
         let b = Balancer::new(
             &Balance::Hash(HashOn::Header("x-missing".into())),
