@@ -535,10 +535,22 @@ where
             if timer.deadline() != next {
                 timer.as_mut().reset(next);
             }
+            // After each poll of the connection: brought forward to the earliest deadline a
+            // request inside waits for (`clock::Deadline`), so that it is polled again then.
+            let timed = std::future::poll_fn(|cx| {
+                if let Some(w) = crate::clock::wanted().map(tokio::time::Instant::from_std)
+                    && w < timer.deadline()
+                {
+                    timer.as_mut().reset(w);
+                }
+                timer.as_mut().poll(cx)
+            });
             tokio::select! {
+                // The connection first: the timer reads what its poll wanted.
+                biased;
                 // The clock read once per wake-up of the connection (see `clock`).
                 r = crate::clock::Polled(conn.as_mut()) => return Some(r),
-                _ = timer.as_mut() => {
+                _ = timed => {
                     if closing.is_some_and(|at| tokio::time::Instant::now() >= at) {
                         return None;
                     }

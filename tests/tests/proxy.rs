@@ -138,6 +138,20 @@ upstream = "slow"
         .unwrap();
     assert_eq!(r.status, 504);
     assert_eq!(r.text(), "upstream timed out\n");
+    // With a body (hyper's HTTP/1.1 server path) and over HTTP/2 (a task per stream) too.
+    let post = http::Request::post(format!("http://{}/slow?sleep_ms=3000", agent.proxy))
+        .header("host", "h")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            b"body",
+        )))
+        .unwrap();
+    let r = http.send(post).await.unwrap();
+    assert_eq!(r.status, 504);
+    let r = dispa_tests::http_client::h2c_get(agent.proxy, "h", "/slow?sleep_ms=3000")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 504);
+
     let m = http
         .get(&format!("http://{}/metrics", agent.admin), None)
         .await
@@ -148,11 +162,11 @@ upstream = "slow"
         "{m}"
     );
     assert!(
-        m.contains(r#"dispa_denied_requests_total{reason="upstream_timeout"} 1"#),
+        m.contains(r#"dispa_denied_requests_total{reason="upstream_timeout"} 3"#),
         "{m}"
     );
     assert!(
-        m.contains(r#"dispa_request_duration_seconds_count{route="slow"} 1"#),
+        m.contains(r#"dispa_request_duration_seconds_count{route="slow"} 3"#),
         "{m}"
     );
     assert!(m.contains("dispa_config_version 1"), "{m}");

@@ -653,8 +653,8 @@ impl Proxy {
                     // Boxed: the exchange's state is most of a request's, and every future
                     // that holds it inline is copied whole when it is moved.
                     let deadline = crate::clock::now() + route.timeout;
-                    Box::pin(tokio::time::timeout_at(
-                        deadline.into(),
+                    Box::pin(crate::clock::Deadline::new(
+                        deadline,
                         upstream.send(endpoint, upstream_req, added.as_deref()),
                     ))
                 };
