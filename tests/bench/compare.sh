@@ -5,6 +5,12 @@
 #   tests/bench/compare.sh --smoke         # 1 round of 1 s each: checks the harness works
 #   tests/bench/compare.sh --rounds 5 --duration 20 --scenarios small,big
 #   tests/bench/compare.sh --hold DIR      # set everything up, write DIR/env, wait (profile.sh, ab.sh)
+#   tests/bench/compare.sh --bare-peers    # nginx and HAProxy without the request fields below
+#
+# Equivalent settings: a Dispa agent always sends X-Forwarded-For, -Proto and -Host, an
+# X-Request-Id and a traceparent upstream and returns the X-Request-Id to the client, so
+# nginx and HAProxy are configured to do the same (the way an operator sets them up in front
+# of an application); --bare-peers leaves them out, so the peers do less work than Dispa.
 #
 # Scenarios: small (HTTP/1.1, 20-byte response), big (64 KiB response), h2 (HTTP/2 over TLS,
 # h2load), tls-keepalive (HTTP/1.1 over TLS, kept-alive), tls-handshake (a new TLS connection
@@ -22,6 +28,7 @@ DURATION=10
 SMOKE=0
 SCENARIOS="small,big,h2,tls-keepalive,tls-handshake,hosts,idle,plane"
 HOLD=""
+BARE_PEERS=0
 CONNS=64
 THREADS=2
 while [ $# -gt 0 ]; do
@@ -31,7 +38,8 @@ while [ $# -gt 0 ]; do
     --duration) DURATION="$2"; shift ;;
     --scenarios) SCENARIOS="$2"; shift ;;
     --hold) HOLD="$2"; shift ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    --bare-peers) BARE_PEERS=1 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -106,6 +114,19 @@ wait_port $UP
 
 # --- nginx as the proxy: 2 workers, upstream keep-alive, no access log ---
 mkdir -p "$WORK/px"
+# The fields Dispa sets (see the top): the client's X-Request-Id or nginx's random one, a
+# traceparent whose span id is part of it, the forwarded chain, scheme and host.
+NGX_MAPS=""; NGX_FIELDS=""
+if [ "$BARE_PEERS" = 0 ]; then
+  NGX_MAPS='map $http_x_request_id $rid { "" $request_id; default $http_x_request_id; }
+  map $request_id $span_id { "~^(?<s>[0-9a-f]{16})" $s; }'
+  NGX_FIELDS='proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto $scheme;
+      proxy_set_header X-Forwarded-Host $http_host;
+      proxy_set_header X-Request-Id $rid;
+      proxy_set_header traceparent 00-$request_id-$span_id-01;
+      add_header X-Request-Id $rid always;'
+fi
 cat > "$WORK/nginx-px.conf" <<EOF
 worker_processes 2;
 pid $WORK/nginx-px.pid;
@@ -116,6 +137,7 @@ http {
   access_log off;
   keepalive_requests 1000000;
   upstream app { server 127.0.0.1:$UP; keepalive 128; }
+  $NGX_MAPS
   server {
     listen 127.0.0.1:$NGX;
     listen 127.0.0.1:$NGX_TLS ssl http2;
@@ -123,7 +145,10 @@ http {
     ssl_certificate_key $WORK/key.pem;
     # nginx 1.22 offers only TLS 1.2 by default (1.23.4 added 1.3); the others offer 1.3.
     ssl_protocols TLSv1.2 TLSv1.3;
-    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; }
+    location / {
+      proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection "";
+      $NGX_FIELDS
+    }
   }
 }
 EOF
@@ -131,6 +156,19 @@ nginx -c "$WORK/nginx-px.conf" -p "$WORK/px" -g 'daemon on;'
 wait_port $NGX
 
 # --- HAProxy: 2 threads, connection reuse, no logging ---
+HAP_FIELDS=""
+if [ "$BARE_PEERS" = 0 ]; then
+  HAP_FIELDS='option forwardfor
+  unique-id-format %[uuid(4),regsub(-,,g)]
+  http-request set-var(txn.rid) req.hdr(x-request-id)
+  http-request set-var(txn.rid) unique-id if !{ var(txn.rid) -m found }
+  http-request set-header X-Request-Id %[var(txn.rid)]
+  http-request set-header traceparent 00-%[unique-id]-%[unique-id,bytes(0,16)]-01
+  http-request set-header X-Forwarded-Proto https if { ssl_fc }
+  http-request set-header X-Forwarded-Proto http if !{ ssl_fc }
+  http-request set-header X-Forwarded-Host %[req.hdr(host)]
+  http-response set-header X-Request-Id %[var(txn.rid)]'
+fi
 cat > "$WORK/haproxy.cfg" <<EOF
 global
   nbthread 2
@@ -144,6 +182,7 @@ defaults
 frontend fe
   bind 127.0.0.1:$HAP
   bind 127.0.0.1:$HAP_TLS ssl crt $WORK/haproxy.pem alpn h2,http/1.1
+  $HAP_FIELDS
   default_backend app
 backend app
   server up 127.0.0.1:$UP
@@ -282,6 +321,11 @@ RSS_NGX="$(peak_rss "$NGX_MASTER")"; RSS_HAP="$(peak_rss "$HAP_PID")"; RSS_DSP="
 echo
 echo "# $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); $ROUNDS round(s) of ${DURATION}s, wrk -t$THREADS -c$CONNS"
 echo "# nginx $(nginx -v 2>&1 | sed 's/.*\///'), HAProxy $(haproxy -v | awk 'NR==1 {print $3}'), dispa $("$BIN/dispa" --version | awk '{print $2}')"
+if [ "$BARE_PEERS" = 1 ]; then
+  echo "# --bare-peers: nginx and HAProxy do not set the request id, traceparent and X-Forwarded-* fields Dispa sets"
+else
+  echo "# all three set X-Request-Id (request and response), traceparent and X-Forwarded-For/-Proto/-Host"
+fi
 python3 - "$RESULTS" "$RSS_NGX" "$RSS_HAP" "$RSS_DSP" <<'PY'
 import sys, statistics, collections
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
