@@ -45,6 +45,8 @@ URL="http://127.0.0.1:$PORT/"; EXTRA=()
 if [ "$TLS" = 1 ]; then URL="https://127.0.0.1:$TLS_PORT/"; EXTRA=(--listen-tls "127.0.0.1:$TLS_PORT"); fi
 HZ="$(getconf CLK_TCK)"
 ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
+# CPU ticks of each serving thread, to see how the connections were spread over them.
+thread_ticks() { for t in /proc/"$1"/task/*; do grep -qs '^dispa-proxy' "$t/comm" && awk '{print $14 + $15}' "$t/stat" 2>/dev/null; done || true; }
 run() { # label binary
   rm -rf "$HELD/agent"
   "$2" --log-level warn agent --plane "http://127.0.0.1:$PLANE" --id "ab-$1" \
@@ -54,15 +56,19 @@ run() { # label binary
   for _ in $(seq 1 200); do curl -sf "http://127.0.0.1:$ADMIN/readyz" >/dev/null && break; sleep 0.05; done
   curl -sf "http://127.0.0.1:$ADMIN/readyz" >/dev/null || { cat "$HELD/agent.log" >&2; exit 1; }
   wrk -t2 -c64 -d1s "$URL" > /dev/null
-  local u0 s0 u1 s1 out
+  local u0 s0 u1 s1 out t0 t1 split
   read -r u0 s0 < <(ticks "$AGENT")
+  t0="$(thread_ticks "$AGENT")"
   out="$(wrk -t2 -c64 -d5s --latency "$URL")"
   read -r u1 s1 < <(ticks "$AGENT")
+  t1="$(thread_ticks "$AGENT")"
+  split="$(paste -d' ' <(echo "$t0") <(echo "$t1") | awk '{printf "%s%d", (NR > 1 ? "/" : ""), $2 - $1}')"
   kill "$AGENT"; wait "$AGENT" 2>/dev/null || true
   AGENT=""
-  awk -v label="$1" -v du=$((u1 - u0)) -v ds=$((s1 - s0)) -v hz="$HZ" '
-    /requests in/ { n = $1 } /^Requests\/sec/ { rps = $2 } $1 == "99%" { p99 = $2 }
-    END { printf "%s rps=%.0f p99=%s user_us=%.2f sys_us=%.2f\n", label, rps, p99, du / hz / n * 1e6, ds / hz / n * 1e6 }' <<<"$out"
+  awk -v label="$1" -v du=$((u1 - u0)) -v ds=$((s1 - s0)) -v hz="$HZ" -v spread="$split" '
+    /requests in/ { n = $1 } /^Requests\/sec/ { rps = $2 }
+    $1 == "99%" { p99 = $2 + 0; if ($2 ~ /us$/) p99 /= 1000; else if ($2 ~ /[0-9]s$/) p99 *= 1000 }
+    END { printf "%s rps=%.0f p99_ms=%.2f user_us=%.2f sys_us=%.2f threads=%s\n", label, rps, p99, du / hz / n * 1e6, ds / hz / n * 1e6, spread }' <<<"$out"
 }
 for r in $(seq 1 "$ROUNDS"); do
   run A "${BINS[0]}" | tee -a "$HELD/results"
@@ -74,11 +80,11 @@ runs = {"A": [], "B": []}
 for line in open(sys.argv[1]):
     label, *fields = line.split()
     kv = dict(f.split("=") for f in fields)
-    runs[label].append((float(kv["rps"]), float(kv["user_us"]), float(kv["sys_us"])))
+    runs[label].append((float(kv["rps"]), float(kv["user_us"]), float(kv["sys_us"]), float(kv["p99_ms"])))
 for label, rs in runs.items():
-    med = [statistics.median(r[i] for r in rs) for i in range(3)]
-    print(f"{label} medians: {med[0]:,.0f} RPS, user {med[1]:.2f} us, kernel {med[2]:.2f} us per request")
+    med = [statistics.median(r[i] for r in rs) for i in range(4)]
+    print(f"{label} medians: {med[0]:,.0f} RPS, p99 {med[3]:.2f} ms, user {med[1]:.2f} us, kernel {med[2]:.2f} us per request")
 pairs = list(zip(runs["A"], runs["B"]))
 print(f"B ahead in RPS in {sum(b[0] > a[0] for a, b in pairs)} of {len(pairs)} rounds, "
-      f"lower user time in {sum(b[1] < a[1] for a, b in pairs)}")
+      f"lower p99 in {sum(b[3] < a[3] for a, b in pairs)}, lower user time in {sum(b[1] < a[1] for a, b in pairs)}")
 PYEOF
