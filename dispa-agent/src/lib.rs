@@ -8,6 +8,7 @@ pub mod clock;
 pub mod conn;
 pub mod policy;
 pub mod proxy;
+mod reuse;
 pub mod routing;
 mod server;
 pub mod snapshot;
@@ -97,6 +98,11 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Agent
         .map_err(|source| AgentError::Bind { what, addr, source })
 }
 
+/// A proxy listener: the first socket of the group its serving threads join.
+fn bind_proxy(what: &'static str, addr: SocketAddr) -> Result<TcpListener, AgentError> {
+    reuse::bind(addr).map_err(|source| AgentError::Bind { what, addr, source })
+}
+
 impl Agent {
     pub async fn bind(opts: AgentOptions) -> Result<Agent, AgentError> {
         let metrics = Arc::new(Metrics::new());
@@ -119,9 +125,9 @@ impl Agent {
                 "log batches from an earlier run will be shipped to the plane"
             );
         }
-        let proxy_listener = bind("proxy", opts.listen).await?;
+        let proxy_listener = bind_proxy("proxy", opts.listen)?;
         let tls_listener = match opts.listen_tls {
-            Some(addr) => Some(bind("proxy-tls", addr).await?),
+            Some(addr) => Some(bind_proxy("proxy-tls", addr)?),
             None => None,
         };
         let admin_listener = bind("admin", opts.admin).await?;

@@ -110,7 +110,9 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
 /// connection's request, its upstream exchange and its response stay on one thread (no
 /// cross-thread wake-ups per request; 1.37x the RPS of one work-stealing runtime, see
 /// docs/BENCHMARKS.md).
-/// Every thread accepts from the same socket. Resolves when every thread has drained.
+/// Each thread accepts from its own socket of `listener`'s `SO_REUSEPORT` group
+/// ([`crate::reuse`]), or from `listener` itself where it cannot join one. Resolves when every
+/// thread has drained.
 #[allow(clippy::too_many_arguments)]
 pub async fn serve_on_threads<F, Fut, B>(
     threads: usize,
@@ -126,26 +128,45 @@ pub async fn serve_on_threads<F, Fut, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let name = opts.name;
-    let std_listener = match listener.into_std() {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(
-                listener = name,
-                "cannot hand the listener to worker threads: {e}"
-            );
-            return;
+    let mut own = vec![listener];
+    for _ in 1..threads {
+        match crate::reuse::join(&own[0]) {
+            Ok(l) => own.push(l),
+            Err(e) => {
+                tracing::warn!(
+                    listener = name,
+                    "serving threads share one socket: cannot join its group: {e}"
+                );
+                break;
+            }
         }
-    };
-    let mut done = Vec::new();
-    for i in 0..threads.max(1) {
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let listener = match std_listener.try_clone() {
-            Ok(l) => l,
+    }
+    let mut std_listeners = Vec::with_capacity(threads.max(1));
+    for l in own {
+        match l.into_std() {
+            Ok(l) => std_listeners.push(l),
+            Err(e) => {
+                tracing::error!(
+                    listener = name,
+                    "cannot hand the listener to worker threads: {e}"
+                );
+                return;
+            }
+        }
+    }
+    // Threads without a socket of their own share the first.
+    while std_listeners.len() < threads.max(1) {
+        match std_listeners[0].try_clone() {
+            Ok(l) => std_listeners.push(l),
             Err(e) => {
                 tracing::error!(listener = name, "cannot clone the listener: {e}");
                 break;
             }
-        };
+        }
+    }
+    let mut done = Vec::new();
+    for (i, listener) in std_listeners.into_iter().enumerate() {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let (opts, handler, shutdown) = (opts.clone(), handler.clone(), shutdown.clone());
         let spawned = std::thread::Builder::new()
             .name(format!("dispa-{name}-{i}"))
