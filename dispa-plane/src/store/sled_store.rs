@@ -207,6 +207,25 @@ mod tests {
         }
     }
 
+    /// Opens the store again in this process. sled's flusher thread holds the dropped
+    /// handle's file lock for a moment after the drop (a restarted plane, a new process,
+    /// never sees it held), so the reopen is retried while the lock is taken, up to 10 s.
+    fn reopen(dir: &Path) -> SledStore {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match SledStore::open(dir) {
+                Ok(s) => return s,
+                Err(StoreError::Io(e))
+                    if e.contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
+                Err(e) => panic!("reopening the store: {e}"),
+            }
+        }
+    }
+
     #[test]
     fn append_is_compare_and_swap_and_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
@@ -246,7 +265,7 @@ mod tests {
             )
             .unwrap();
         }
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = reopen(dir.path());
         assert_eq!(s.head().unwrap().unwrap().content, "c");
         let h = s.history(10).unwrap();
         assert_eq!(h.iter().map(|(v, _)| v.0).collect::<Vec<_>>(), vec![2, 1]);
