@@ -25,9 +25,10 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     member(addr)
 }
 
-/// A further socket of the group `first` leads, for one more serving thread.
-pub fn join(first: &TcpListener) -> io::Result<TcpListener> {
-    member(first.local_addr()?)
+/// A further socket of the group bound at `addr` (the first socket's local address), for
+/// one more serving thread.
+pub fn join(addr: SocketAddr) -> io::Result<TcpListener> {
+    member(addr)
 }
 
 fn member(addr: SocketAddr) -> io::Result<TcpListener> {
@@ -60,7 +61,7 @@ mod tests {
     #[tokio::test]
     async fn a_second_group_at_the_same_address_is_refused() {
         let first = bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let _joined = join(&first).unwrap();
+        let _joined = join(first.local_addr().unwrap()).unwrap();
         let err = bind(first.local_addr().unwrap()).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
     }
@@ -68,7 +69,7 @@ mod tests {
     #[tokio::test]
     async fn every_member_accepts_its_share() {
         let first = bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let second = join(&first).unwrap();
+        let second = join(first.local_addr().unwrap()).unwrap();
         let addr = first.local_addr().unwrap();
         let mut clients = Vec::new();
         for _ in 0..64 {

@@ -128,35 +128,31 @@ pub async fn serve_on_threads<F, Fut, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let name = opts.name;
-    let mut own = vec![listener];
+    let first = match listener.into_std() {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(
+                listener = name,
+                "cannot hand the listener to worker threads: {e}"
+            );
+            return;
+        }
+    };
+    let mut std_listeners = Vec::with_capacity(threads.max(1));
     for _ in 1..threads {
-        match crate::reuse::join(&own[0]) {
-            Ok(l) => own.push(l),
-            Err(e) => {
+        // A socket of its own in the group, or else a share of the first.
+        let own = first
+            .local_addr()
+            .and_then(crate::reuse::join)
+            .and_then(TcpListener::into_std)
+            .or_else(|e| {
                 tracing::warn!(
                     listener = name,
-                    "serving threads share one socket: cannot join its group: {e}"
+                    "a serving thread shares the first socket: {e}"
                 );
-                break;
-            }
-        }
-    }
-    let mut std_listeners = Vec::with_capacity(threads.max(1));
-    for l in own {
-        match l.into_std() {
-            Ok(l) => std_listeners.push(l),
-            Err(e) => {
-                tracing::error!(
-                    listener = name,
-                    "cannot hand the listener to worker threads: {e}"
-                );
-                return;
-            }
-        }
-    }
-    // Threads without a socket of their own share the first.
-    while std_listeners.len() < threads.max(1) {
-        match std_listeners[0].try_clone() {
+                first.try_clone()
+            });
+        match own {
             Ok(l) => std_listeners.push(l),
             Err(e) => {
                 tracing::error!(listener = name, "cannot clone the listener: {e}");
@@ -164,6 +160,7 @@ pub async fn serve_on_threads<F, Fut, B>(
             }
         }
     }
+    std_listeners.insert(0, first);
     let mut done = Vec::new();
     for (i, listener) in std_listeners.into_iter().enumerate() {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
