@@ -22,16 +22,12 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
         probe.set_reuseaddr(true)?;
         probe.bind(addr)?;
     }
-    member(addr)
+    join(addr)
 }
 
-/// A further socket of the group bound at `addr` (the first socket's local address), for
-/// one more serving thread.
+/// A socket of the group at `addr` (for a further serving thread, the first socket's local
+/// address).
 pub fn join(addr: SocketAddr) -> io::Result<TcpListener> {
-    member(addr)
-}
-
-fn member(addr: SocketAddr) -> io::Result<TcpListener> {
     let s = socket(addr)?;
     s.set_reuseaddr(true)?;
     s.set_reuseport(true)?;

@@ -138,9 +138,10 @@ pub async fn serve_on_threads<F, Fut, B>(
             return;
         }
     };
-    let mut std_listeners = Vec::with_capacity(threads.max(1));
+    let mut std_listeners = vec![first];
     for _ in 1..threads {
         // A socket of its own in the group, or else a share of the first.
+        let first = &std_listeners[0];
         let own = first
             .local_addr()
             .and_then(crate::reuse::join)
@@ -160,7 +161,6 @@ pub async fn serve_on_threads<F, Fut, B>(
             }
         }
     }
-    std_listeners.insert(0, first);
     let mut done = Vec::new();
     for (i, listener) in std_listeners.into_iter().enumerate() {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
