@@ -347,14 +347,15 @@ for scenario in sorted({s for s, _ in by}):
         continue
     parts = [f"{d / med[(scenario, peer)]:.2f}x {peer}" for peer in ("nginx", "haproxy") if med.get((scenario, peer))]
     # Rounds run the proxies back to back, so each round's ratio is free of the machine's
-    # drift between rounds: how often Dispa was ahead, and its p99 against each peer's.
+    # drift between rounds: how often Dispa's RPS was at least each peer's and its p99 at most
+    # (the targets).
     rounds = []
     for peer in ("nginx", "haproxy"):
         pairs = list(zip(by[(scenario, "dispa")], by.get((scenario, peer), [])))
         if pairs:
             ahead = sum(x[0] >= y[0] for x, y in pairs)
             lower = sum(x[2] <= y[2] for x, y in pairs)
-            rounds.append(f"vs {peer} RPS ahead {ahead}/{len(pairs)}, p99 lower {lower}/{len(pairs)}")
+            rounds.append(f"vs {peer}: RPS >= in {ahead}/{len(pairs)}, p99 <= in {lower}/{len(pairs)}")
     print(f"dispa / peers, {scenario}: {', '.join(parts)} ({'; '.join(rounds)})")
 a, b = med.get(("hosts", "dispa-10-hosts")), med.get(("hosts", "dispa-10000-hosts"))
 if a and b:
