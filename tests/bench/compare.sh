@@ -14,8 +14,9 @@
 #
 # Scenarios: small (HTTP/1.1, 20-byte response), big (64 KiB response), h2 (HTTP/2 over TLS,
 # h2load), tls-keepalive (HTTP/1.1 over TLS, kept-alive), tls-handshake (a new TLS connection
-# per request), hosts (Dispa with a 10,000-host route table vs a 10-host one), idle (10,000
-# idle keep-alive connections, agent RSS), plane (1,000 agent streams, time to ACK).
+# per request), hosts (a second agent, with a 10,000-host route table from a plane of its own,
+# vs the first with 10 hosts), idle (10,000 idle keep-alive connections, agent RSS), plane
+# (1,000 agent streams, time to ACK).
 #
 # Needs nginx, haproxy, wrk, h2load and openssl (Debian: apt-get install nginx-light haproxy
 # wrk nghttp2-client openssl), python3, and release builds of dispa, dispactl and plane_load
@@ -39,7 +40,7 @@ while [ $# -gt 0 ]; do
     --scenarios) SCENARIOS="$2"; shift ;;
     --hold) HOLD="$2"; shift ;;
     --bare-peers) BARE_PEERS=1 ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -74,7 +75,9 @@ ulimit -n "$(ulimit -Hn)"
 # Fixed high ports; fail early if one is taken.
 UP=19080; NGX=19081; HAP=19082; DSP=19083; NGX_TLS=19443; HAP_TLS=19444; DSP_TLS=19445
 PLANE=19090; ADMIN=19091
-for p in $UP $NGX $HAP $DSP $NGX_TLS $HAP_TLS $DSP_TLS $PLANE $ADMIN; do
+# The hosts scenario's second agent (the 10,000-host table) and its plane.
+DSP_HOSTS=19084; PLANE_HOSTS=19092; ADMIN_HOSTS=19093
+for p in $UP $NGX $HAP $DSP $NGX_TLS $HAP_TLS $DSP_TLS $PLANE $ADMIN $DSP_HOSTS $PLANE_HOSTS $ADMIN_HOSTS; do
   if (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null; then echo "port $p is in use" >&2; exit 1; fi
 done
 
@@ -217,22 +220,47 @@ EOF
     printf '\n[[routes]]\nname = "h%d"\nhosts = ["h%d.example.com", "*.t%d.example.net"]\nupstream = "app"\n' "$i" "$i" "$i"
   done
 }
-apply_hosts() { # number of hosts
-  hosts_config "$1" > "$WORK/routes.toml"
-  "$BIN/dispactl" --plane "http://127.0.0.1:$PLANE" apply -f "$WORK/routes.toml" >/dev/null
+apply_hosts() { # plane-port number-of-hosts
+  hosts_config "$2" > "$WORK/routes-$2.toml"
+  "$BIN/dispactl" --plane "http://127.0.0.1:$1" apply -f "$WORK/routes-$2.toml" >/dev/null
 }
-apply_hosts 10
-start_agent() {
-  "$BIN/dispa" --log-level warn agent --plane "http://127.0.0.1:$PLANE" --id bench \
-    --listen 127.0.0.1:$DSP --listen-tls 127.0.0.1:$DSP_TLS --admin 127.0.0.1:$ADMIN \
-    --cache-dir "$WORK/agent" --traffic-log off >> "$WORK/agent.log" 2>&1 &
-  PIDS+=($!); AGENT_PID=$!
-  wait_port $DSP
-  for _ in $(seq 1 200); do
-    curl -sf "http://127.0.0.1:$ADMIN/readyz" >/dev/null && break; sleep 0.05
+apply_hosts $PLANE 10
+start_agent() { # id plane-port listen-port admin-port [more agent arguments]; sets STARTED_PID
+  local id="$1" plane="$2" port="$3" admin="$4"; shift 4
+  "$BIN/dispa" --log-level warn agent --plane "http://127.0.0.1:$plane" --id "$id" \
+    --listen "127.0.0.1:$port" --admin "127.0.0.1:$admin" "$@" \
+    --cache-dir "$WORK/agent-$id" --traffic-log off >> "$WORK/agent-$id.log" 2>&1 &
+  PIDS+=($!); STARTED_PID=$!
+  wait_port "$port"
+  # Ready once it serves a snapshot from its plane.
+  for _ in $(seq 1 600); do
+    curl -sf "http://127.0.0.1:$admin/readyz" >/dev/null && return 0; sleep 0.05
   done
+  echo "agent $id is not ready; its log:" >&2; cat "$WORK/agent-$id.log" >&2; exit 1
 }
-start_agent
+start_main_agent() {
+  start_agent bench $PLANE $DSP $ADMIN --listen-tls "127.0.0.1:$DSP_TLS"
+  AGENT_PID=$STARTED_PID
+}
+start_main_agent
+
+# The hosts scenario's 10,000-host table is served by a second agent, fed by a plane of its
+# own: each agent keeps one table for the whole run, as the proxies in front keep their
+# configuration, and the main agent's memory and heap are not shaped by the big table.
+HOSTS_PID=""
+if [[ ",$SCENARIOS," == *",hosts,"* ]] && [ -z "$HOLD" ]; then
+  "$BIN/dispa" --log-level warn plane --data-dir "$WORK/plane-hosts" --listen 127.0.0.1:$PLANE_HOSTS \
+    > "$WORK/plane-hosts.log" 2>&1 &
+  PIDS+=($!)
+  wait_port $PLANE_HOSTS
+  apply_hosts $PLANE_HOSTS 10000
+  start_agent hosts $PLANE_HOSTS $DSP_HOSTS $ADMIN_HOSTS
+  HOSTS_PID=$STARTED_PID
+  # One unmeasured second each: the first requests fault in the new table and fill the
+  # upstream pool, which would count against whichever agent the first round runs cold.
+  wrk -t2 -c64 -d1s -H "Host: h5.example.com" "http://127.0.0.1:$DSP/" >/dev/null 2>&1
+  wrk -t2 -c64 -d1s -H "Host: h5000.example.com" "http://127.0.0.1:$DSP_HOSTS/" >/dev/null 2>&1
+fi
 
 if [ -n "$HOLD" ]; then
   # For the other scripts: where everything listens, then wait to be stopped (INT or TERM).
@@ -296,27 +324,19 @@ for round in $(seq 1 "$ROUNDS"); do
     has tls-handshake && run_wrk tls-handshake "$t" "https://127.0.0.1:$(target_tls "$t")/" -H "Connection: close"
     has h2 && run_h2load h2 "$t" "https://127.0.0.1:$(target_tls "$t")/"
   done
-  if has hosts; then
+  if [ -n "$HOSTS_PID" ]; then
     # Alternate which table goes first, so drift within a round does not favour one.
     order="10 10000"; [ $((round % 2)) -eq 0 ] && order="10000 10"
     for n in $order; do
-      apply_hosts "$n"
-      v="$("$BIN/dispactl" --plane "http://127.0.0.1:$PLANE" status -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["version"])')"
-      for _ in $(seq 1 600); do
-        curl -sf "http://127.0.0.1:$ADMIN/config" | grep -q "\"version\":$v" && break; sleep 0.1
-      done
+      port=$DSP; [ "$n" = 10000 ] && port=$DSP_HOSTS
       # A host from the middle of the table, so lookups hit the big map.
-      host="h$((n / 2)).example.com"
-      # Steady state: the agent has just built, cached and swapped in the new table (and
-      # freed the old one); one unmeasured second lets that settle for either table.
-      wrk -t$THREADS -c$CONNS -d1s -H "Host: $host" "http://127.0.0.1:$DSP/" >/dev/null 2>&1
-      run_wrk hosts "dispa-$n-hosts" "http://127.0.0.1:$DSP/" -H "Host: $host"
+      run_wrk hosts "dispa-$n-hosts" "http://127.0.0.1:$port/" -H "Host: h$((n / 2)).example.com"
     done
-    apply_hosts 10
   fi
 done
 
 RSS_NGX="$(peak_rss "$NGX_MASTER")"; RSS_HAP="$(peak_rss "$HAP_PID")"; RSS_DSP="$(peak_rss "$AGENT_PID")"
+RSS_HOSTS=0; [ -n "$HOSTS_PID" ] && RSS_HOSTS="$(peak_rss "$HOSTS_PID")"
 
 echo
 echo "# $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); $ROUNDS round(s) of ${DURATION}s, wrk -t$THREADS -c$CONNS"
@@ -326,10 +346,11 @@ if [ "$BARE_PEERS" = 1 ]; then
 else
   echo "# all three set X-Request-Id (request and response), traceparent and X-Forwarded-For/-Proto/-Host"
 fi
-python3 - "$RESULTS" "$RSS_NGX" "$RSS_HAP" "$RSS_DSP" <<'PY'
+python3 - "$RESULTS" "$RSS_NGX" "$RSS_HAP" "$RSS_DSP" "$RSS_HOSTS" <<'PY'
 import sys, statistics, collections
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
-rss = {"nginx": int(sys.argv[2]), "haproxy": int(sys.argv[3]), "dispa": int(sys.argv[4])}
+rss = {"nginx": int(sys.argv[2]), "haproxy": int(sys.argv[3]), "dispa": int(sys.argv[4]),
+       "dispa-10000-hosts": int(sys.argv[5])}
 by = collections.defaultdict(list)
 for scenario, name, rps, p50, p99 in rows:
     by[(scenario, name)].append((float(rps), float(p50), float(p99)))
@@ -338,7 +359,7 @@ med = {}
 for (scenario, name), runs in by.items():
     r = statistics.median(x[0] for x in runs); p50 = statistics.median(x[1] for x in runs); p99 = statistics.median(x[2] for x in runs)
     med[(scenario, name)] = r
-    mem = rss.get(name.split("-")[0], 0) / 1024
+    mem = rss.get(name, rss.get(name.split("-")[0], 0)) / 1024
     print(f"{scenario:<14} {name:<18} {r:>13,.0f} {p50:>8.2f} {p99:>8.2f} {mem:>13.1f}")
 print()
 for scenario in sorted({s for s, _ in by}):
@@ -360,7 +381,7 @@ for scenario in sorted({s for s, _ in by}):
 a, b = med.get(("hosts", "dispa-10-hosts")), med.get(("hosts", "dispa-10000-hosts"))
 if a and b:
     print(f"dispa 10,000 hosts / 10 hosts: {b / a:.3f} (medians)")
-    # Each round measures both tables back to back: the ratio within a round is not moved by
+    # Each round measures both agents back to back: the ratio within a round is not moved by
     # the machine drifting between rounds, which here is larger than the effect sought.
     pairs = [y[0] / x[0] for x, y in zip(by[("hosts", "dispa-10-hosts")], by[("hosts", "dispa-10000-hosts")]) if x[0]]
     print(f"dispa 10,000 hosts / 10 hosts per round: {', '.join(f'{r:.3f}' for r in pairs)}; median {statistics.median(pairs):.3f}")
@@ -371,7 +392,8 @@ if has idle; then
   # A fresh agent (the 10-host table): the load and the 10,000-host table before would
   # otherwise count in its RSS.
   kill "$AGENT_PID"; wait "$AGENT_PID" 2>/dev/null || true
-  start_agent
+  [ -n "$HOSTS_PID" ] && { kill "$HOSTS_PID"; wait "$HOSTS_PID" 2>/dev/null || true; }
+  start_main_agent
   python3 "$ROOT/tests/bench/idle_conns.py" 127.0.0.1 $DSP "$n" "$AGENT_PID"
 fi
 if has plane; then
