@@ -95,6 +95,8 @@ pub async fn run(a: DevArgs) -> Result<()> {
         log_spool_max: dispa_agent::DEFAULT_LOG_SPOOL_MAX,
         dns_refresh: Duration::from_secs(30),
         workers: 1,
+        // One thread on a developer's machine: never pinned.
+        pin_workers: dispa_agent::affinity::Pinning::Off,
     })
     .await?;
     let proxy = agent.proxy_addr().context("proxy address")?;

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
+use dispa_agent::affinity::Pinning;
 use dispa_agent::telemetry::access_log::AccessLogOptions;
 use dispa_agent::{Agent, AgentOptions};
 use dispa_plane::{LogStoreConfig, Plane, PlaneOptions};
@@ -37,6 +38,14 @@ struct Cli {
 enum LogFormat {
     Pretty,
     Json,
+}
+
+/// `--pin-workers`, as [`Pinning`].
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum PinWorkers {
+    Auto,
+    On,
+    Off,
 }
 
 #[derive(Subcommand)]
@@ -164,6 +173,11 @@ struct AgentArgs {
     /// Threads serving client connections, each with its own event loop (0 = one per CPU).
     #[arg(long, default_value_t = 0)]
     workers: usize,
+    /// Pin serving thread i to the i-th CPU this process may use (nginx's
+    /// `worker_cpu_affinity auto`). "auto": only when there is one serving thread per such
+    /// CPU (a host or cpuset given to the agent), not under a CPU quota.
+    #[arg(long, value_enum, default_value_t = PinWorkers::Auto)]
+    pin_workers: PinWorkers,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -309,6 +323,11 @@ async fn run_agent(a: AgentArgs) -> Result<()> {
         workers: match a.workers {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
+        },
+        pin_workers: match a.pin_workers {
+            PinWorkers::Auto => Pinning::Auto,
+            PinWorkers::On => Pinning::On,
+            PinWorkers::Off => Pinning::Off,
         },
     })
     .await?;

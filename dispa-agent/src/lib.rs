@@ -4,6 +4,7 @@
 //! `Agent::bind` then `Agent::run` is the whole lifecycle; the `dispa` binary only parses flags.
 
 pub mod admin;
+pub mod affinity;
 pub mod clock;
 pub mod conn;
 pub mod policy;
@@ -59,6 +60,9 @@ pub struct AgentOptions {
     /// Threads serving client connections, each with its own event loop (default: one per
     /// CPU).
     pub workers: usize,
+    /// Whether serving thread i of each proxy listener runs only on the i-th CPU the process
+    /// may use.
+    pub pin_workers: affinity::Pinning,
     /// The proxy listeners require a PROXY protocol (v1 or v2) header from a trusted peer.
     pub proxy_protocol: bool,
 }
@@ -101,6 +105,27 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Agent
 /// A proxy listener: the first socket of the group its serving threads join.
 fn bind_proxy(what: &'static str, addr: SocketAddr) -> Result<TcpListener, AgentError> {
     reuse::bind(addr).map_err(|source| AgentError::Bind { what, addr, source })
+}
+
+/// The CPUs the serving threads are pinned to in turn (see [`affinity::plan`]); none, with a
+/// warning, when the kernel will not say which the process may use.
+fn pinned_cpus(pinning: affinity::Pinning, workers: usize) -> Arc<[usize]> {
+    if pinning == affinity::Pinning::Off {
+        return Arc::from([]);
+    }
+    let cpus = match affinity::allowed() {
+        Ok(allowed) => affinity::plan(pinning, workers, allowed),
+        Err(e) => {
+            tracing::warn!(
+                "cannot read the CPUs this process may use ({e}); serving threads not pinned"
+            );
+            Vec::new()
+        }
+    };
+    if !cpus.is_empty() {
+        tracing::info!(workers, ?cpus, "serving threads pinned to CPUs in turn");
+    }
+    cpus.into()
 }
 
 impl Agent {
@@ -237,6 +262,7 @@ impl Agent {
         ));
         let drain = self.opts.drain_timeout;
         let workers = self.opts.workers;
+        let cpus = pinned_cpus(self.opts.pin_workers, workers);
         let listener = |name, transport, proxy_protocol| server::ListenerOptions {
             name,
             transport,
@@ -245,6 +271,7 @@ impl Agent {
             drain,
             metrics: Some(self.metrics.clone()),
             limiter: Default::default(),
+            cpus: cpus.clone(),
         };
         let pp = self.opts.proxy_protocol;
         let tls_task = self.tls_listener.map(|l| {

@@ -59,6 +59,8 @@ pub struct ListenerOptions {
     pub metrics: Option<Arc<Metrics>>,
     /// Open-connection counts, shared by every thread serving this listener.
     pub limiter: Arc<ConnLimiter>,
+    /// Serving thread i runs only on CPU `cpus[i % len]`; empty: threads not pinned.
+    pub cpus: Arc<[usize]>,
 }
 
 fn count(
@@ -168,6 +170,11 @@ pub async fn serve_on_threads<F, Fut, B>(
         let spawned = std::thread::Builder::new()
             .name(format!("dispa-{name}-{i}"))
             .spawn(move || {
+                if let Some(cpu) = crate::affinity::cpu_for(&opts.cpus, i)
+                    && let Err(e) = crate::affinity::pin_current(cpu)
+                {
+                    tracing::warn!(listener = name, cpu, "serving thread not pinned: {e}");
+                }
                 let rt = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()

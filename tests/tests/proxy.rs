@@ -1,6 +1,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 //! The agent's request path and lifecycle, end to end: host matching, error statuses, h2c,
-//! admin endpoints, graceful drain on SIGTERM, protocol version skew, and `dispa dev`.
+//! admin endpoints, serving threads pinned to CPUs, graceful drain on SIGTERM, protocol version
+//! skew, and `dispa dev`.
 
 use std::process::Stdio;
 use std::sync::atomic::Ordering;
@@ -93,6 +94,98 @@ upstream = "default"
         .await
         .unwrap();
     assert_eq!(r.json()["path"], "/users", "rewrite_prefix");
+}
+
+/// The CPUs a thread of `pid` may run on, from /proc (`Cpus_allowed_list`, e.g. "0-1,4").
+fn cpus_allowed(pid: u32, tid: &str) -> Vec<usize> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim();
+    list.split(',')
+        .flat_map(|part| match part.split_once('-') {
+            Some((a, b)) => a.parse().unwrap()..=b.parse().unwrap(),
+            None => part.parse().unwrap()..=part.parse().unwrap(),
+        })
+        .collect()
+}
+
+/// The serving threads of the agent `pid` by name ("dispa-proxy-0", ...): name -> CPUs.
+fn serving_threads(pid: u32) -> std::collections::BTreeMap<String, Vec<usize>> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| {
+            let tid = t.ok()?.file_name().into_string().ok()?;
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).ok()?;
+            let name = comm.trim().to_string();
+            name.starts_with("dispa-proxy-")
+                .then(|| (name, cpus_allowed(pid, &tid)))
+        })
+        .collect()
+}
+
+/// `--pin-workers on`: serving thread i runs only on the i-th CPU the agent may use, in turn
+/// when there are more threads than CPUs, and the agent serves as before; `off` leaves every
+/// thread free to run anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serving_threads_are_pinned_to_cpus_in_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = TestUpstream::start("app").await;
+    let plane = PlaneProc::start(dir.path()).await;
+    let cfg = format!(
+        "[upstreams.app]\nendpoints = [\"{}\"]\n\n[[routes]]\nname = \"all\"\nupstream = \"app\"\n",
+        up.addr
+    );
+    let f = write_config(dir.path(), "routes.toml", &cfg);
+    ctl(&plane.url(), &["apply", "-f", &f]).await.ok();
+    let args = |pin| ["--workers", "3", "--pin-workers", pin];
+    let pinned = AgentProc::start_with(dir.path(), &plane.url(), "pinned", &args("on")).await;
+    let free = AgentProc::start_with(dir.path(), &plane.url(), "free", &args("off")).await;
+    wait_synced(&plane.url(), &["pinned", "free"], 1).await;
+
+    let http = HttpClient::new();
+    for agent in [&pinned, &free] {
+        let r = http
+            .get(&format!("http://{}/", agent.proxy), None)
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{}: {}", agent.id, r.text());
+        assert_eq!(r.json()["upstream"], "app");
+    }
+    let cpus_of = |agent: &AgentProc| {
+        let pid = agent.child.id().unwrap();
+        (cpus_allowed(pid, &pid.to_string()), pid)
+    };
+    let (allowed, pid) = cpus_of(&pinned);
+    let threads = eventually("three serving threads", Duration::from_secs(10), || async {
+        let t = serving_threads(pid);
+        (t.len() == 3).then_some(t)
+    })
+    .await;
+    for i in 0..3 {
+        let want = [allowed[i % allowed.len()]];
+        assert_eq!(
+            threads[&format!("dispa-proxy-{i}")],
+            want,
+            "thread {i} of {allowed:?}"
+        );
+    }
+    assert!(
+        pinned
+            .log_text()
+            .contains("serving threads pinned to CPUs in turn"),
+        "the agent says it pinned them"
+    );
+
+    let (allowed, pid) = cpus_of(&free);
+    let threads = eventually("three serving threads", Duration::from_secs(10), || async {
+        let t = serving_threads(pid);
+        (t.len() == 3).then_some(t)
+    })
+    .await;
+    assert!(threads.values().all(|cpus| *cpus == allowed), "{threads:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
