@@ -6,11 +6,15 @@
 #   tests/bench/compare.sh --rounds 5 --duration 20 --scenarios small,big
 #   tests/bench/compare.sh --hold DIR      # set everything up, write DIR/env, wait (profile.sh, ab.sh)
 #   tests/bench/compare.sh --bare-peers    # nginx and HAProxy without the request fields below
+#   tests/bench/compare.sh --no-pin        # serving threads not pinned to CPUs (see below)
 #
 # Equivalent settings: a Dispa agent always sends X-Forwarded-For, -Proto and -Host, an
 # X-Request-Id and a traceparent upstream and returns the X-Request-Id to the client, so
 # nginx and HAProxy are configured to do the same (the way an operator sets them up in front
 # of an application); --bare-peers leaves them out, so the peers do less work than Dispa.
+# Each proxy's two serving threads are pinned one to each CPU, as a Dispa agent does by default
+# with one thread per CPU (--pin-workers auto): nginx with worker_cpu_affinity auto, HAProxy
+# with cpu-map; --no-pin runs all three unpinned.
 #
 # Scenarios: small (HTTP/1.1, 20-byte response), big (64 KiB response), h2 (HTTP/2 over TLS,
 # h2load), tls-keepalive (HTTP/1.1 over TLS, kept-alive), tls-handshake (a new TLS connection
@@ -30,6 +34,7 @@ SMOKE=0
 SCENARIOS="small,big,h2,tls-keepalive,tls-handshake,hosts,idle,plane"
 HOLD=""
 BARE_PEERS=0
+PIN=1
 CONNS=64
 THREADS=2
 while [ $# -gt 0 ]; do
@@ -40,7 +45,8 @@ while [ $# -gt 0 ]; do
     --scenarios) SCENARIOS="$2"; shift ;;
     --hold) HOLD="$2"; shift ;;
     --bare-peers) BARE_PEERS=1 ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    --no-pin) PIN=0 ;;
+    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
     *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -130,8 +136,16 @@ if [ "$BARE_PEERS" = 0 ]; then
       proxy_set_header traceparent 00-$request_id-$span_id-01;
       add_header X-Request-Id $rid always;'
 fi
+# Worker i on CPU i for all three (nginx's auto, HAProxy's cpu-map, Dispa's flag), or none.
+NGX_AFFINITY=""; HAP_AFFINITY=""; DSP_AFFINITY=(--pin-workers off)
+if [ "$PIN" = 1 ]; then
+  NGX_AFFINITY="worker_cpu_affinity auto;"
+  HAP_AFFINITY="cpu-map auto:1/1-2 0-1"
+  DSP_AFFINITY=(--pin-workers on)
+fi
 cat > "$WORK/nginx-px.conf" <<EOF
 worker_processes 2;
+$NGX_AFFINITY
 pid $WORK/nginx-px.pid;
 error_log $WORK/nginx-px.err warn;
 worker_rlimit_nofile 65536;
@@ -176,6 +190,7 @@ cat > "$WORK/haproxy.cfg" <<EOF
 global
   nbthread 2
   maxconn 9000
+  $HAP_AFFINITY
 defaults
   mode http
   timeout connect 2s
@@ -229,7 +244,7 @@ start_agent() { # id plane-port listen-port admin-port [more agent arguments]; s
   local id="$1" plane="$2" port="$3" admin="$4"; shift 4
   "$BIN/dispa" --log-level warn agent --plane "http://127.0.0.1:$plane" --id "$id" \
     --listen "127.0.0.1:$port" --admin "127.0.0.1:$admin" "$@" \
-    --cache-dir "$WORK/agent-$id" --traffic-log off >> "$WORK/agent-$id.log" 2>&1 &
+    --cache-dir "$WORK/agent-$id" --traffic-log off "${DSP_AFFINITY[@]}" >> "$WORK/agent-$id.log" 2>&1 &
   PIDS+=($!); STARTED_PID=$!
   wait_port "$port"
   # Ready once it serves a snapshot from its plane.
@@ -346,6 +361,11 @@ if [ "$BARE_PEERS" = 1 ]; then
 else
   echo "# all three set X-Request-Id (request and response), traceparent and X-Forwarded-For/-Proto/-Host"
 fi
+if [ "$PIN" = 1 ]; then
+  echo "# serving threads pinned, one CPU each (nginx worker_cpu_affinity auto, HAProxy cpu-map, dispa --pin-workers on)"
+else
+  echo "# --no-pin: no serving thread pinned to a CPU (dispa --pin-workers off)"
+fi
 python3 - "$RESULTS" "$RSS_NGX" "$RSS_HAP" "$RSS_DSP" "$RSS_HOSTS" <<'PY'
 import sys, statistics, collections
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
@@ -376,7 +396,8 @@ for scenario in sorted({s for s, _ in by}):
         if pairs:
             ahead = sum(x[0] >= y[0] for x, y in pairs)
             lower = sum(x[2] <= y[2] for x, y in pairs)
-            rounds.append(f"vs {peer}: RPS >= in {ahead}/{len(pairs)}, p99 <= in {lower}/{len(pairs)}")
+            paired = statistics.median(x[0] / y[0] for x, y in pairs if y[0])
+            rounds.append(f"vs {peer}: {paired:.2f}x by the median round, RPS >= in {ahead}/{len(pairs)}, p99 <= in {lower}/{len(pairs)}")
     print(f"dispa / peers, {scenario}: {', '.join(parts)} ({'; '.join(rounds)})")
 a, b = med.get(("hosts", "dispa-10-hosts")), med.get(("hosts", "dispa-10000-hosts"))
 if a and b:
