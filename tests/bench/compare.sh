@@ -87,6 +87,7 @@ for p in $UP $NGX $HAP $DSP $NGX_TLS $HAP_TLS $DSP_TLS $PLANE $ADMIN $DSP_HOSTS 
   if (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null; then echo "port $p is in use" >&2; exit 1; fi
 done
 
+has() { [[ ",$SCENARIOS," == *",$1,"* ]]; }
 wait_port() { # port
   for _ in $(seq 1 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done
   echo "nothing listens on $1" >&2; exit 1
@@ -263,7 +264,12 @@ start_main_agent
 # own: each agent keeps one table for the whole run, as the proxies in front keep their
 # configuration, and the main agent's memory and heap are not shaped by the big table.
 HOSTS_PID=""
-if [[ ",$SCENARIOS," == *",hosts,"* ]] && [ -z "$HOLD" ]; then
+# The agent holding an n-host table, and a host from the middle of it (so lookups hit the big
+# map): "port host".
+hosts_target() { # n
+  if [ "$1" = 10000 ]; then echo "$DSP_HOSTS h5000.example.com"; else echo "$DSP h5.example.com"; fi
+}
+if has hosts && [ -z "$HOLD" ]; then
   "$BIN/dispa" --log-level warn plane --data-dir "$WORK/plane-hosts" --listen 127.0.0.1:$PLANE_HOSTS \
     > "$WORK/plane-hosts.log" 2>&1 &
   PIDS+=($!)
@@ -273,8 +279,10 @@ if [[ ",$SCENARIOS," == *",hosts,"* ]] && [ -z "$HOLD" ]; then
   HOSTS_PID=$STARTED_PID
   # One unmeasured second each: the first requests fault in the new table and fill the
   # upstream pool, which would count against whichever agent the first round runs cold.
-  wrk -t2 -c64 -d1s -H "Host: h5.example.com" "http://127.0.0.1:$DSP/" >/dev/null 2>&1
-  wrk -t2 -c64 -d1s -H "Host: h5000.example.com" "http://127.0.0.1:$DSP_HOSTS/" >/dev/null 2>&1
+  for n in 10 10000; do
+    read -r port host < <(hosts_target $n)
+    wrk -t$THREADS -c$CONNS -d1s -H "Host: $host" "http://127.0.0.1:$port/" >/dev/null 2>&1
+  done
 fi
 
 if [ -n "$HOLD" ]; then
@@ -328,7 +336,6 @@ run_h2load() { # scenario name url
 ALL_TARGETS="nginx haproxy dispa"
 target_port() { case "$1" in nginx) echo $NGX ;; haproxy) echo $HAP ;; dispa) echo $DSP ;; esac; }
 target_tls() { case "$1" in nginx) echo $NGX_TLS ;; haproxy) echo $HAP_TLS ;; dispa) echo $DSP_TLS ;; esac; }
-has() { [[ ",$SCENARIOS," == *",$1,"* ]]; }
 
 # A new TLS connection per request: wrk with Connection: close.
 for round in $(seq 1 "$ROUNDS"); do
@@ -343,9 +350,8 @@ for round in $(seq 1 "$ROUNDS"); do
     # Alternate which table goes first, so drift within a round does not favour one.
     order="10 10000"; [ $((round % 2)) -eq 0 ] && order="10000 10"
     for n in $order; do
-      port=$DSP; [ "$n" = 10000 ] && port=$DSP_HOSTS
-      # A host from the middle of the table, so lookups hit the big map.
-      run_wrk hosts "dispa-$n-hosts" "http://127.0.0.1:$port/" -H "Host: h$((n / 2)).example.com"
+      read -r port host < <(hosts_target $n)
+      run_wrk hosts "dispa-$n-hosts" "http://127.0.0.1:$port/" -H "Host: $host"
     done
   fi
 done
@@ -410,8 +416,8 @@ PY
 
 if has idle; then
   n=10000; [ "$SMOKE" = 1 ] && n=500
-  # A fresh agent (the 10-host table): the load and the 10,000-host table before would
-  # otherwise count in its RSS.
+  # A fresh agent: the load before would otherwise count in its RSS. The hosts agent is done
+  # with, and stopped so that it holds no memory or CPU during the measurement.
   kill "$AGENT_PID"; wait "$AGENT_PID" 2>/dev/null || true
   [ -n "$HOSTS_PID" ] && { kill "$HOSTS_PID"; wait "$HOSTS_PID" 2>/dev/null || true; }
   start_main_agent
