@@ -112,18 +112,28 @@ fn cpus_allowed(pid: u32, tid: &str) -> Vec<usize> {
         .collect()
 }
 
-/// The serving threads of the agent `pid` by name ("dispa-proxy-0", ...): name -> CPUs.
-fn serving_threads(pid: u32) -> std::collections::BTreeMap<String, Vec<usize>> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .filter_map(|t| {
-            let tid = t.ok()?.file_name().into_string().ok()?;
-            let comm = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).ok()?;
-            let name = comm.trim().to_string();
-            name.starts_with("dispa-proxy-")
-                .then(|| (name, cpus_allowed(pid, &tid)))
-        })
-        .collect()
+/// The CPUs `agent` may use (its main thread's), and its `n` plain serving threads' by name
+/// ("dispa-proxy-0", ...), once all `n` run.
+async fn serving_cpus(
+    agent: &AgentProc,
+    n: usize,
+) -> (Vec<usize>, std::collections::BTreeMap<String, Vec<usize>>) {
+    let pid = agent.child.id().unwrap();
+    let threads = eventually("the serving threads", Duration::from_secs(10), || async {
+        let t: std::collections::BTreeMap<_, _> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .ok()?
+            .filter_map(|t| {
+                let tid = t.ok()?.file_name().into_string().ok()?;
+                let comm = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).ok()?;
+                let name = comm.trim().to_string();
+                name.starts_with("dispa-proxy-")
+                    .then(|| (name, cpus_allowed(pid, &tid)))
+            })
+            .collect();
+        (t.len() == n).then_some(t)
+    })
+    .await;
+    (cpus_allowed(pid, &pid.to_string()), threads)
 }
 
 /// `--pin-workers on`: serving thread i runs only on the i-th CPU the agent may use, in turn
@@ -154,16 +164,7 @@ async fn serving_threads_are_pinned_to_cpus_in_turn() {
         assert_eq!(r.status, 200, "{}: {}", agent.id, r.text());
         assert_eq!(r.json()["upstream"], "app");
     }
-    let cpus_of = |agent: &AgentProc| {
-        let pid = agent.child.id().unwrap();
-        (cpus_allowed(pid, &pid.to_string()), pid)
-    };
-    let (allowed, pid) = cpus_of(&pinned);
-    let threads = eventually("three serving threads", Duration::from_secs(10), || async {
-        let t = serving_threads(pid);
-        (t.len() == 3).then_some(t)
-    })
-    .await;
+    let (allowed, threads) = serving_cpus(&pinned, 3).await;
     for i in 0..3 {
         let want = [allowed[i % allowed.len()]];
         assert_eq!(
@@ -179,12 +180,7 @@ async fn serving_threads_are_pinned_to_cpus_in_turn() {
         "the agent says it pinned them"
     );
 
-    let (allowed, pid) = cpus_of(&free);
-    let threads = eventually("three serving threads", Duration::from_secs(10), || async {
-        let t = serving_threads(pid);
-        (t.len() == 3).then_some(t)
-    })
-    .await;
+    let (allowed, threads) = serving_cpus(&free, 3).await;
     assert!(threads.values().all(|cpus| *cpus == allowed), "{threads:?}");
 }
 
