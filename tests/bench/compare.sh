@@ -16,7 +16,8 @@
 # with one thread per CPU (--pin-workers auto): nginx with worker_cpu_affinity auto, HAProxy
 # with cpu-map; --no-pin runs all three unpinned.
 #
-# Scenarios: small (HTTP/1.1, 20-byte response), big (64 KiB response), h2 (HTTP/2 over TLS,
+# Scenarios: small (HTTP/1.1, 20-byte response; the upstream is also measured directly once a
+# round, the machine's speed that round), big (64 KiB response), h2 (HTTP/2 over TLS,
 # h2load), tls-keepalive (HTTP/1.1 over TLS, kept-alive), tls-handshake (a new TLS connection
 # per request), hosts (a second agent, with a 10,000-host route table from a plane of its own,
 # vs the first with 10 hosts), idle (10,000 idle keep-alive connections, agent RSS), plane
@@ -46,7 +47,7 @@ while [ $# -gt 0 ]; do
     --hold) HOLD="$2"; shift ;;
     --bare-peers) BARE_PEERS=1 ;;
     --no-pin) PIN=0 ;;
-    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
     *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -339,6 +340,9 @@ target_tls() { case "$1" in nginx) echo $NGX_TLS ;; haproxy) echo $HAP_TLS ;; di
 
 # A new TLS connection per request: wrk with Connection: close.
 for round in $(seq 1 "$ROUNDS"); do
+  # The upstream without a proxy, once a round: how fast the machine is in that round (it
+  # drifts by 2-3x over hours here), and what share of it each proxy keeps.
+  has small && run_wrk small upstream-direct "http://127.0.0.1:$UP/"
   for t in $ALL_TARGETS; do
     has small && run_wrk small "$t" "http://127.0.0.1:$(target_port "$t")/"
     has big && run_wrk big "$t" "http://127.0.0.1:$(target_port "$t")/big"
@@ -386,7 +390,8 @@ for (scenario, name), runs in by.items():
     r = statistics.median(x[0] for x in runs); p50 = statistics.median(x[1] for x in runs); p99 = statistics.median(x[2] for x in runs)
     med[(scenario, name)] = r
     mem = rss.get(name, rss.get(name.split("-")[0], 0)) / 1024
-    print(f"{scenario:<14} {name:<18} {r:>13,.0f} {p50:>8.2f} {p99:>8.2f} {mem:>13.1f}")
+    shown = f"{mem:.1f}" if mem else "-"
+    print(f"{scenario:<14} {name:<18} {r:>13,.0f} {p50:>8.2f} {p99:>8.2f} {shown:>13}")
 print()
 for scenario in sorted({s for s, _ in by}):
     d = med.get((scenario, "dispa"))
@@ -405,6 +410,14 @@ for scenario in sorted({s for s, _ in by}):
             paired = statistics.median(x[0] / y[0] for x, y in pairs if y[0])
             rounds.append(f"vs {peer}: {paired:.2f}x by the median round, RPS >= in {ahead}/{len(pairs)}, p99 <= in {lower}/{len(pairs)}")
     print(f"dispa / peers, {scenario}: {', '.join(parts)} ({'; '.join(rounds)})")
+direct = by.get(("small", "upstream-direct"))
+if direct:
+    shares = []
+    for name in ("nginx", "haproxy", "dispa"):
+        pairs = [x[0] / d[0] for d, x in zip(direct, by.get(("small", name), [])) if d[0]]
+        if pairs:
+            shares.append(f"{name} {statistics.median(pairs):.2f}")
+    print(f"small, share of the upstream's direct rate (median round): {', '.join(shares)}")
 a, b = med.get(("hosts", "dispa-10-hosts")), med.get(("hosts", "dispa-10000-hosts"))
 if a and b:
     print(f"dispa 10,000 hosts / 10 hosts: {b / a:.3f} (medians)")
