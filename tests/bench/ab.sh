@@ -49,7 +49,8 @@ ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
 thread_ticks() { for t in /proc/"$1"/task/*; do grep -qs '^dispa-proxy' "$t/comm" && awk '{print $14 + $15}' "$t/stat" 2>/dev/null; done || true; }
 run() { # label binary
   rm -rf "$HELD/agent"
-  "$2" --log-level warn agent --plane "http://127.0.0.1:$PLANE" --id "ab-$1" \
+  # A session of its own, as compare.sh starts every server (autogroup scheduling).
+  setsid "$2" --log-level warn agent --plane "http://127.0.0.1:$PLANE" --id "ab-$1" \
     --listen "127.0.0.1:$PORT" "${EXTRA[@]}" --admin "127.0.0.1:$ADMIN" \
     --cache-dir "$HELD/agent" --traffic-log off > "$HELD/agent.log" 2>&1 &
   AGENT=$!

@@ -207,12 +207,17 @@ frontend fe
 backend app
   server up 127.0.0.1:$UP
 EOF
-haproxy -f "$WORK/haproxy.cfg" -q &
+# Each server in a session of its own, as nginx's daemon mode puts nginx: with the kernel's
+# autogroup scheduling (kernel.sched_autogroup_enabled) CPU time is first shared fairly between
+# sessions, so a proxy left in this script's session would share one share with wrk, while
+# nginx has one of its own (before 2026-11-28 HAProxy and Dispa did share wrk's). Run from a
+# script, setsid execs in place: $! is the server's pid.
+setsid haproxy -f "$WORK/haproxy.cfg" -q &
 PIDS+=($!); HAP_PID=$!
 wait_port $HAP
 
 # --- Dispa: a plane and one agent, the same route, applied with dispactl ---
-"$BIN/dispa" --log-level warn plane --data-dir "$WORK/plane" --listen 127.0.0.1:$PLANE \
+setsid "$BIN/dispa" --log-level warn plane --data-dir "$WORK/plane" --listen 127.0.0.1:$PLANE \
   > "$WORK/plane.log" 2>&1 &
 PIDS+=($!); PLANE_PID=$!
 wait_port $PLANE
@@ -244,7 +249,7 @@ apply_hosts() { # plane-port number-of-hosts
 apply_hosts $PLANE 10
 start_agent() { # id plane-port listen-port admin-port [more agent arguments]; sets STARTED_PID
   local id="$1" plane="$2" port="$3" admin="$4"; shift 4
-  "$BIN/dispa" --log-level warn agent --plane "http://127.0.0.1:$plane" --id "$id" \
+  setsid "$BIN/dispa" --log-level warn agent --plane "http://127.0.0.1:$plane" --id "$id" \
     --listen "127.0.0.1:$port" --admin "127.0.0.1:$admin" "$@" \
     --cache-dir "$WORK/agent-$id" --traffic-log off "${DSP_AFFINITY[@]}" >> "$WORK/agent-$id.log" 2>&1 &
   PIDS+=($!); STARTED_PID=$!
@@ -271,7 +276,7 @@ hosts_target() { # n
   if [ "$1" = 10000 ]; then echo "$DSP_HOSTS h5000.example.com"; else echo "$DSP h5.example.com"; fi
 }
 if has hosts && [ -z "$HOLD" ]; then
-  "$BIN/dispa" --log-level warn plane --data-dir "$WORK/plane-hosts" --listen 127.0.0.1:$PLANE_HOSTS \
+  setsid "$BIN/dispa" --log-level warn plane --data-dir "$WORK/plane-hosts" --listen 127.0.0.1:$PLANE_HOSTS \
     > "$WORK/plane-hosts.log" 2>&1 &
   PIDS+=($!)
   wait_port $PLANE_HOSTS
