@@ -318,9 +318,18 @@ to_ms() { # "1.23ms" | "456.00us" | "1.2s" -> milliseconds
 }
 RESULTS="$WORK/results.tsv"
 : > "$RESULTS"
+# The machine is a VM: the hypervisor takes 0-10% of its CPU ("steal" in /proc/stat) in
+# bursts, which moves a run's rate and tail more than the gaps being measured. Each run
+# records the share it lost, so rounds can be read with it.
+cpu_times() { awk '$1 == "cpu" { t = 0; for (i = 2; i <= 9; i++) t += $i; print t, $9; exit }' /proc/stat; }
+steal_since() { # "total steal" from cpu_times -> percent of the CPU time since taken by steal
+  local now; now="$(cpu_times)"
+  awk -v a="$1" -v b="$now" 'BEGIN { split(a, x, " "); split(b, y, " "); t = y[1] - x[1]; printf "%.1f", (t > 0 ? 100 * (y[2] - x[2]) / t : 0) }'
+}
 run_wrk() { # scenario name url [extra wrk args...]
   local scenario="$1" name="$2" url="$3"; shift 3
-  local out rps p50 p99
+  local out rps p50 p99 before
+  before="$(cpu_times)"
   out="$(wrk -t$THREADS -c$CONNS -d"${DURATION}s" --latency "$@" "$url" 2>&1)"
   rps="$(awk '/^Requests\/sec/ {print $2}' <<<"$out")"
   p50="$(to_ms "$(awk '$1 == "50%" {print $2}' <<<"$out")")"
@@ -328,16 +337,17 @@ run_wrk() { # scenario name url [extra wrk args...]
   if grep -q "Non-2xx" <<<"$out"; then
     echo "$name $scenario: errors: $(grep Non-2xx <<<"$out"); a sample: HTTP $(curl -sk -o /dev/null -w "%{http_code}" "$url" 2>&1)" >&2
   fi
-  printf '%s\t%s\t%s\t%s\t%s\n' "$scenario" "$name" "${rps:-0}" "${p50:-0}" "${p99:-0}" >> "$RESULTS"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$scenario" "$name" "${rps:-0}" "${p50:-0}" "${p99:-0}" "$(steal_since "$before")" >> "$RESULTS"
 }
 run_h2load() { # scenario name url
-  local out rps p50 p99
+  local out rps p50 p99 before
+  before="$(cpu_times)"
   out="$(h2load -D "$DURATION" -c $CONNS -m 10 -t $THREADS "$3" 2>&1)"
   rps="$(awk '/^finished in/ {gsub(",", "", $4); print $4}' <<<"$out")"
   # h2load prints mean/sd per request; it has no percentiles: p50 column = mean, p99 = max.
   p50="$(to_ms "$(awk '/^time for request:/ {print $6}' <<<"$out")")"
   p99="$(to_ms "$(awk '/^time for request:/ {print $5}' <<<"$out")")"
-  printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "${rps:-0}" "${p50:-0}" "${p99:-0}" >> "$RESULTS"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "${rps:-0}" "${p50:-0}" "${p99:-0}" "$(steal_since "$before")" >> "$RESULTS"
 }
 ALL_TARGETS="nginx haproxy dispa"
 target_port() { case "$1" in nginx) echo $NGX ;; haproxy) echo $HAP ;; dispa) echo $DSP ;; esac; }
@@ -383,20 +393,21 @@ else
 fi
 python3 - "$RESULTS" "$RSS_NGX" "$RSS_HAP" "$RSS_DSP" "$RSS_HOSTS" <<'PY'
 import sys, statistics, collections
+STEAL_QUIET = 2.0
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
 rss = {"nginx": int(sys.argv[2]), "haproxy": int(sys.argv[3]), "dispa": int(sys.argv[4]),
        "dispa-10000-hosts": int(sys.argv[5])}
 by = collections.defaultdict(list)
-for scenario, name, rps, p50, p99 in rows:
-    by[(scenario, name)].append((float(rps), float(p50), float(p99)))
-print(f"{'scenario':<14} {'proxy':<18} {'RPS (median)':>13} {'p50 ms':>8} {'p99 ms':>8} {'peak RSS MiB':>13}")
+for scenario, name, rps, p50, p99, steal in rows:
+    by[(scenario, name)].append((float(rps), float(p50), float(p99), float(steal)))
+print(f"{'scenario':<14} {'proxy':<18} {'RPS (median)':>13} {'p50 ms':>8} {'p99 ms':>8} {'peak RSS MiB':>13} {'steal %':>8}")
 med = {}
 for (scenario, name), runs in by.items():
-    r = statistics.median(x[0] for x in runs); p50 = statistics.median(x[1] for x in runs); p99 = statistics.median(x[2] for x in runs)
+    r, p50, p99, steal = (statistics.median(x[i] for x in runs) for i in range(4))
     med[(scenario, name)] = r
     mem = rss.get(name, rss.get(name.split("-")[0], 0)) / 1024
     shown = f"{mem:.1f}" if mem else "-"
-    print(f"{scenario:<14} {name:<18} {r:>13,.0f} {p50:>8.2f} {p99:>8.2f} {shown:>13}")
+    print(f"{scenario:<14} {name:<18} {r:>13,.0f} {p50:>8.2f} {p99:>8.2f} {shown:>13} {steal:>8.1f}")
 print()
 for scenario in sorted({s for s, _ in by}):
     d = med.get((scenario, "dispa"))
@@ -406,7 +417,7 @@ for scenario in sorted({s for s, _ in by}):
     # Rounds run the proxies back to back, so each round's ratio is free of the machine's
     # drift between rounds: how often Dispa's RPS was at least each peer's and its p99 at most
     # (the issue's targets).
-    rounds = []
+    rounds, steady = [], []
     for peer in ("nginx", "haproxy"):
         pairs = list(zip(by[(scenario, "dispa")], by.get((scenario, peer), [])))
         if pairs:
@@ -414,7 +425,17 @@ for scenario in sorted({s for s, _ in by}):
             lower = sum(x[2] <= y[2] for x, y in pairs)
             paired = statistics.median(x[0] / y[0] for x, y in pairs if y[0])
             rounds.append(f"vs {peer}: {paired:.2f}x by the median round, RPS >= in {ahead}/{len(pairs)}, p99 <= in {lower}/{len(pairs)}")
+            # The same, counting only rounds in which neither run lost more than STEAL_QUIET
+            # percent of the CPU to the hypervisor.
+            quiet = [(x, y) for x, y in pairs if max(x[3], y[3]) <= STEAL_QUIET]
+            if quiet:
+                q_ahead = sum(x[0] >= y[0] for x, y in quiet)
+                q_lower = sum(x[2] <= y[2] for x, y in quiet)
+                q_paired = statistics.median(x[0] / y[0] for x, y in quiet if y[0])
+                steady.append(f"vs {peer}: {q_paired:.2f}x, RPS >= in {q_ahead}/{len(quiet)}, p99 <= in {q_lower}/{len(quiet)}")
     print(f"dispa / peers, {scenario}: {', '.join(parts)} ({'; '.join(rounds)})")
+    if steady:
+        print(f"  rounds with steal <= {STEAL_QUIET:g}% in both runs: {'; '.join(steady)}")
 direct = by.get(("small", "upstream-direct"))
 if direct:
     shares = []
