@@ -7,6 +7,7 @@
 #   tests/bench/compare.sh --hold DIR      # set everything up, write DIR/env, wait (profile.sh, ab.sh)
 #   tests/bench/compare.sh --bare-peers    # nginx and HAProxy without the request fields below
 #   tests/bench/compare.sh --no-pin        # serving threads not pinned to CPUs (see below)
+#   tests/bench/compare.sh --raw FILE      # also keep every run's row (scenario, proxy, RPS, p50, p99, steal %)
 #
 # Equivalent settings: a Dispa agent always sends X-Forwarded-For, -Proto and -Host, an
 # X-Request-Id and a traceparent upstream and returns the X-Request-Id to the client, so
@@ -34,6 +35,7 @@ DURATION=10
 SMOKE=0
 SCENARIOS="small,big,h2,tls-keepalive,tls-handshake,hosts,idle,plane"
 HOLD=""
+RAW=""
 BARE_PEERS=0
 PIN=1
 CONNS=64
@@ -47,7 +49,8 @@ while [ $# -gt 0 ]; do
     --hold) HOLD="$2"; shift ;;
     --bare-peers) BARE_PEERS=1 ;;
     --no-pin) PIN=0 ;;
-    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+    --raw) RAW="$2"; shift ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -375,6 +378,7 @@ for round in $(seq 1 "$ROUNDS"); do
   fi
 done
 
+[ -n "$RAW" ] && cp "$RESULTS" "$RAW"
 RSS_NGX="$(peak_rss "$NGX_MASTER")"; RSS_HAP="$(peak_rss "$HAP_PID")"; RSS_DSP="$(peak_rss "$AGENT_PID")"
 RSS_HOSTS=0; [ -n "$HOSTS_PID" ] && RSS_HOSTS="$(peak_rss "$HOSTS_PID")"
 
