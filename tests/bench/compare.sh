@@ -22,7 +22,7 @@
 # h2load), tls-keepalive (HTTP/1.1 over TLS, kept-alive), tls-handshake (a new TLS connection
 # per request), hosts (a second agent, with a 10,000-host route table from a plane of its own,
 # vs the first with 10 hosts), idle (10,000 idle keep-alive connections, agent RSS), plane
-# (1,000 agent streams, time to ACK).
+# (100, 1,000 and 2,000 agent streams, time to ACK).
 #
 # Needs nginx, haproxy, wrk, h2load and openssl (Debian: apt-get install nginx-light haproxy
 # wrk nghttp2-client openssl), python3, and release builds of dispa, dispactl and plane_load
@@ -467,6 +467,9 @@ if has idle; then
   python3 "$ROOT/tests/bench/idle_conns.py" 127.0.0.1 $DSP "$n" "$AGENT_PID"
 fi
 if has plane; then
-  agents=1000; [ "$SMOKE" = 1 ] && agents=50
-  "$BIN/plane_load" --dispa "$BIN/dispa" --agents "$agents" --versions "$([ "$SMOKE" = 1 ] && echo 2 || echo 5)"
+  # A fresh plane per fleet size, so each size's RSS is its own.
+  fleets="100 1000 2000"; [ "$SMOKE" = 1 ] && fleets=50
+  for agents in $fleets; do
+    "$BIN/plane_load" --dispa "$BIN/dispa" --agents "$agents" --versions "$([ "$SMOKE" = 1 ] && echo 2 || echo 5)"
+  done
 fi
