@@ -468,8 +468,8 @@ if has idle; then
 fi
 if has plane; then
   # A fresh plane per fleet size, so each size's RSS is its own.
-  fleets="100 1000 2000"; [ "$SMOKE" = 1 ] && fleets=50
+  fleets="100 1000 2000" versions=5; [ "$SMOKE" = 1 ] && fleets=50 versions=2
   for agents in $fleets; do
-    "$BIN/plane_load" --dispa "$BIN/dispa" --agents "$agents" --versions "$([ "$SMOKE" = 1 ] && echo 2 || echo 5)"
+    "$BIN/plane_load" --dispa "$BIN/dispa" --agents "$agents" --versions "$versions"
   done
 fi
