@@ -6,6 +6,8 @@
 #
 #   tests/bench/ab.sh OLD/dispa target/release/dispa            # 10 rounds, plain HTTP/1.1
 #   tests/bench/ab.sh --rounds 6 --tls OLD/dispa NEW/dispa      # over TLS
+#   tests/bench/ab.sh --h2 OLD/dispa NEW/dispa                  # HTTP/2 over TLS, as compare.sh's
+#       h2 scenario (h2load -c64 -m10); h2load has no percentiles: p99 is its slowest request
 #
 # The machine drifts by more than most single changes: use 10 rounds or more, and callgrind
 # (profile.sh) for instruction counts.
@@ -14,17 +16,19 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 ROUNDS=10
 TLS=0
+H2=0
 BINS=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --rounds) ROUNDS="$2"; shift ;;
     --tls) TLS=1 ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    --h2) TLS=1; H2=1 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) BINS+=("$1") ;;
   esac
   shift
 done
-[ ${#BINS[@]} -eq 2 ] || { echo "usage: ab.sh [--rounds N] [--tls] BIN_A BIN_B" >&2; exit 2; }
+[ ${#BINS[@]} -eq 2 ] || { echo "usage: ab.sh [--rounds N] [--tls | --h2] BIN_A BIN_B" >&2; exit 2; }
 
 HELD="$(mktemp -d /tmp/dispa-ab.XXXXXX)"
 stop() {
@@ -47,6 +51,9 @@ HZ="$(getconf CLK_TCK)"
 ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
 # CPU ticks of each serving thread, to see how the connections were spread over them.
 thread_ticks() { for t in /proc/"$1"/task/*; do grep -qs '^dispa-proxy' "$t/comm" && awk '{print $14 + $15}' "$t/stat" 2>/dev/null; done || true; }
+load() { # seconds: wrk, or h2load for --h2 (whose "requests:" line counts the done ones)
+  if [ "$H2" = 1 ]; then h2load -D "$1" -c 64 -m 10 -t 2 "$URL" 2>&1; else wrk -t2 -c64 -d"$1"s --latency "$URL"; fi
+}
 run() { # label binary
   rm -rf "$HELD/agent"
   # A session of its own, as compare.sh starts every server (autogroup scheduling).
@@ -56,11 +63,11 @@ run() { # label binary
   AGENT=$!
   for _ in $(seq 1 200); do curl -sf "http://127.0.0.1:$ADMIN/readyz" >/dev/null && break; sleep 0.05; done
   curl -sf "http://127.0.0.1:$ADMIN/readyz" >/dev/null || { cat "$HELD/agent.log" >&2; exit 1; }
-  wrk -t2 -c64 -d1s "$URL" > /dev/null
+  load 1 > /dev/null
   local u0 s0 u1 s1 out t0 t1 split
   read -r u0 s0 < <(ticks "$AGENT")
   t0="$(thread_ticks "$AGENT")"
-  out="$(wrk -t2 -c64 -d5s --latency "$URL")"
+  out="$(load 5)"
   read -r u1 s1 < <(ticks "$AGENT")
   t1="$(thread_ticks "$AGENT")"
   split="$(paste -d' ' <(echo "$t0") <(echo "$t1") | awk '{printf "%s%d", (NR > 1 ? "/" : ""), $2 - $1}')"
@@ -68,6 +75,8 @@ run() { # label binary
   AGENT=""
   awk -v label="$1" -v du=$((u1 - u0)) -v ds=$((s1 - s0)) -v hz="$HZ" -v spread="$split" '
     /requests in/ { n = $1 } /^Requests\/sec/ { rps = $2 }
+    /^requests: / { n = $6 } /^finished in/ { rps = $4 + 0 }
+    $1 == "time" && $3 == "request:" { p99 = $5 + 0; if ($5 ~ /us$/) p99 /= 1000; else if ($5 ~ /[0-9]s$/) p99 *= 1000 }
     $1 == "99%" { p99 = $2 + 0; if ($2 ~ /us$/) p99 /= 1000; else if ($2 ~ /[0-9]s$/) p99 *= 1000 }
     END { printf "%s rps=%.0f p99_ms=%.2f user_us=%.2f sys_us=%.2f threads=%s\n", label, rps, p99, du / hz / n * 1e6, ds / hz / n * 1e6, spread }' <<<"$out"
 }
