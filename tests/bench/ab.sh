@@ -74,10 +74,11 @@ run() { # label binary
   kill "$AGENT"; wait "$AGENT" 2>/dev/null || true
   AGENT=""
   awk -v label="$1" -v du=$((u1 - u0)) -v ds=$((s1 - s0)) -v hz="$HZ" -v spread="$split" '
+    function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /[0-9]s$/) return v * 1000; return v + 0 }
     /requests in/ { n = $1 } /^Requests\/sec/ { rps = $2 }
     /^requests: / { n = $6 } /^finished in/ { rps = $4 + 0 }
-    $1 == "time" && $3 == "request:" { p99 = $5 + 0; if ($5 ~ /us$/) p99 /= 1000; else if ($5 ~ /[0-9]s$/) p99 *= 1000 }
-    $1 == "99%" { p99 = $2 + 0; if ($2 ~ /us$/) p99 /= 1000; else if ($2 ~ /[0-9]s$/) p99 *= 1000 }
+    $1 == "time" && $3 == "request:" { p99 = ms($5) }
+    $1 == "99%" { p99 = ms($2) }
     END { printf "%s rps=%.0f p99_ms=%.2f user_us=%.2f sys_us=%.2f threads=%s\n", label, rps, p99, du / hz / n * 1e6, ds / hz / n * 1e6, spread }' <<<"$out"
 }
 for r in $(seq 1 "$ROUNDS"); do

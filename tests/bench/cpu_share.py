@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """CPU time per request of a proxy, the upstream and wrk, over the middle 5 s of one
-`wrk -t2 -c64 -d8s` run, read from /proc (every thread's utime + stime), with the machine's
-idle and steal ticks over the same 5 s. Against compare.sh's held setup (`--hold DIR`):
+`wrk -t2 -c64 -d8s` run, read from /proc (every thread's utime + stime; requests counted at
+wrk's mean rate), with the machine's idle and steal ticks over the same 5 s. Against
+compare.sh's held setup (`--hold DIR`):
 
     . DIR/env
-    tests/bench/cpu_share.py 19083 dispa "$AGENT_PID"
-    tests/bench/cpu_share.py 19081 nginx $(pgrep -f 'nginx: worker' | tail -2)
+    UP_PID="$(pgrep -P "$(cat "$WORK/nginx-up.pid")")"     # the upstream's worker
+    tests/bench/cpu_share.py 19083 dispa "$UP_PID" "$AGENT_PID"
+    tests/bench/cpu_share.py 19081 nginx "$UP_PID" $(pgrep -P "$NGX_MASTER")
 
-The upstream is the first nginx worker started (compare.sh starts the upstream first).
 What "Tenth pass" in docs/BENCHMARKS.md reports.
 """
 import glob
@@ -35,11 +36,9 @@ def machine():
 
 
 def main():
-    if len(sys.argv) < 4:
-        sys.exit("usage: cpu_share.py PORT LABEL PID...")
-    port, label, pids = sys.argv[1], sys.argv[2], sys.argv[3:]
-    upstream = subprocess.run(["pgrep", "-o", "-f", "nginx: worker"],
-                              capture_output=True, text=True).stdout.split()[:1]
+    if len(sys.argv) < 5:
+        sys.exit("usage: cpu_share.py PORT LABEL UPSTREAM_PID PROXY_PID...")
+    port, label, upstream, pids = sys.argv[1], sys.argv[2], sys.argv[3:4], sys.argv[4:]
     wrk = subprocess.Popen(["wrk", "-t2", "-c64", "-d8s", "--latency",
                             f"http://127.0.0.1:{port}/"], stdout=subprocess.PIPE, text=True)
     time.sleep(1.5)
