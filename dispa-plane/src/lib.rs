@@ -21,7 +21,7 @@ use dispa_proto::Version;
 use dispa_proto::v1::admin_server::AdminServer;
 use dispa_proto::v1::config_discovery_server::ConfigDiscoveryServer;
 use dispa_proto::v1::telemetry_server::TelemetryServer;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 
 use crate::admin::{AdminService, now_ms};
@@ -37,6 +37,26 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Largest gRPC message accepted (a config upload with certificates and plugins).
 const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Connections the listening socket queues before they are accepted (the kernel caps it at
+/// `net.core.somaxconn`). A fleet reconnecting at once, after a plane restart, is a burst of
+/// one connection per agent; past a queue of 1,024 (tokio's default) the kernel answered
+/// with SYN cookies, and a failed one resets the agent's connection (docs/BENCHMARKS.md,
+/// eleventh pass: 2,000 streams opened at once).
+const BACKLOG: u32 = 4096;
+
+/// The plane's listening socket at `addr`.
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // As `TcpListener::bind`: a restarted plane binds while old connections linger in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
 
 /// Where traffic logs go.
 #[derive(Clone, PartialEq, Eq)]
@@ -254,12 +274,10 @@ impl Plane {
             tracing::info!(version = head.version.0, "loaded newest config version");
             state.publish(&head);
         }
-        let listener = TcpListener::bind(opts.listen)
-            .await
-            .map_err(|source| PlaneError::Bind {
-                addr: opts.listen,
-                source,
-            })?;
+        let listener = listen(opts.listen).map_err(|source| PlaneError::Bind {
+            addr: opts.listen,
+            source,
+        })?;
         let addr = listener.local_addr().map_err(|source| PlaneError::Bind {
             addr: opts.listen,
             source,
