@@ -10,6 +10,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use dispa_proto::v1::admin_client::AdminClient;
@@ -68,38 +69,36 @@ fn config(i: usize) -> String {
     )
 }
 
-/// One agent's stream: ACKs every envelope and reports (version, received at, bytes).
+/// Stream opens that failed and were tried again, over all agents.
+static RETRIES: AtomicUsize = AtomicUsize::new(0);
+
+/// Attempts per agent to connect and open its stream, as an agent reconnects after a refused
+/// or reset connection (a fleet starting at once is a burst of connections).
+const ATTEMPTS: u32 = 5;
+
+/// One agent's stream: ACKs every envelope and reports (version, received at, bytes). A stream
+/// that cannot be opened after `ATTEMPTS` tries ends the run with the error.
 async fn agent(
     url: String,
     id: usize,
     seen: mpsc::UnboundedSender<(u64, Instant, usize)>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let channel = tonic::transport::Endpoint::from_shared(url)
-        .unwrap()
-        .connect()
-        .await
-        .expect("connect to the plane");
-    let mut client = ConfigDiscoveryClient::new(channel).max_decoding_message_size(64 << 20);
-    let (tx, rx) = mpsc::channel(4);
-    tx.send(DiscoveryRequest {
-        node: Some(Node {
-            id: format!("load-{id}"),
-            labels: Default::default(),
-            build_version: BUILD_VERSION.into(),
-            protocol_version: PROTOCOL_VERSION.into(),
-            have_version: 0,
-            have_hash: String::new(),
-        }),
-        response: None,
-    })
-    .await
-    .unwrap();
-    let mut stream = client
-        .stream(ReceiverStream::new(rx))
-        .await
-        .expect("open stream")
-        .into_inner();
+    let mut attempt = 1;
+    let (tx, mut stream) = loop {
+        match open(&url, id).await {
+            Ok(opened) => break opened,
+            Err(_) if attempt < ATTEMPTS => {
+                RETRIES.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
+                attempt += 1;
+            }
+            Err(e) => {
+                eprintln!("agent {id}: no stream after {ATTEMPTS} attempts: {e}");
+                std::process::exit(1);
+            }
+        }
+    };
     loop {
         let env = tokio::select! {
             m = stream.message() => match m {
@@ -122,6 +121,41 @@ async fn agent(
         }
         let _ = seen.send((env.version, at, bytes));
     }
+}
+
+type Opened = (
+    mpsc::Sender<DiscoveryRequest>,
+    tonic::Streaming<v1::SnapshotEnvelope>,
+);
+
+/// Connects and opens one discovery stream, announcing the node `load-{id}`.
+async fn open(url: &str, id: usize) -> Result<Opened, String> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+        .map_err(|e| e.to_string())?
+        .connect()
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let mut client = ConfigDiscoveryClient::new(channel).max_decoding_message_size(64 << 20);
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(DiscoveryRequest {
+        node: Some(Node {
+            id: format!("load-{id}"),
+            labels: Default::default(),
+            build_version: BUILD_VERSION.into(),
+            protocol_version: PROTOCOL_VERSION.into(),
+            have_version: 0,
+            have_hash: String::new(),
+        }),
+        response: None,
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let stream = client
+        .stream(ReceiverStream::new(rx))
+        .await
+        .map_err(|e| format!("open stream: {e}"))?
+        .into_inner();
+    Ok((tx, stream))
 }
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
@@ -210,15 +244,19 @@ async fn main() {
     // Every stream gets the current version on connect.
     let mut got = 0;
     while got < a.agents {
-        let (v, _, _) = seen_rx.recv().await.unwrap();
+        let (v, _, _) = tokio::time::timeout(Duration::from_secs(60), seen_rx.recv())
+            .await
+            .expect("every stream connects and gets the first version within 60 s")
+            .unwrap();
         if v == first {
             got += 1;
         }
     }
     println!(
-        "{} streams connected and ACKed version {first} in {:?}",
+        "{} streams connected and ACKed version {first} in {:?} ({} opens tried again)",
         a.agents,
-        started.elapsed()
+        started.elapsed(),
+        RETRIES.load(Ordering::Relaxed)
     );
     let ticks0 = pid.map(cpu_ticks).unwrap_or(0);
     let mut all_p99 = Vec::new();
