@@ -76,12 +76,16 @@ static RETRIES: AtomicUsize = AtomicUsize::new(0);
 /// or reset connection (a fleet starting at once is a burst of connections).
 const ATTEMPTS: u32 = 5;
 
-/// One agent's stream: ACKs every envelope and reports (version, received at, bytes). A stream
-/// that cannot be opened after `ATTEMPTS` tries ends the run with the error.
+/// What a stream reports of each envelope: (version, received at, encoded bytes).
+type Seen = (u64, Instant, usize);
+
+/// One agent's stream: ACKs every envelope and reports it on `seen`. A stream that cannot be
+/// opened after `ATTEMPTS` tries reports why on `failed`, which ends the run.
 async fn agent(
     url: String,
     id: usize,
-    seen: mpsc::UnboundedSender<(u64, Instant, usize)>,
+    seen: mpsc::UnboundedSender<Seen>,
+    failed: mpsc::UnboundedSender<String>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut attempt = 1;
@@ -94,8 +98,10 @@ async fn agent(
                 attempt += 1;
             }
             Err(e) => {
-                eprintln!("agent {id}: no stream after {ATTEMPTS} attempts: {e}");
-                std::process::exit(1);
+                let _ = failed.send(format!(
+                    "agent {id}: no stream after {ATTEMPTS} attempts: {e}"
+                ));
+                return;
             }
         }
     };
@@ -156,6 +162,20 @@ async fn open(url: &str, id: usize) -> Result<Opened, String> {
         .map_err(|e| format!("open stream: {e}"))?
         .into_inner();
     Ok((tx, stream))
+}
+
+/// The next report from any stream. Panics, which drops (and so stops) a plane this tool
+/// started, if a stream could not be opened or nothing arrives within 60 s.
+async fn next_seen(
+    seen: &mut mpsc::UnboundedReceiver<Seen>,
+    failed: &mut mpsc::UnboundedReceiver<String>,
+    waiting_for: &str,
+) -> Seen {
+    tokio::select! {
+        Some(s) = seen.recv() => s,
+        Some(e) = failed.recv() => panic!("{e}"),
+        _ = tokio::time::sleep(Duration::from_secs(60)) => panic!("no {waiting_for} within 60 s"),
+    }
 }
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
@@ -230,6 +250,7 @@ async fn main() {
         .version;
 
     let (seen_tx, mut seen_rx) = mpsc::unbounded_channel();
+    let (failed_tx, mut failed_rx) = mpsc::unbounded_channel();
     let (stop_tx, stop_rx) = watch::channel(false);
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -238,16 +259,19 @@ async fn main() {
             url.clone(),
             id,
             seen_tx.clone(),
+            failed_tx.clone(),
             stop_rx.clone(),
         )));
     }
     // Every stream gets the current version on connect.
     let mut got = 0;
     while got < a.agents {
-        let (v, _, _) = tokio::time::timeout(Duration::from_secs(60), seen_rx.recv())
-            .await
-            .expect("every stream connects and gets the first version within 60 s")
-            .unwrap();
+        let (v, _, _) = next_seen(
+            &mut seen_rx,
+            &mut failed_rx,
+            "first version on every stream",
+        )
+        .await;
         if v == first {
             got += 1;
         }
@@ -275,10 +299,8 @@ async fn main() {
         let mut lat = Vec::with_capacity(a.agents);
         let mut bytes = 0usize;
         while lat.len() < a.agents {
-            let (ver, at, b) = tokio::time::timeout(Duration::from_secs(60), seen_rx.recv())
-                .await
-                .expect("every stream gets the new version within 60 s")
-                .unwrap();
+            let (ver, at, b) =
+                next_seen(&mut seen_rx, &mut failed_rx, "new version on every stream").await;
             if ver == v {
                 lat.push(at.saturating_duration_since(t0));
                 bytes = b;
