@@ -39,6 +39,8 @@ out="$(wrk -t2 -c64 -d"${SECONDS_}s" --latency "$URL")"
 after="$(sample "$@")"; c1="$(ctxt)"
 
 rps="$(awk '/^Requests\/sec/ {print $2}' <<<"$out")"
+# wrk exits 0 when no connection succeeds; there is then nothing to divide by.
+awk -v r="${rps:-0}" 'BEGIN {exit !(r > 0)}' || { echo "no requests served at $URL:" >&2; echo "$out" >&2; exit 1; }
 p99="$(awk '$1 == "99%" {print $2}' <<<"$out")"
 echo "$URL: ${rps} requests/s, p99 ${p99}"
 printf '%-8s %-18s %11s %13s %9s %9s %9s %8s\n' tid thread voluntary involuntary "run ms" \
