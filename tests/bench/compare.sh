@@ -85,7 +85,7 @@ ulimit -n "$(ulimit -Hn)"
 # Fixed high ports; fail early if one is taken.
 UP=19080; NGX=19081; HAP=19082; DSP=19083; NGX_TLS=19443; HAP_TLS=19444; DSP_TLS=19445
 PLANE=19090; ADMIN=19091
-# The hosts scenario's second agent (the 10,000-host table) and its plane.
+# The hosts scenario's second agent (both tables in turn) and its plane.
 DSP_HOSTS=19084; PLANE_HOSTS=19092; ADMIN_HOSTS=19093
 for p in $UP $NGX $HAP $DSP $NGX_TLS $HAP_TLS $DSP_TLS $PLANE $ADMIN $DSP_HOSTS $PLANE_HOSTS $ADMIN_HOSTS; do
   if (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null; then echo "port $p is in use" >&2; exit 1; fi
@@ -276,11 +276,14 @@ start_main_agent
 HOSTS_PID=""
 # A host from the middle of the n-host table, so lookups hit the big map.
 hosts_host() { echo "h$(($1 / 2)).example.com"; }
-# Apply the n-host table to the hosts agent's plane and wait until the agent serves it.
+# Apply the n-host table to the hosts agent's plane and wait until the agent serves it. With
+# the order alternating, a round's first table is the one the round before ended with: the
+# plane answers "unchanged" and names the version the agent already serves.
 switch_table() { # n
   local v
   v="$("$BIN/dispactl" --plane "http://127.0.0.1:$PLANE_HOSTS" apply -f "$WORK/routes-$1.toml" |
     awk '/^(applied|unchanged): version/ {print $3}')"
+  [ -n "$v" ] || { echo "dispactl apply printed no version for the $1-host table" >&2; exit 1; }
   for _ in $(seq 1 600); do
     [ "$(curl -sf "http://127.0.0.1:$ADMIN_HOSTS/readyz")" = "ready: serving version $v" ] && return 0
     sleep 0.05
