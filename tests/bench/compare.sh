@@ -401,7 +401,7 @@ else
   echo "# --no-pin: no serving thread pinned to a CPU (dispa --pin-workers off)"
 fi
 python3 - "$RESULTS" "$RSS_NGX" "$RSS_HAP" "$RSS_DSP" "$RSS_HOSTS" <<'PY'
-import sys, statistics, collections
+import sys, statistics, collections, math
 STEAL_QUIET = 2.0
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
 rss = {"nginx": int(sys.argv[2]), "haproxy": int(sys.argv[3]), "dispa": int(sys.argv[4]),
@@ -461,6 +461,13 @@ if a and b:
     # the machine drifting between rounds, which here is larger than the effect sought.
     pairs = [y[0] / x[0] for x, y in zip(by[("hosts", "dispa-10-hosts")], by[("hosts", "dispa-10000-hosts")]) if x[0]]
     print(f"dispa 10,000 hosts / 10 hosts per round: {', '.join(f'{r:.3f}' for r in pairs)}; median {statistics.median(pairs):.3f}")
+    # Each round is a pair of fresh agents: the geometric mean of the rounds' ratios and its
+    # 95% interval (normal approximation over the log ratios) say how far the run pins the
+    # big table's cost down; a single round scatters by tens of percent.
+    logs = [math.log(r) for r in pairs if r > 0]
+    if len(logs) >= 2:
+        m, half = statistics.mean(logs), 1.96 * statistics.stdev(logs) / math.sqrt(len(logs))
+        print(f"dispa 10,000 hosts / 10 hosts, geometric mean of {len(logs)} rounds: {math.exp(m):.3f} (95% interval {math.exp(m - half):.3f}-{math.exp(m + half):.3f})")
 PY
 
 if has idle; then
