@@ -283,8 +283,10 @@ RSS_HOSTS=0
 # A host from the middle of the n-host table, so lookups hit the big map.
 hosts_host() { echo "h$(($1 / 2)).example.com"; }
 measure_table() { # n
-  local plane=$PLANE pid rss
+  local plane=$PLANE pid rss p keep=()
   [ "$1" = 10000 ] && plane=$PLANE_HOSTS
+  # No cached snapshot: every agent gets its table from the plane, as the first one does.
+  rm -rf "$WORK/agent-hosts-$1"
   start_agent "hosts-$1" "$plane" $DSP_HOSTS $ADMIN_HOSTS
   pid=$STARTED_PID
   wrk -t$THREADS -c$CONNS -d1s -H "Host: $(hosts_host "$1")" "http://127.0.0.1:$DSP_HOSTS/" >/dev/null 2>&1
@@ -292,7 +294,11 @@ measure_table() { # n
   if [ "$1" = 10000 ]; then
     rss="$(peak_rss "$pid")"; [ "$rss" -gt "$RSS_HOSTS" ] && RSS_HOSTS=$rss
   fi
-  kill "$pid"; wait "$pid" 2>/dev/null || true
+  kill "$pid" 2>/dev/null || { echo "the $1-host agent stopped early; its log:" >&2; cat "$WORK/agent-hosts-$1.log" >&2; exit 1; }
+  wait "$pid" 2>/dev/null || true
+  # Gone: not one for the cleanup to signal later, when the number may be another process's.
+  for p in "${PIDS[@]}"; do [ "$p" = "$pid" ] || keep+=("$p"); done
+  PIDS=("${keep[@]}")
 }
 if has hosts && [ -z "$HOLD" ]; then
   setsid "$BIN/dispa" --log-level warn plane --data-dir "$WORK/plane-hosts" --listen 127.0.0.1:$PLANE_HOSTS \
@@ -462,11 +468,17 @@ if a and b:
     pairs = [y[0] / x[0] for x, y in zip(by[("hosts", "dispa-10-hosts")], by[("hosts", "dispa-10000-hosts")]) if x[0]]
     print(f"dispa 10,000 hosts / 10 hosts per round: {', '.join(f'{r:.3f}' for r in pairs)}; median {statistics.median(pairs):.3f}")
     # Each round is a pair of fresh agents: the geometric mean of the rounds' ratios and its
-    # 95% interval (normal approximation over the log ratios) say how far the run pins the
-    # big table's cost down; a single round scatters by tens of percent.
+    # 95% interval (Student's t over the log ratios) say how far the run pins the big
+    # table's cost down; a single round scatters by tens of percent, so it takes some 40
+    # rounds to pin it within a few percent.
     logs = [math.log(r) for r in pairs if r > 0]
     if len(logs) >= 2:
-        m, half = statistics.mean(logs), 1.96 * statistics.stdev(logs) / math.sqrt(len(logs))
+        T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+                2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+                2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+        df = len(logs) - 1
+        t = T975[df - 1] if df <= len(T975) else (2.021 if df <= 40 else 2.000 if df <= 60 else 1.980)
+        m, half = statistics.mean(logs), t * statistics.stdev(logs) / math.sqrt(len(logs))
         print(f"dispa 10,000 hosts / 10 hosts, geometric mean of {len(logs)} rounds: {math.exp(m):.3f} (95% interval {math.exp(m - half):.3f}-{math.exp(m + half):.3f})")
 PY
 
