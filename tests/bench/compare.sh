@@ -413,6 +413,20 @@ rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
 rss = {"nginx": int(sys.argv[2]), "haproxy": int(sys.argv[3]), "dispa": int(sys.argv[4]),
        # The highest peak of the agents with the big table; none shown for the 10-host ones.
        "dispa-10000-hosts": int(sys.argv[5]), "dispa-10-hosts": 0}
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+        2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+        2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+def pooled(ratios):
+    """Geometric mean of per-round ratios and its 95% interval (Student's t over the logs):
+    how far a run pins a ratio down when single rounds scatter by tens of percent."""
+    logs = [math.log(r) for r in ratios if r > 0]
+    if len(logs) < 2:
+        return None
+    df = len(logs) - 1
+    # Past the table, the value at the nearest tabled df below: a little wide, never narrow.
+    t = T975[df - 1] if df <= len(T975) else (2.042 if df < 40 else 2.021 if df < 60 else 2.000 if df < 120 else 1.980)
+    m, half = statistics.mean(logs), t * statistics.stdev(logs) / math.sqrt(len(logs))
+    return f"{math.exp(m):.3f} (95% interval {math.exp(m - half):.3f}-{math.exp(m + half):.3f})"
 by = collections.defaultdict(list)
 for scenario, name, rps, p50, p99, steal in rows:
     by[(scenario, name)].append((float(rps), float(p50), float(p99), float(steal)))
@@ -450,6 +464,12 @@ for scenario in sorted({s for s, _ in by}):
                 q_paired = statistics.median(x[0] / y[0] for x, y in quiet if y[0])
                 steady.append(f"vs {peer}: {q_paired:.2f}x, RPS >= in {q_ahead}/{len(quiet)}, p99 <= in {q_lower}/{len(quiet)}")
     print(f"dispa / peers, {scenario}: {', '.join(parts)} ({'; '.join(rounds)})")
+    for peer in ("nginx", "haproxy"):
+        pairs = list(zip(by[(scenario, "dispa")], by.get((scenario, peer), [])))
+        rate = pooled([x[0] / y[0] for x, y in pairs if y[0]])
+        tail = pooled([x[2] / y[2] for x, y in pairs if y[2]])
+        if rate and tail:
+            print(f"  vs {peer}, geometric mean of {len(pairs)} rounds: RPS {rate}, p99 {tail}")
     if steady:
         print(f"  rounds with steal <= {STEAL_QUIET:g}% in both runs: {'; '.join(steady)}")
 direct = by.get(("small", "upstream-direct"))
@@ -467,19 +487,10 @@ if a and b:
     # the machine drifting between rounds, which here is larger than the effect sought.
     pairs = [y[0] / x[0] for x, y in zip(by[("hosts", "dispa-10-hosts")], by[("hosts", "dispa-10000-hosts")]) if x[0]]
     print(f"dispa 10,000 hosts / 10 hosts per round: {', '.join(f'{r:.3f}' for r in pairs)}; median {statistics.median(pairs):.3f}")
-    # Each round is a pair of fresh agents: the geometric mean of the rounds' ratios and its
-    # 95% interval (Student's t over the log ratios) say how far the run pins the big
-    # table's cost down; a single round scatters by tens of percent, so it takes some 40
-    # rounds to pin it within a few percent.
-    logs = [math.log(r) for r in pairs if r > 0]
-    if len(logs) >= 2:
-        T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
-                2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
-                2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
-        df = len(logs) - 1
-        t = T975[df - 1] if df <= len(T975) else (2.021 if df <= 40 else 2.000 if df <= 60 else 1.980)
-        m, half = statistics.mean(logs), t * statistics.stdev(logs) / math.sqrt(len(logs))
-        print(f"dispa 10,000 hosts / 10 hosts, geometric mean of {len(logs)} rounds: {math.exp(m):.3f} (95% interval {math.exp(m - half):.3f}-{math.exp(m + half):.3f})")
+    # Each round is a pair of fresh agents; a single round scatters by tens of percent, so
+    # it takes some 40 rounds to pin the big table's cost within a few percent.
+    if (g := pooled(pairs)):
+        print(f"dispa 10,000 hosts / 10 hosts, geometric mean of {len(pairs)} rounds: {g}")
 PY
 
 if has idle; then
