@@ -447,10 +447,14 @@ for scenario in sorted({s for s, _ in by}):
     # Rounds run the proxies back to back, so each round's ratio is free of the machine's
     # drift between rounds: how often Dispa's RPS was at least each peer's and its p99 at most
     # (the targets).
-    rounds, steady = [], []
+    rounds, steady, pooled_lines = [], [], []
     for peer in ("nginx", "haproxy"):
         pairs = list(zip(by[(scenario, "dispa")], by.get((scenario, peer), [])))
         if pairs:
+            rate = pooled([x[0] / y[0] for x, y in pairs if y[0]])
+            tail = pooled([x[2] / y[2] for x, y in pairs if y[2]])
+            if rate and tail:
+                pooled_lines.append(f"  vs {peer}, geometric mean of {len(pairs)} rounds: RPS {rate}, p99 {tail}")
             ahead = sum(x[0] >= y[0] for x, y in pairs)
             lower = sum(x[2] <= y[2] for x, y in pairs)
             paired = statistics.median(x[0] / y[0] for x, y in pairs if y[0])
@@ -464,12 +468,8 @@ for scenario in sorted({s for s, _ in by}):
                 q_paired = statistics.median(x[0] / y[0] for x, y in quiet if y[0])
                 steady.append(f"vs {peer}: {q_paired:.2f}x, RPS >= in {q_ahead}/{len(quiet)}, p99 <= in {q_lower}/{len(quiet)}")
     print(f"dispa / peers, {scenario}: {', '.join(parts)} ({'; '.join(rounds)})")
-    for peer in ("nginx", "haproxy"):
-        pairs = list(zip(by[(scenario, "dispa")], by.get((scenario, peer), [])))
-        rate = pooled([x[0] / y[0] for x, y in pairs if y[0]])
-        tail = pooled([x[2] / y[2] for x, y in pairs if y[2]])
-        if rate and tail:
-            print(f"  vs {peer}, geometric mean of {len(pairs)} rounds: RPS {rate}, p99 {tail}")
+    for line in pooled_lines:
+        print(line)
     if steady:
         print(f"  rounds with steal <= {STEAL_QUIET:g}% in both runs: {'; '.join(steady)}")
 direct = by.get(("small", "upstream-direct"))
@@ -483,12 +483,11 @@ if direct:
 a, b = med.get(("hosts", "dispa-10-hosts")), med.get(("hosts", "dispa-10000-hosts"))
 if a and b:
     print(f"dispa 10,000 hosts / 10 hosts: {b / a:.3f} (medians)")
-    # Each round measures both tables back to back: the ratio within a round is not moved by
-    # the machine drifting between rounds, which here is larger than the effect sought.
+    # Each round measures a fresh agent with each table back to back: the ratio within a
+    # round is not moved by the machine drifting between rounds, but a single round still
+    # scatters by tens of percent, so it takes some 40 rounds to pin the cost within a few.
     pairs = [y[0] / x[0] for x, y in zip(by[("hosts", "dispa-10-hosts")], by[("hosts", "dispa-10000-hosts")]) if x[0]]
     print(f"dispa 10,000 hosts / 10 hosts per round: {', '.join(f'{r:.3f}' for r in pairs)}; median {statistics.median(pairs):.3f}")
-    # Each round is a pair of fresh agents; a single round scatters by tens of percent, so
-    # it takes some 40 rounds to pin the big table's cost within a few percent.
     if (g := pooled(pairs)):
         print(f"dispa 10,000 hosts / 10 hosts, geometric mean of {len(pairs)} rounds: {g}")
 PY
