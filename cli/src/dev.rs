@@ -131,15 +131,21 @@ pub async fn run(a: DevArgs) -> Result<()> {
         data = a.data_dir.display(),
     );
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // The agent stops first: its last traffic-log batches go to the plane on the way out,
+    // which needs the plane still listening (otherwise they wait in the spool for the next
+    // start, and Ctrl-C waits out the agent's shipping deadline).
+    let (stop_agent, agent_stop_rx) = tokio::sync::watch::channel(false);
+    let (stop_plane, plane_stop_rx) = tokio::sync::watch::channel(false);
     let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let plane_task = tokio::spawn(plane.run(wait(stop_rx.clone())));
-    let agent_task = tokio::spawn(agent.run(wait(stop_rx)));
+    let plane_task = tokio::spawn(plane.run(wait(plane_stop_rx)));
+    let agent_task = tokio::spawn(agent.run(wait(agent_stop_rx)));
     shutdown_signal().await;
-    let _ = stop_tx.send(true);
-    agent_task.await.context("agent task")?;
+    let _ = stop_agent.send(true);
+    let agent_done = agent_task.await.context("agent task");
+    let _ = stop_plane.send(true);
+    agent_done?;
     plane_task.await.context("plane task")??;
     Ok(())
 }

@@ -450,7 +450,7 @@ async fn agent_of_another_protocol_major_is_refused_with_both_versions() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dispa_dev_answers_at_once_and_prints_a_tour() {
+async fn dispa_dev_answers_at_once_prints_a_tour_and_stops_without_losing_logs() {
     let dir = tempfile::tempdir().unwrap();
     let ready = dir.path().join("dev.ready");
     let log = dir.path().join("dev.log");
@@ -506,6 +506,17 @@ async fn dispa_dev_answers_at_once_and_prints_a_tour() {
         "{text}"
     );
 
+    // A request served just before Ctrl-C reaches the plane's log store before dev exits:
+    // the agent stops before the plane it ships to.
+    let last = http
+        .get(&format!("http://{proxy}/hello"), None)
+        .await
+        .unwrap();
+    assert_eq!(last.status, 200);
+    let last_id = last
+        .header("x-request-id")
+        .expect("x-request-id")
+        .to_string();
     let _ = tokio::process::Command::new("kill")
         .args(["-TERM", &child.id().unwrap().to_string()])
         .status()
@@ -515,6 +526,27 @@ async fn dispa_dev_answers_at_once_and_prints_a_tour() {
         .unwrap()
         .unwrap();
     assert_eq!(code.code(), Some(0));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains("left in the spool"), "{text}");
+
+    std::fs::rename(
+        dir.path().join(".dispa/plane"),
+        dir.path().join("plane-data"),
+    )
+    .unwrap();
+    let plane = PlaneProc::start(dir.path()).await;
+    let logs = ctl(&plane.url(), &["logs", "--since", "1h", "-o", "json"])
+        .await
+        .ok();
+    let ids: Vec<String> = logs
+        .stdout
+        .lines()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            Some(v["request_id"].as_str()?.to_string())
+        })
+        .collect();
+    assert!(ids.contains(&last_id), "{last_id} not in {ids:?}");
 }
 
 /// A plane of a future protocol major, to show the agent's side of version skew.
