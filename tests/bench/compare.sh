@@ -265,6 +265,16 @@ start_agent() { # id plane-port listen-port admin-port [more agent arguments]; s
   done
   echo "agent $id is not ready; its log:" >&2; cat "$WORK/agent-$id.log" >&2; exit 1
 }
+# Stops a server started above and forgets its number, so that the cleanup does not signal
+# whatever process gets that number later. Fails if it had already exited.
+stop_started() { # pid
+  local p rc=0 keep=()
+  kill "$1" 2>/dev/null || rc=1
+  wait "$1" 2>/dev/null || true
+  for p in "${PIDS[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done
+  PIDS=("${keep[@]}")
+  return $rc
+}
 start_main_agent() {
   start_agent bench $PLANE $DSP $ADMIN --listen-tls "127.0.0.1:$DSP_TLS"
   AGENT_PID=$STARTED_PID
@@ -283,7 +293,7 @@ RSS_HOSTS=0
 # A host from the middle of the n-host table, so lookups hit the big map.
 hosts_host() { echo "h$(($1 / 2)).example.com"; }
 measure_table() { # n
-  local plane=$PLANE pid rss p keep=()
+  local plane=$PLANE pid rss
   [ "$1" = 10000 ] && plane=$PLANE_HOSTS
   # No cached snapshot: every agent gets its table from the plane, as the first one does.
   rm -rf "$WORK/agent-hosts-$1"
@@ -294,11 +304,7 @@ measure_table() { # n
   if [ "$1" = 10000 ]; then
     rss="$(peak_rss "$pid")"; [ "$rss" -gt "$RSS_HOSTS" ] && RSS_HOSTS=$rss
   fi
-  kill "$pid" 2>/dev/null || { echo "the $1-host agent stopped early; its log:" >&2; cat "$WORK/agent-hosts-$1.log" >&2; exit 1; }
-  wait "$pid" 2>/dev/null || true
-  # Gone: not one for the cleanup to signal later, when the number may be another process's.
-  for p in "${PIDS[@]}"; do [ "$p" = "$pid" ] || keep+=("$p"); done
-  PIDS=("${keep[@]}")
+  stop_started "$pid" || { echo "the $1-host agent stopped early; its log:" >&2; cat "$WORK/agent-hosts-$1.log" >&2; exit 1; }
 }
 if has hosts && [ -z "$HOLD" ]; then
   setsid "$BIN/dispa" --log-level warn plane --data-dir "$WORK/plane-hosts" --listen 127.0.0.1:$PLANE_HOSTS \
@@ -495,7 +501,7 @@ PY
 if has idle; then
   n=10000; [ "$SMOKE" = 1 ] && n=500
   # A fresh agent: the load before would otherwise count in its RSS.
-  kill "$AGENT_PID"; wait "$AGENT_PID" 2>/dev/null || true
+  stop_started "$AGENT_PID"
   start_main_agent
   python3 "$ROOT/tests/bench/idle_conns.py" 127.0.0.1 $DSP "$n" "$AGENT_PID"
 fi
