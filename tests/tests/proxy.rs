@@ -541,9 +541,9 @@ async fn dispa_dev_answers_at_once_prints_a_tour_and_stops_without_losing_logs()
     let ids: Vec<String> = logs
         .stdout
         .lines()
-        .filter_map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).ok()?;
-            Some(v["request_id"].as_str()?.to_string())
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("JSON line");
+            v["request_id"].as_str().expect("request_id").to_string()
         })
         .collect();
     assert!(ids.contains(&last_id), "{last_id} not in {ids:?}");
